@@ -1,0 +1,217 @@
+"""CIFAR-100 from the python archive to compact uint8 arrays: split, reduce, normalisation statistics."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import pickle
+import shutil
+import tarfile
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from sklearn.model_selection import train_test_split
+
+from vggdepth.config import PrepareConfig
+from vggdepth.download import md5sum
+from vggdepth.errors import VggdepthError
+
+log = logging.getLogger(__name__)
+
+SPLITS = ("train", "val", "test")
+IMAGE_SHAPE = (3, 32, 32)
+STATS_FILE = "stats.json"
+
+
+class PrepareError(VggdepthError):
+    """The archive or the prepared data is not what the pipeline expects."""
+
+
+@dataclass(frozen=True)
+class Split:
+    """Images (N, 3, 32, 32) uint8, fine labels (N,) uint8, and each image's position in its official set."""
+
+    images: np.ndarray
+    labels: np.ndarray
+    index: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def take(self, rows: np.ndarray) -> Split:
+        return Split(self.images[rows], self.labels[rows], self.index[rows])
+
+
+@dataclass(frozen=True)
+class PreparedData:
+    """The output of the prepare stage, loaded: the three splits and `stats.json`."""
+
+    train: Split
+    val: Split
+    test: Split
+    stats: dict
+
+    @property
+    def mean(self) -> list[float]:
+        return self.stats["mean"]
+
+    @property
+    def std(self) -> list[float]:
+        return self.stats["std"]
+
+    @property
+    def classes(self) -> list[str]:
+        return self.stats["classes"]
+
+
+def read_archive(path: str | Path) -> tuple[Split, Split, list[str]]:
+    """The official train and test sets and the fine class names, read from the python archive's pickles."""
+    wanted = {"train", "test", "meta"}
+    found: dict[str, dict] = {}
+    try:
+        with tarfile.open(path, "r:gz") as tar:
+            for member in tar:  # one pass: a gzip stream is slow to seek backwards
+                name = Path(member.name).name
+                if member.isfile() and name in wanted and Path(member.name).parent.name == "cifar-100-python":
+                    found[name] = pickle.load(tar.extractfile(member), encoding="latin1")  # noqa: S301 (md5-verified)
+    except (tarfile.TarError, OSError, EOFError, pickle.UnpicklingError) as exc:
+        raise PrepareError(f"cannot read {path} as the CIFAR-100 python archive (.tar.gz): {exc}") from None
+    missing = sorted(wanted - found.keys())
+    if missing:
+        raise PrepareError(
+            f"{path} has no cifar-100-python/{', cifar-100-python/'.join(missing)}: is it the CIFAR-100 python archive?"
+        )
+    classes = list(found["meta"].get("fine_label_names", []))
+    if len(classes) != 100:
+        raise PrepareError(f"{path}: meta lists {len(classes)} fine class names, expected 100")
+    return _split_from_pickle(found["train"], "train"), _split_from_pickle(found["test"], "test"), classes
+
+
+def _split_from_pickle(batch: dict, name: str) -> Split:
+    data = np.asarray(batch.get("data"))
+    labels = np.asarray(batch.get("fine_labels"))
+    if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != np.prod(IMAGE_SHAPE):
+        raise PrepareError(f"cifar-100-python/{name}: 'data' is {data.dtype} {data.shape}, expected uint8 (N, 3072)")
+    if labels.shape != (len(data),) or labels.min() < 0 or labels.max() > 99:
+        raise PrepareError(f"cifar-100-python/{name}: 'fine_labels' must hold one label in 0..99 per image")
+    # The pickles store each image as 3 planes of 32x32 (CHW), which is the layout the network takes.
+    return Split(data.reshape(-1, *IMAGE_SHAPE), labels.astype(np.uint8), np.arange(len(data), dtype=np.int32))
+
+
+def split_train_val(full: Split, val_size: int, seed: int) -> tuple[Split, Split]:
+    """Stratified split of the official training set: the same `seed` always gives the same split."""
+    num_classes = len(np.unique(full.labels))
+    if not num_classes <= val_size <= len(full) - num_classes:
+        raise PrepareError(
+            f"prepare.val_size: {val_size} cannot be split stratified from {len(full)} images of "
+            f"{num_classes} classes; use a value between {num_classes} and {len(full) - num_classes}"
+        )
+    train_idx, val_idx = train_test_split(
+        np.arange(len(full)), test_size=val_size, random_state=seed, stratify=full.labels
+    )
+    return full.take(np.sort(train_idx)), full.take(np.sort(val_idx))
+
+
+def take_per_class(split: Split, per_class: int, seed: int, *, field: str) -> Split:
+    """A class-balanced subset: `per_class` images of every class, chosen at random by `seed`."""
+    order = np.random.default_rng(seed).permutation(len(split))
+    keep = []
+    for label in np.unique(split.labels):
+        of_class = order[split.labels[order] == label]
+        if len(of_class) < per_class:
+            raise PrepareError(
+                f"{field}: asked for {per_class} images per class, but class {label} has only {len(of_class)}"
+            )
+        keep.append(of_class[:per_class])
+    return split.take(np.sort(np.concatenate(keep)))
+
+
+def channel_stats(images: np.ndarray) -> tuple[list[float], list[float]]:
+    """Exact per-channel mean and (population) std of uint8 images (N, C, H, W), scaled to [0, 1]."""
+    values = np.arange(256, dtype=np.float64) / 255.0
+    means, stds = [], []
+    for channel in range(images.shape[1]):
+        # A 256-bin histogram gives exact moments without a float copy of the whole data set.
+        counts = np.bincount(images[:, channel].ravel(), minlength=256).astype(np.float64)
+        total = counts.sum()
+        mean = float(counts @ values / total)
+        means.append(mean)
+        stds.append(float(np.sqrt(counts @ values**2 / total - mean**2)))
+    return means, stds
+
+
+def prepare(archive: str | Path, out_dir: str | Path, cfg: PrepareConfig) -> dict:
+    """Write train/val/test `.npz` arrays and `stats.json` to `out_dir`, atomically; return the stats."""
+    archive, out_dir = Path(archive), Path(out_dir)
+    official_train, test, classes = read_archive(archive)
+    train, val = split_train_val(official_train, cfg.val_size, cfg.split_seed)
+    # Normalisation comes from the whole training split, so reduced runs normalise exactly as full ones do.
+    mean, std = channel_stats(train.images)
+    stats_images = len(train)
+    splits = {"train": train, "val": val, "test": test}
+    for name in SPLITS:
+        per_class = getattr(cfg.subset, name)
+        if per_class is not None:
+            splits[name] = take_per_class(splits[name], per_class, cfg.split_seed, field=f"prepare.subset.{name}")
+    stats = {
+        "archive_md5": md5sum(archive),
+        "split_seed": cfg.split_seed,
+        "sizes": {name: len(split) for name, split in splits.items()},
+        "subset": cfg.subset.model_dump(),
+        "mean": mean,
+        "std": std,
+        "stats_images": stats_images,
+        "classes": classes,
+    }
+    _write_atomically(out_dir, splits, stats)
+    log.info(
+        "prepared %s: train/val/test %s; mean %s std %s",
+        out_dir,
+        "/".join(f"{len(s):,}" for s in splits.values()),
+        _fmt(mean),
+        _fmt(std),
+    )
+    return stats
+
+
+def _write_atomically(out_dir: Path, splits: dict[str, Split], stats: dict) -> None:
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        for name, split in splits.items():
+            np.savez(staging / f"{name}.npz", images=split.images, labels=split.labels, index=split.index)
+        (staging / STATS_FILE).write_text(json.dumps(stats, indent=2) + "\n")
+        if out_dir.exists():
+            retired = out_dir.with_name(f".{out_dir.name}.old")
+            shutil.rmtree(retired, ignore_errors=True)
+            os.replace(out_dir, retired)
+            os.replace(staging, out_dir)
+            shutil.rmtree(retired)
+        else:
+            os.replace(staging, out_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def load_prepared(out_dir: str | Path) -> PreparedData:
+    """Read what `prepare` wrote; a clear error when it is missing or incomplete."""
+    out_dir = Path(out_dir)
+    try:
+        stats = json.loads((out_dir / STATS_FILE).read_text())
+        splits = {}
+        for name in SPLITS:
+            with np.load(out_dir / f"{name}.npz") as arrays:
+                splits[name] = Split(arrays["images"], arrays["labels"], arrays["index"])
+    except (OSError, KeyError, ValueError) as exc:
+        raise PrepareError(
+            f"prepared data in {out_dir} is missing or incomplete ({exc}); run `dvc repro prepare`"
+        ) from None
+    return PreparedData(stats=stats, **splits)
+
+
+def _fmt(values: list[float]) -> str:
+    return "(" + ", ".join(f"{v:.4f}" for v in values) + ")"

@@ -1,0 +1,116 @@
+"""Shared fixtures: the real CIFAR-100 archive, small archives in its layout, and a loopback HTTP server."""
+
+from __future__ import annotations
+
+import functools
+import io
+import os
+import pickle
+import tarfile
+import threading
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from vggdepth.config import Params, load_params
+from vggdepth.download import md5sum
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_ARCHIVE = ROOT.parent / "shared" / "data" / "cifar-100-python.tar.gz"
+
+
+@pytest.fixture(scope="session")
+def archive_path() -> Path:
+    """The real CIFAR-100 python archive: $VGGDEPTH_ARCHIVE, else ../shared/data/ beside the checkout."""
+    path = Path(os.environ.get("VGGDEPTH_ARCHIVE", DEFAULT_ARCHIVE))
+    if not path.is_file():
+        pytest.fail(f"the real CIFAR-100 archive is needed at {path}; set VGGDEPTH_ARCHIVE to its path")
+    return path
+
+
+@pytest.fixture(scope="session")
+def archive_md5(archive_path: Path) -> str:
+    return md5sum(archive_path)
+
+
+@pytest.fixture(scope="session")
+def params() -> Params:
+    return load_params(ROOT / "params.yaml")
+
+
+@pytest.fixture
+def raw_params() -> dict:
+    """params.yaml as plain data, for tests that change a value and write it elsewhere."""
+    return yaml.safe_load((ROOT / "params.yaml").read_text())
+
+
+def write_yaml(path: Path, data: dict) -> Path:
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+def make_cifar_archive(path: Path, *, train_per_class: int = 2, test_per_class: int = 1, seed: int = 0) -> Path:
+    """A small archive in the official layout (random pixels), for tests that need bytes, not images."""
+    rng = np.random.default_rng(seed)
+
+    def batch(per_class: int) -> dict:
+        labels = np.repeat(np.arange(100), per_class)
+        data = rng.integers(0, 256, size=(len(labels), 3072), dtype=np.uint8)
+        return {"data": data, "fine_labels": labels.tolist(), "coarse_labels": (labels // 5).tolist()}
+
+    members = {
+        "train": batch(train_per_class),
+        "test": batch(test_per_class),
+        "meta": {"fine_label_names": [f"class{i:02d}" for i in range(100)], "coarse_label_names": []},
+    }
+    with tarfile.open(path, "w:gz") as tar:
+        for name, obj in members.items():
+            payload = pickle.dumps(obj)
+            info = tarfile.TarInfo(f"cifar-100-python/{name}")
+            info.size = len(payload)
+            tar.addfile(info, io.BytesIO(payload))
+    return path
+
+
+@pytest.fixture
+def tiny_archive(tmp_path: Path) -> Path:
+    return make_cifar_archive(tmp_path / "tiny-cifar-100-python.tar.gz")
+
+
+class _Handler(SimpleHTTPRequestHandler):
+    """Serves files from its directory, plus `/status/<code>` and `/truncated/<file>` for failure cases."""
+
+    def do_GET(self) -> None:
+        if self.path.startswith("/status/"):
+            self.send_error(int(self.path.rsplit("/", 1)[1]))
+        elif self.path.startswith("/truncated/"):
+            body = (Path(self.directory) / self.path.removeprefix("/truncated/")).read_bytes()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body[: len(body) // 2])  # then the connection closes early
+        else:
+            super().do_GET()
+
+    def log_message(self, *args) -> None:  # keep test output clean
+        pass
+
+
+@pytest.fixture
+def http_server(tmp_path: Path, archive_path: Path):
+    """An HTTP server on 127.0.0.1 serving a folder with the real archive; yields (base_url, folder)."""
+    folder = tmp_path / "served"
+    folder.mkdir()
+    (folder / archive_path.name).symlink_to(archive_path)
+    server = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(_Handler, directory=str(folder)))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}", folder
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()

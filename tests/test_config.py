@@ -1,0 +1,120 @@
+"""params.yaml is the single source of settings: the shipped file is valid, a bad one stops with one message."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import ROOT, write_yaml
+from vggdepth.config import ConfigError, load_params
+
+TABLE1 = {  # SPEC.md, The variants: blocks per stage, BN, LR, schedule, period, batch
+    "VGG-08": (0, False, 1e-3, "cosine", 100, 100),
+    "VGG-38": (5, False, 1e-3, "cosine", 100, 100),
+    "BN-VGG-38": (5, True, 1e-3, "cosine", 100, 100),
+    "HIGHLR-BN-38": (5, True, 7.5e-3, "cosine", 100, 100),
+    "WR50-HIGHLR-BN-38": (5, True, 7.5e-3, "warm_restarts", 50, 100),
+    "MBS50-BN-38": (5, True, 7.5e-3, "warm_restarts", 50, 50),
+}
+
+
+def test_shipped_params_hold_table1_as_data(params):
+    rows = {
+        name: (v.blocks_per_stage, v.batch_norm, v.lr, v.schedule, v.period, v.batch_size)
+        for name, v in params.variants.items()
+    }
+    assert rows == TABLE1
+    assert list(params.variants) == list(TABLE1)  # the table's order is the report's order
+    assert params.seeds == [0, 1, 2]
+    assert params.train.epochs == 100
+    assert params.train.lr_min == 2e-5
+    assert params.data.md5 == "eb9058c3a382ffc7106e4002c42a8d85"
+    assert params.prepare.split_seed == 0
+
+
+def test_unknown_variant_name_lists_the_known_ones(params):
+    with pytest.raises(
+        ConfigError, match=r"variant: unknown variant 'VGG-99'; the variants in params.yaml are: VGG-08,"
+    ):
+        params.variant("VGG-99")
+
+
+INVALID = [
+    ("unknown key", lambda p: p["train"].update(epoch=3), r"train\.epoch: unknown key; did you mean 'epochs'\?"),
+    (
+        "wrong type",
+        lambda p: p["variants"]["VGG-08"].update(lr="fast"),
+        r"variants\.VGG-08\.lr: input should be a valid number \(got 'fast'\)",
+    ),
+    (
+        "negative learning rate",
+        lambda p: p["variants"]["HIGHLR-BN-38"].update(lr=-7.5e-3),
+        r"variants\.HIGHLR-BN-38\.lr: input should be greater than 0 \(got -0\.0075\)",
+    ),
+    (
+        "batch size 0",
+        lambda p: p["variants"]["MBS50-BN-38"].update(batch_size=0),
+        r"variants\.MBS50-BN-38\.batch_size: input should be greater than 0 \(got 0\)",
+    ),
+    (
+        "unknown variant name",
+        lambda p: p["report"].update(final_variant="WR60-BN-38"),
+        r"report\.final_variant: unknown variant 'WR60-BN-38'",
+    ),
+    ("empty seed list", lambda p: p.update(seeds=[]), r"seeds: list should have at least 1 item"),
+    ("missing field", lambda p: p["data"].pop("md5"), r"data\.md5: field required"),
+    ("bad md5", lambda p: p["data"].update(md5="xyz"), r"data\.md5: string should match pattern"),
+    (
+        "unknown schedule",
+        lambda p: p["variants"]["VGG-38"].update(schedule="step"),
+        r"variants\.VGG-38\.schedule: input should be 'cosine' or 'warm_restarts' \(got 'step'\)",
+    ),
+    ("repeated seed", lambda p: p.update(seeds=[0, 0]), r"seeds: each seed must appear once"),
+    (
+        "unsafe variant name",
+        lambda p: p["variants"].update({"a b": p["variants"]["VGG-08"]}),
+        r"variants\.a b\.\[key\]: string should match pattern",
+    ),
+]
+
+
+@pytest.mark.parametrize(("mutate", "message"), [c[1:] for c in INVALID], ids=[c[0] for c in INVALID])
+def test_invalid_params_name_the_field(raw_params, tmp_path, mutate, message):
+    mutate(raw_params)
+    path = write_yaml(tmp_path / "params.yaml", raw_params)
+
+    with pytest.raises(ConfigError, match=message) as err:
+        load_params(path)
+
+    assert str(err.value).startswith(f"{path}: invalid parameters:\n")
+
+
+def test_missing_and_malformed_files_are_clear(tmp_path):
+    with pytest.raises(ConfigError, match="no such file"):
+        load_params(tmp_path / "absent.yaml")
+    (tmp_path / "broken.yaml").write_text("data: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_params(tmp_path / "broken.yaml")
+
+
+def test_stage_stops_before_any_work_on_invalid_params(raw_params, tiny_archive, tmp_path):
+    raw_params["variants"]["VGG-08"]["batch_size"] = 0
+    raw_params["data"].update(url=str(tiny_archive))
+    params_file = write_yaml(tmp_path / "params.yaml", raw_params)
+    dest = tmp_path / "raw" / "archive.tar.gz"
+
+    result = subprocess.run(
+        [sys.executable, "pipeline/download.py", "--out", str(dest), "--params", str(params_file)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
+
+    assert result.returncode == 1
+    assert result.stderr == (
+        f"error: {params_file}: invalid parameters:\n"
+        "  variants.VGG-08.batch_size: input should be greater than 0 (got 0)\n"
+    )
+    assert not dest.parent.exists()
