@@ -114,3 +114,34 @@ def http_server(tmp_path: Path, archive_path: Path):
         server.shutdown()
         server.server_close()
         thread.join()
+
+
+def prepare_subset(archive: Path, out: Path, params: Params, *, train: int, val: int, test: int):
+    """The real archive prepared with `train`/`val`/`test` images per class (all 100 classes)."""
+    from vggdepth.data import load_prepared, prepare
+
+    subset = params.prepare.subset.model_copy(update={"train": train, "val": val, "test": test})
+    prepare(archive, out, params.prepare.model_copy(update={"subset": subset}))
+    return load_prepared(out)
+
+
+@pytest.fixture(scope="session")
+def tiny_data(archive_path, params, tmp_path_factory):
+    """200 training, 100 validation and 100 test images of the real data set, 2/1/1 per class."""
+    return prepare_subset(archive_path, tmp_path_factory.mktemp("tiny"), params, train=2, val=1, test=1)
+
+
+@pytest.fixture(scope="session")
+def small_data(archive_path, params, tmp_path_factory):
+    """500 training images of the real data set, 5 per class, so the class prior is uniform."""
+    return prepare_subset(archive_path, tmp_path_factory.mktemp("small"), params, train=5, val=1, test=1)
+
+
+@pytest.fixture
+def quick_train(params):
+    """The shipped training protocol, shortened; CPU so results are bit-for-bit repeatable."""
+
+    def make(epochs: int = 2, **changes):
+        return params.train.model_copy(update={"epochs": epochs, "device": "cpu", "progress_every": 1, **changes})
+
+    return make

@@ -78,6 +78,7 @@ class TrainConfig(_Section):
     bf16: bool
     threads: NonNegativeInt
     progress_every: PositiveInt
+    eval_batch_size: PositiveInt
     grad_stats: bool
 
 

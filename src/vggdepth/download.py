@@ -5,8 +5,6 @@ from __future__ import annotations
 import hashlib
 import http.client
 import logging
-import os
-import tempfile
 import time
 import urllib.error
 import urllib.parse
@@ -19,6 +17,7 @@ from typing import BinaryIO
 from tqdm import tqdm
 
 from vggdepth.errors import VggdepthError
+from vggdepth.files import atomic_path
 
 log = logging.getLogger(__name__)
 
@@ -44,18 +43,16 @@ def fetch_archive(url: str, md5: str, dest: str | Path, *, timeout_s: float = 60
     The bytes go to a temporary file beside `dest` that is renamed only once complete and verified:
     on any failure `dest` is left as it was and no partial file remains.
     """
-    dest = Path(dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
     digest = hashlib.md5(usedforsecurity=False)
     received = 0
     started = time.perf_counter()
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent)
-    tmp = Path(tmp_name)
-    try:
+    with atomic_path(dest) as tmp:
         with (
-            os.fdopen(fd, "wb") as out,
+            open(tmp, "wb") as out,
             _open_source(url, timeout_s) as (stream, expected_size),
-            tqdm(total=expected_size, unit="B", unit_scale=True, desc=f"download {dest.name}", disable=None) as bar,
+            tqdm(
+                total=expected_size, unit="B", unit_scale=True, desc=f"download {Path(dest).name}", disable=None
+            ) as bar,
         ):
             while chunk := _read(stream, url):
                 out.write(chunk)
@@ -72,13 +69,9 @@ def fetch_archive(url: str, md5: str, dest: str | Path, *, timeout_s: float = 60
                 f"md5 mismatch for {url}: expected {md5}, got {actual} ({received:,} bytes). "
                 "The file is corrupt or not the expected archive; for a local mirror, set data.md5 to its md5."
             )
-        os.replace(tmp, dest)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
     seconds = time.perf_counter() - started
     log.info("fetched %s -> %s: %s bytes in %.1f s, md5 %s verified", url, dest, f"{received:,}", seconds, md5)
-    return dest
+    return Path(dest)
 
 
 @contextmanager

@@ -1,0 +1,451 @@
+"""Training one (variant, seed): Adam, cross-entropy, per-epoch cosine schedule, gradient statistics,
+checkpoints that resume to the exact same result, and a guard against non-finite losses.
+
+The loop calls no tracking API: whatever watches a run (MLflow, tests) subscribes through `Callback`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import random
+import sys
+import time
+from dataclasses import asdict, astuple, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from vggdepth.batches import DeviceDataset, training_batches
+from vggdepth.config import ModelConfig, TrainConfig, Variant
+from vggdepth.data import PreparedData
+from vggdepth.errors import VggdepthError
+from vggdepth.files import atomic_path, write_csv, write_json
+from vggdepth.gradients import COLUMNS as GRADIENT_COLUMNS
+from vggdepth.gradients import GradientRecorder, GradientRow
+from vggdepth.models import VGG, count_parameters
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_FORMAT = 1
+# Settings that do not change what a run computes: a checkpoint made under other values may be resumed.
+_RESUMABLE_ACROSS = ("epochs", "device", "threads", "progress_every", "eval_batch_size")
+
+
+class TrainingError(VggdepthError):
+    """Training cannot go on."""
+
+
+class NonFiniteLossError(TrainingError):
+    """The loss became NaN or infinite."""
+
+
+@dataclass(frozen=True)
+class EpochRecord:
+    """What one epoch measured: train loss/accuracy are means over its batches (train mode, augmented)."""
+
+    epoch: int
+    train_loss: float
+    train_acc: float
+    val_loss: float
+    val_acc: float
+    lr: float
+    seconds: float
+
+
+EPOCH_COLUMNS = tuple(EpochRecord.__dataclass_fields__)
+
+
+@dataclass(frozen=True)
+class RunFiles:
+    """Where one (variant, seed) keeps its outputs."""
+
+    root: Path
+
+    @property
+    def epochs_csv(self) -> Path:
+        return self.root / "epochs.csv"
+
+    @property
+    def gradients_csv(self) -> Path:
+        return self.root / "gradients.csv"
+
+    @property
+    def train_json(self) -> Path:
+        return self.root / "train.json"
+
+    @property
+    def test_json(self) -> Path:
+        return self.root / "test.json"
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.root / "checkpoints"
+
+    @property
+    def last(self) -> Path:
+        return self.checkpoints / "last.pt"
+
+    @property
+    def best(self) -> Path:
+        return self.checkpoints / "best.pt"
+
+
+@dataclass
+class RunInfo:
+    """What a callback learns when a run starts."""
+
+    variant: str
+    seed: int
+    config: dict
+    fingerprint: str
+    device: str
+    parameters: int
+    files: RunFiles
+    start_epoch: int  # 0, or the number of epochs restored from the last checkpoint
+    extra: dict = field(default_factory=dict)  # kept in checkpoints: a callback may store its own state here
+
+
+class Callback:
+    """Hook points of the training loop; every method is optional."""
+
+    def on_run_start(self, run: RunInfo) -> None: ...
+
+    def on_epoch_end(self, run: RunInfo, record: EpochRecord, gradients: list[GradientRow]) -> None: ...
+
+    def on_run_end(self, run: RunInfo, summary: dict) -> None: ...
+
+
+def resolve_device(name: str) -> torch.device:
+    """`auto` is CUDA when present, else the CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise TrainingError(f"train.device is {name!r} but no CUDA device is available; use 'auto' or 'cpu'")
+    return device
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, variant: Variant, lr_min: float):
+    """The variant's per-epoch schedule: one cosine cycle, or cosine restarted every `period` epochs."""
+    if variant.schedule == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=variant.period, eta_min=lr_min)
+    return torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(optimizer, T_0=variant.period, eta_min=lr_min)
+
+
+def run_fingerprint(model: ModelConfig, train: TrainConfig, variant: Variant, seed: int, data: dict) -> str:
+    """Identity of what a run computes; a checkpoint is resumed only under the same fingerprint."""
+    train_part = train.model_dump(exclude=set(_RESUMABLE_ACROSS))
+    payload = {
+        "model": model.model_dump(),
+        "train": train_part,
+        "variant": variant.model_dump(),
+        "seed": seed,
+        "data": {k: data[k] for k in ("archive_md5", "split_seed", "sizes", "subset")},
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)  # also seeds every CUDA device
+
+
+def _rng_state(generator: torch.Generator) -> dict:
+    return {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "batches": generator.get_state(),
+    }
+
+
+def _set_rng_state(state: dict, generator: torch.Generator) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    generator.set_state(state["batches"])
+
+
+def save_checkpoint(path: Path, state: dict) -> None:
+    """torch.save through a temporary file, so a kill never leaves a truncated checkpoint."""
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
+
+
+def load_checkpoint(path: Path, device: torch.device | str = "cpu") -> dict:
+    try:
+        return torch.load(path, map_location=device, weights_only=False)  # our own file, written by save_checkpoint
+    except (OSError, RuntimeError, EOFError) as exc:
+        raise TrainingError(f"cannot read checkpoint {path}: {exc}") from None
+
+
+class Trainer:
+    """Trains one (variant, seed) on prepared data, writing its outputs to `files`."""
+
+    def __init__(
+        self,
+        *,
+        model: ModelConfig,
+        train: TrainConfig,
+        variant_name: str,
+        variant: Variant,
+        seed: int,
+        data: PreparedData,
+        files: RunFiles,
+        callbacks: list[Callback] | tuple[Callback, ...] = (),
+    ):
+        self.model_cfg, self.cfg, self.variant, self.seed = model, train, variant, seed
+        self.files, self.callbacks = files, list(callbacks)
+        self.device = resolve_device(train.device)
+        if train.threads:
+            torch.set_num_threads(train.threads)
+        if self.device.type == "cuda":
+            torch.backends.cudnn.benchmark = True  # fixed input shapes: let cuDNN pick the fastest kernels
+        self.autocast = self.device.type == "cuda" and train.bf16
+
+        seed_everything(seed)
+        self.net = VGG(model, variant).to(self.device, memory_format=torch.channels_last)
+        self.optimizer = torch.optim.Adam(
+            self.net.parameters(), lr=variant.lr, betas=tuple(train.betas), weight_decay=train.weight_decay
+        )
+        self.scheduler = make_scheduler(self.optimizer, variant, train.lr_min)
+        self.generator = torch.Generator(device=self.device).manual_seed(seed)
+        self.train_data = DeviceDataset(data.train, data.mean, data.std, self.device)
+        self.val_data = DeviceDataset(data.val, data.mean, data.std, self.device)
+        self.recorder = GradientRecorder(self.net) if train.grad_stats else None
+
+        self.history: list[EpochRecord] = []
+        self.gradients: list[GradientRow] = []
+        self.best = {"epoch": -1, "val_acc": -1.0, "val_loss": math.inf}
+        self.run = RunInfo(
+            variant=variant_name,
+            seed=seed,
+            config={
+                "model": model.model_dump(),
+                "train": train.model_dump(),
+                "variant": variant.model_dump(),
+                "seed": seed,
+                "data": {k: v for k, v in data.stats.items() if k != "classes"},
+            },
+            fingerprint=run_fingerprint(model, train, variant, seed, data.stats),
+            device=str(self.device),
+            parameters=count_parameters(self.net),
+            files=files,
+            start_epoch=0,
+        )
+
+    # ---- resume -------------------------------------------------------------------------------------------
+
+    def _restore(self) -> None:
+        """Continue from the last checkpoint when it belongs to this very run; otherwise start afresh."""
+        if not self.files.last.exists():
+            return
+        state = load_checkpoint(self.files.last, self.device)
+        stale = None
+        if state.get("format") != CHECKPOINT_FORMAT or state.get("fingerprint") != self.run.fingerprint:
+            stale = "was made by other settings or data"
+        elif state["epoch"] > self.cfg.epochs:
+            stale = f"is past train.epochs={self.cfg.epochs}"
+        if stale:
+            log.warning("%s %s: starting afresh", self.files.last, stale)
+            self.files.last.unlink()
+            self.files.best.unlink(missing_ok=True)
+            return
+        self.net.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        _set_rng_state(state["rng"], self.generator)
+        self.history = [EpochRecord(**r) for r in state["history"]]
+        self.gradients = [GradientRow(**r) for r in state["gradients"]]
+        self.best = state["best"]
+        self.run.start_epoch = state["epoch"]
+        self.run.extra = state.get("extra", {})
+        log.info("resuming %s from epoch %d of %d", self.files.last, state["epoch"], self.cfg.epochs)
+
+    # ---- one epoch ----------------------------------------------------------------------------------------
+
+    def _train_epoch(self, epoch: int, bar: tqdm) -> tuple[float, float]:
+        self.net.train()
+        loss_sum = torch.zeros((), device=self.device, dtype=torch.float64)
+        acc_sum = torch.zeros((), device=self.device, dtype=torch.float64)
+        first_bad = torch.full((), -1, device=self.device, dtype=torch.long)
+        steps = 0
+        for step, (x, y) in enumerate(
+            training_batches(self.train_data, self.variant.batch_size, self.cfg.augment, self.generator)
+        ):
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
+                logits = self.net(x)
+                loss = F.cross_entropy(logits.float(), y)
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if self.recorder is not None:
+                self.recorder.after_backward()
+            self.optimizer.step()
+            # Everything below stays on the device; the host looks only every `progress_every` steps.
+            loss = loss.detach()
+            loss_sum += loss
+            acc_sum += (logits.argmax(1) == y).float().mean()
+            first_bad = torch.where(~torch.isfinite(loss) & (first_bad < 0), step, first_bad)
+            steps = step + 1
+            if steps % self.cfg.progress_every == 0:
+                self._check_finite(first_bad, epoch)
+                bar.update(self.cfg.progress_every)
+                bar.set_postfix(loss=f"{loss_sum.item() / steps:.3f}", acc=f"{acc_sum.item() / steps:.3f}")
+        self._check_finite(first_bad, epoch)
+        bar.update(bar.total - bar.n)
+        return loss_sum.item() / steps, acc_sum.item() / steps
+
+    def _check_finite(self, first_bad: torch.Tensor, epoch: int) -> None:
+        step = int(first_bad.item())
+        if step >= 0:
+            kept = (
+                f"the last good checkpoint {self.files.last} (after epoch {self.run_epochs_done()}) is kept"
+                if self.files.last.exists()
+                else "no checkpoint was written yet"
+            )
+            raise NonFiniteLossError(
+                f"{self.run.variant} seed {self.seed}: the training loss became NaN or infinite at epoch {epoch}, "
+                f"step {step}; {kept}. Lower the learning rate or check the data."
+            )
+
+    def run_epochs_done(self) -> int:
+        return len(self.history)
+
+    def evaluate(self, data: DeviceDataset) -> tuple[float, float]:
+        """Sample-weighted mean loss and accuracy in eval mode."""
+        self.net.eval()
+        return evaluate_model(self.net, data, self.cfg.eval_batch_size, self.autocast)
+
+    # ---- the run ------------------------------------------------------------------------------------------
+
+    def fit(self) -> dict:
+        """Train to `train.epochs` (resuming if possible), write all outputs, return the summary."""
+        self._restore()
+        for cb in self.callbacks:
+            cb.on_run_start(self.run)
+        steps_per_epoch = math.ceil(len(self.train_data) / self.variant.batch_size)
+        interactive = sys.stderr.isatty()
+        for epoch in range(self.run.start_epoch, self.cfg.epochs):
+            started = time.perf_counter()
+            lr = self.optimizer.param_groups[0]["lr"]
+            desc = f"{self.run.variant} s{self.seed} epoch {epoch + 1}/{self.cfg.epochs}"
+            with tqdm(total=steps_per_epoch, desc=desc, unit="step", disable=not interactive, leave=True) as bar:
+                train_loss, train_acc = self._train_epoch(epoch, bar)
+                val_loss, val_acc = self.evaluate(self.val_data)
+                if not math.isfinite(val_loss):
+                    raise NonFiniteLossError(
+                        f"{self.run.variant} seed {self.seed}: the validation loss is {val_loss} after epoch {epoch}"
+                    )
+                bar.set_postfix(
+                    loss=f"{train_loss:.3f}",
+                    acc=f"{train_acc:.3f}",
+                    val_loss=f"{val_loss:.3f}",
+                    val_acc=f"{val_acc:.3f}",
+                )
+            self.scheduler.step()
+            record = EpochRecord(epoch, train_loss, train_acc, val_loss, val_acc, lr, time.perf_counter() - started)
+            rows = self.recorder.epoch_rows(epoch) if self.recorder is not None else []
+            self.history.append(record)
+            self.gradients.extend(rows)
+            if not interactive:
+                print(
+                    f"{desc}: train loss {train_loss:.4f} acc {train_acc:.4f} | val loss {val_loss:.4f} "
+                    f"acc {val_acc:.4f} | lr {lr:.3g} | {record.seconds:.1f} s",
+                    file=sys.stderr,
+                    flush=True,
+                )
+            self._end_of_epoch(record)
+            for cb in self.callbacks:
+                cb.on_epoch_end(self.run, record, rows)
+        summary = self.summary()
+        write_json(self.files.train_json, summary)
+        for cb in self.callbacks:
+            cb.on_run_end(self.run, summary)
+        return summary
+
+    def _end_of_epoch(self, record: EpochRecord) -> None:
+        """Best checkpoint when validation accuracy improved, then the last checkpoint and the tables."""
+        weights = {
+            "format": CHECKPOINT_FORMAT,
+            "fingerprint": self.run.fingerprint,
+            "variant": self.run.variant,
+            "seed": self.seed,
+            "epoch": record.epoch + 1,
+            "model": self.net.state_dict(),
+            **self._identity(),
+        }
+        if record.val_acc > self.best["val_acc"]:
+            self.best = {"epoch": record.epoch, "val_acc": record.val_acc, "val_loss": record.val_loss}
+            save_checkpoint(self.files.best, weights)
+        save_checkpoint(
+            self.files.last,
+            {
+                **weights,
+                "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(),
+                "rng": _rng_state(self.generator),
+                "history": [asdict(r) for r in self.history],
+                "gradients": [asdict(r) for r in self.gradients],
+                "best": self.best,
+                "extra": self.run.extra,
+            },
+        )
+        write_csv(self.files.epochs_csv, EPOCH_COLUMNS, [astuple(r) for r in self.history])
+        write_csv(self.files.gradients_csv, GRADIENT_COLUMNS, [astuple(r) for r in self.gradients])
+
+    def _identity(self) -> dict:
+        """What it takes to rebuild the network from a checkpoint alone."""
+        return {
+            "model_config": self.model_cfg.model_dump(),
+            "variant_config": self.variant.model_dump(),
+            "mean": self.train_data.mean.flatten().div(255).tolist(),
+            "std": self.train_data.std.flatten().div(255).tolist(),
+        }
+
+    def summary(self) -> dict:
+        last = self.history[-1]
+        train_seconds = sum(r.seconds for r in self.history)
+        return {
+            "variant": self.run.variant,
+            "seed": self.seed,
+            "epochs": len(self.history),
+            "train_loss": last.train_loss,
+            "train_acc": last.train_acc,
+            "val_loss": last.val_loss,
+            "val_acc": last.val_acc,
+            "best_epoch": self.best["epoch"],
+            "best_val_acc": self.best["val_acc"],
+            "parameters": self.run.parameters,
+            "seconds": train_seconds,
+            "images_per_second": len(self.train_data) * len(self.history) / train_seconds,
+            "device": self.run.device,
+        }
+
+
+def evaluate_model(net: torch.nn.Module, data: DeviceDataset, batch_size: int, autocast: bool) -> tuple[float, float]:
+    """Mean cross-entropy and accuracy of `net` (already in eval mode) over `data`."""
+    loss_sum = torch.zeros((), device=data.device, dtype=torch.float64)
+    correct = torch.zeros((), device=data.device, dtype=torch.long)
+    with torch.inference_mode(), torch.autocast(data.device.type, dtype=torch.bfloat16, enabled=autocast):
+        for x, y in data.batches(batch_size):
+            logits = net(x).float()
+            loss_sum += F.cross_entropy(logits, y, reduction="sum").double()
+            correct += (logits.argmax(1) == y).sum()
+    return loss_sum.item() / len(data), correct.item() / len(data)
+
+
+def load_network(checkpoint: dict, device: torch.device) -> VGG:
+    """The network stored in a checkpoint, in eval mode."""
+    net = VGG(ModelConfig(**checkpoint["model_config"]), Variant(**checkpoint["variant_config"]))
+    net.load_state_dict(checkpoint["model"])
+    return net.to(device, memory_format=torch.channels_last).eval()

@@ -1,0 +1,42 @@
+"""Writing files so that a reader never sees a half-written one: write beside, then rename."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import tempfile
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)  # read once: mkstemp creates 0600 files, outputs should get the usual permissions
+
+
+@contextmanager
+def atomic_path(dest: str | Path) -> Iterator[Path]:
+    """A temporary path beside `dest`: renamed to `dest` when the block succeeds, removed when it fails."""
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent)
+    os.close(fd)
+    tmp = Path(name)
+    os.chmod(tmp, 0o666 & ~_UMASK)
+    try:
+        yield tmp
+        os.replace(tmp, dest)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_json(dest: str | Path, data: object) -> None:
+    with atomic_path(dest) as tmp:
+        tmp.write_text(json.dumps(data, indent=2) + "\n")
+
+
+def write_csv(dest: str | Path, columns: Sequence[str], rows: Iterable[Sequence]) -> None:
+    with atomic_path(dest) as tmp, open(tmp, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(columns)
+        writer.writerows(rows)

@@ -1,0 +1,149 @@
+"""The training engine: schedules, repeatability, resume to the identical result, NaN guard, gradient table."""
+
+from __future__ import annotations
+
+import csv
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+import vggdepth.engine as engine
+from vggdepth.engine import Callback, NonFiniteLossError, RunFiles, Trainer, load_checkpoint, make_scheduler
+
+
+def _closed_form_lr(epoch: int, lr: float, lr_min: float, period: int, restarts: bool) -> float:
+    t = epoch % period if restarts else epoch
+    return lr_min + (lr - lr_min) * (1 + math.cos(math.pi * t / period)) / 2
+
+
+@pytest.mark.parametrize(
+    "variant", ["VGG-08", "VGG-38", "BN-VGG-38", "HIGHLR-BN-38", "WR50-HIGHLR-BN-38", "MBS50-BN-38"]
+)
+def test_learning_rate_follows_the_closed_form(params, variant):
+    v = params.variant(variant)
+    optimizer = torch.optim.Adam([torch.nn.Parameter(torch.zeros(1))], lr=v.lr)
+    scheduler = make_scheduler(optimizer, v, params.train.lr_min)
+    seen = {}
+    for epoch in range(100):
+        seen[epoch] = optimizer.param_groups[0]["lr"]
+        optimizer.step()
+        scheduler.step()
+
+    for epoch in (0, 25, 49, 50, 75, 99):
+        expected = _closed_form_lr(epoch, v.lr, 2e-5, v.period, v.schedule == "warm_restarts")
+        assert seen[epoch] == pytest.approx(expected, rel=1e-9), f"epoch {epoch}"
+    if v.schedule == "warm_restarts":
+        assert seen[50] == pytest.approx(v.lr)  # the restart
+        assert seen[49] < 1e-4
+    else:
+        assert seen[50] == pytest.approx((v.lr + 2e-5) / 2)
+
+
+def _train(data, params, quick_train, tmp: Path, variant="VGG-08", seed=0, callbacks=(), **train_changes):
+    trainer = Trainer(
+        model=params.model,
+        train=quick_train(**train_changes),
+        variant_name=variant,
+        variant=params.variant(variant),
+        seed=seed,
+        data=data,
+        files=RunFiles(tmp),
+        callbacks=callbacks,
+    )
+    return trainer.fit(), trainer
+
+
+def _table(path: Path, drop: tuple[str, ...] = ("seconds",)) -> list[dict]:
+    with open(path) as f:
+        return [{k: v for k, v in row.items() if k not in drop} for row in csv.DictReader(f)]
+
+
+def test_same_seed_on_cpu_gives_identical_metrics(tiny_data, params, quick_train, tmp_path):
+    _train(tiny_data, params, quick_train, tmp_path / "a", epochs=2)
+    _train(tiny_data, params, quick_train, tmp_path / "b", epochs=2)
+    _train(tiny_data, params, quick_train, tmp_path / "c", seed=1, epochs=2)
+
+    assert _table(tmp_path / "a" / "epochs.csv") == _table(tmp_path / "b" / "epochs.csv")
+    assert _table(tmp_path / "a" / "gradients.csv") == _table(tmp_path / "b" / "gradients.csv")
+    assert _table(tmp_path / "a" / "epochs.csv") != _table(tmp_path / "c" / "epochs.csv")
+
+
+class _Kill(Callback):
+    """Stands in for a kill: raises once `after` epochs are complete (their checkpoint is written)."""
+
+    def __init__(self, after: int):
+        self.after = after
+
+    def on_epoch_end(self, run, record, gradients):
+        if record.epoch + 1 == self.after:
+            raise KeyboardInterrupt
+
+
+def test_interrupted_run_resumes_to_the_uninterrupted_result(tiny_data, params, quick_train, tmp_path):
+    straight, straight_trainer = _train(tiny_data, params, quick_train, tmp_path / "straight", epochs=4)
+    with pytest.raises(KeyboardInterrupt):
+        _train(tiny_data, params, quick_train, tmp_path / "resumed", epochs=4, callbacks=[_Kill(after=2)])
+    assert load_checkpoint(tmp_path / "resumed" / "checkpoints" / "last.pt")["epoch"] == 2
+
+    resumed, resumed_trainer = _train(tiny_data, params, quick_train, tmp_path / "resumed", epochs=4)
+
+    assert resumed_trainer.run.start_epoch == 2
+    assert _table(tmp_path / "straight" / "epochs.csv") == _table(tmp_path / "resumed" / "epochs.csv")
+    assert _table(tmp_path / "straight" / "gradients.csv") == _table(tmp_path / "resumed" / "gradients.csv")
+    drop = ("seconds", "images_per_second")
+    assert {k: v for k, v in straight.items() if k not in drop} == {k: v for k, v in resumed.items() if k not in drop}
+    for (name, a), b in zip(
+        straight_trainer.net.state_dict().items(), resumed_trainer.net.state_dict().values(), strict=True
+    ):
+        assert torch.equal(a, b), name
+
+
+def test_checkpoint_of_other_settings_is_not_resumed(tiny_data, params, quick_train, tmp_path):
+    _train(tiny_data, params, quick_train, tmp_path, epochs=1)
+    _, trainer = _train(tiny_data, params, quick_train, tmp_path, epochs=1, weight_decay=1e-4)
+    assert trainer.run.start_epoch == 0
+    _, longer = _train(tiny_data, params, quick_train, tmp_path, epochs=2, weight_decay=1e-4)
+    assert longer.run.start_epoch == 1  # more epochs of the same run: it continues
+
+
+def test_nan_loss_stops_with_epoch_and_step_and_keeps_the_checkpoint(
+    tiny_data, params, quick_train, tmp_path, monkeypatch
+):
+    real = engine.F.cross_entropy
+    calls = {"train": 0}
+
+    def poisoned(logits, target, **kwargs):
+        loss = real(logits, target, **kwargs)
+        if kwargs.get("reduction", "mean") == "mean":  # a training step (evaluation sums)
+            calls["train"] += 1
+            if calls["train"] == 6:  # 200 images at batch 100 make 2 steps an epoch: epoch 2, step 1
+                return loss * float("nan")
+        return loss
+
+    monkeypatch.setattr(engine.F, "cross_entropy", poisoned)
+    last = tmp_path / "checkpoints" / "last.pt"
+    with pytest.raises(NonFiniteLossError) as err:
+        _train(tiny_data, params, quick_train, tmp_path, epochs=4)
+    assert "NaN or infinite at epoch 2, step 1" in str(err.value)
+    assert f"the last good checkpoint {last} (after epoch 2) is kept" in str(err.value)
+    state = load_checkpoint(last)
+    assert state["epoch"] == 2
+    assert all(torch.isfinite(t).all() for t in state["model"].values() if t.is_floating_point())
+
+
+@pytest.mark.parametrize(("variant", "tensors"), [("VGG-08", 9), ("VGG-38", 39), ("BN-VGG-38", 75)])
+def test_gradient_table_has_every_weight_tensor_and_finite_values(
+    tiny_data, params, quick_train, tmp_path, variant, tensors
+):
+    _train(tiny_data, params, quick_train, tmp_path, variant=variant, epochs=2)
+    rows = _table(tmp_path / "gradients.csv", drop=())
+
+    assert len(rows) == 2 * tensors
+    assert [int(r["epoch"]) for r in rows] == [0] * tensors + [1] * tensors
+    assert len({r["layer"] for r in rows}) == tensors
+    for r in rows:
+        for column in ("mean_abs", "last_mean_abs", "grad_l2", "weight_l2"):
+            assert math.isfinite(float(r[column])), (r["layer"], column)
+    assert not any(r["layer"].endswith("bias") for r in rows)

@@ -1,0 +1,73 @@
+"""The networks match SPEC.md exactly: parameter counts, structural layer names, batch-norm placement."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from vggdepth.gradients import weight_tensors
+from vggdepth.models import VGG, count_parameters
+
+
+@pytest.mark.parametrize(("variant", "expected"), [("VGG-08", 59_716), ("VGG-38", 336_196), ("BN-VGG-38", 338_500)])
+def test_parameter_counts_match_the_spec(params, variant, expected):
+    assert count_parameters(VGG(params.model, params.variant(variant))) == expected
+
+
+def test_vgg08_layer_names_follow_the_structure(params):
+    names = [name for name, _ in weight_tensors(VGG(params.model, params.variant("VGG-08")))]
+    assert names == [
+        "entry.conv",
+        "entry.bn",
+        "stage0.reduce.conv0",
+        "stage0.reduce.conv1",
+        "stage1.reduce.conv0",
+        "stage1.reduce.conv1",
+        "stage2.reduce.conv0",
+        "stage2.reduce.conv1",
+        "head.linear",
+    ]
+
+
+def test_vgg38_has_five_processing_blocks_per_stage(params):
+    names = [name for name, _ in weight_tensors(VGG(params.model, params.variant("VGG-38")))]
+    convs = [n for n in names if ".conv" in n]
+    assert len(convs) == 37
+    assert names[2:4] == ["stage0.block0.conv0", "stage0.block0.conv1"]
+    assert "stage2.block4.conv1" in names
+    assert names[-3:] == ["stage2.reduce.conv0", "stage2.reduce.conv1", "head.linear"]
+    assert len(names) == 39
+
+
+@pytest.mark.parametrize("variant", ["VGG-08", "VGG-38", "BN-VGG-38"])
+def test_output_is_one_logit_per_class(params, variant):
+    net = VGG(params.model, params.variant(variant))
+    assert net(torch.zeros(4, 3, 32, 32)).shape == (4, 100)
+
+
+def _conv_bn_pairs(net: nn.Module) -> tuple[int, int, int]:
+    modules = list(net.modules())
+    convs = [i for i, m in enumerate(modules) if isinstance(m, nn.Conv2d)]
+    bns = [i for i, m in enumerate(modules) if isinstance(m, nn.BatchNorm2d)]
+    followed = sum(1 for i in convs if isinstance(modules[i + 1], nn.BatchNorm2d))
+    return len(convs), len(bns), followed
+
+
+def test_bn_variant_has_one_batch_norm_right_after_every_conv(params):
+    convs, bns, followed = _conv_bn_pairs(VGG(params.model, params.variant("BN-VGG-38")))
+    assert (convs, bns, followed) == (37, 37, 37)
+
+
+def test_plain_variants_have_batch_norm_only_in_the_entry_block(params):
+    for variant in ("VGG-08", "VGG-38"):
+        net = VGG(params.model, params.variant(variant))
+        assert _conv_bn_pairs(net)[1:] == (1, 1)
+        assert isinstance(net.entry.bn, nn.BatchNorm2d)
+
+
+def test_reduction_convs_have_bias_processing_convs_do_not(params):
+    net = VGG(params.model, params.variant("BN-VGG-38"))
+    assert net.stage1.reduce.conv0.bias is not None
+    assert net.stage1.block2.conv0.bias is None
+    assert net.entry.conv.bias is None
