@@ -10,6 +10,7 @@ from vggdepth.config import load_params
 from vggdepth.data import load_prepared
 from vggdepth.engine import RunFiles
 from vggdepth.evaluation import evaluate_run
+from vggdepth.tracking import log_evaluation, open_store
 
 
 @entry_point
@@ -18,7 +19,10 @@ def main(
     data: Annotated[Path, typer.Option(help="prepared data folder")] = Path("data/prepared"),
     params: Annotated[Path, typer.Option(help="parameters file")] = Path("params.yaml"),
 ) -> None:
-    evaluate_run(RunFiles(run), load_prepared(data), load_params(params).train)
+    p = load_params(params)
+    store = open_store(p)  # before any work: an unreachable tracking server stops the stage here
+    files = RunFiles(run)
+    log_evaluation(store, files, evaluate_run(files, load_prepared(data), p.train))
 
 
 if __name__ == "__main__":

@@ -145,3 +145,84 @@ def quick_train(params):
         return params.train.model_copy(update={"epochs": epochs, "device": "cpu", "progress_every": 1, **changes})
 
     return make
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class MlflowServer:
+    """A real `mlflow server` on 127.0.0.1 (SQLite backend, artefacts folder) that tests can stop and restart."""
+
+    def __init__(self, root: Path):
+        self.root, self.port, self.process = root, free_port(), None
+        self.uri = f"http://127.0.0.1:{self.port}"
+
+    def start(self, timeout_s: float = 120) -> MlflowServer:
+        import subprocess
+        import sys
+        import time
+        import urllib.request
+
+        self.root.mkdir(parents=True, exist_ok=True)
+        log = open(self.root / "server.log", "ab")  # noqa: SIM115 (closed with the process)
+        self.process = subprocess.Popen(
+            [
+                str(Path(sys.executable).parent / "mlflow"),
+                "server",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+                "--backend-store-uri",
+                f"sqlite:///{self.root / 'mlflow.db'}",
+                "--artifacts-destination",
+                str(self.root / "artifacts"),
+                "--workers",
+                "1",
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                pytest.fail(
+                    f"mlflow server exited with {self.process.returncode}: "
+                    f"{(self.root / 'server.log').read_text()[-2000:]}"
+                )
+            try:
+                with urllib.request.urlopen(f"{self.uri}/health", timeout=2) as response:
+                    if response.status == 200:
+                        return self
+            except OSError:
+                time.sleep(0.5)
+        self.stop()
+        pytest.fail(f"mlflow server at {self.uri} not healthy after {timeout_s} s")
+
+    def stop(self) -> None:
+        import os
+        import signal
+        import subprocess
+
+        if self.process is not None and self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGTERM)
+            try:
+                self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait()
+        self.process = None
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory):
+    """One MLflow tracking server for the test session, stopped at its end."""
+    server = MlflowServer(tmp_path_factory.mktemp("mlflow-server")).start()
+    yield server
+    server.stop()

@@ -93,6 +93,17 @@ class Variant(_Section):
     batch_size: PositiveInt
 
 
+class TrackingConfig(_Section):
+    """MLflow tracking of every training run (the store comes from MLFLOW_TRACKING_URI or mlruns/)."""
+
+    enabled: bool
+    experiment: Annotated[str, Field(min_length=1)]
+    system_metrics: bool
+    log_model: bool
+    request_timeout_s: PositiveInt
+    request_retries: NonNegativeInt
+
+
 class ReportConfig(_Section):
     final_variant: VariantName
 
@@ -106,6 +117,7 @@ class Params(_Section):
     train: TrainConfig
     variants: Annotated[dict[VariantName, Variant], Field(min_length=1)]
     seeds: Annotated[list[NonNegativeInt], Field(min_length=1)]
+    tracking: TrackingConfig
     report: ReportConfig
 
     @model_validator(mode="after")

@@ -109,6 +109,8 @@ class RunInfo:
     files: RunFiles
     start_epoch: int  # 0, or the number of epochs restored from the last checkpoint
     extra: dict = field(default_factory=dict)  # kept in checkpoints: a callback may store its own state here
+    history: list[EpochRecord] = field(default_factory=list)  # every epoch so far, restored ones included
+    gradients: list[GradientRow] = field(default_factory=list)
 
 
 class Callback:
@@ -119,6 +121,8 @@ class Callback:
     def on_epoch_end(self, run: RunInfo, record: EpochRecord, gradients: list[GradientRow]) -> None: ...
 
     def on_run_end(self, run: RunInfo, summary: dict) -> None: ...
+
+    def on_run_error(self, run: RunInfo, error: BaseException) -> None: ...
 
 
 def resolve_device(name: str) -> torch.device:
@@ -224,8 +228,6 @@ class Trainer:
         self.val_data = DeviceDataset(data.val, data.mean, data.std, self.device)
         self.recorder = GradientRecorder(self.net) if train.grad_stats else None
 
-        self.history: list[EpochRecord] = []
-        self.gradients: list[GradientRow] = []
         self.best = {"epoch": -1, "val_acc": -1.0, "val_loss": math.inf}
         self.run = RunInfo(
             variant=variant_name,
@@ -243,6 +245,7 @@ class Trainer:
             files=files,
             start_epoch=0,
         )
+        self.history, self.gradients = self.run.history, self.run.gradients
 
     # ---- resume -------------------------------------------------------------------------------------------
 
@@ -265,8 +268,8 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         _set_rng_state(state["rng"], self.generator)
-        self.history = [EpochRecord(**r) for r in state["history"]]
-        self.gradients = [GradientRow(**r) for r in state["gradients"]]
+        self.history.extend(EpochRecord(**r) for r in state["history"])
+        self.gradients.extend(GradientRow(**r) for r in state["gradients"])
         self.best = state["best"]
         self.run.start_epoch = state["epoch"]
         self.run.extra = state.get("extra", {})
@@ -274,7 +277,7 @@ class Trainer:
 
     # ---- one epoch ----------------------------------------------------------------------------------------
 
-    def _train_epoch(self, epoch: int, bar: tqdm) -> tuple[float, float]:
+    def train_epoch(self, epoch: int, bar: tqdm) -> tuple[float, float]:
         self.net.train()
         loss_sum = torch.zeros((), device=self.device, dtype=torch.float64)
         acc_sum = torch.zeros((), device=self.device, dtype=torch.float64)
@@ -333,45 +336,50 @@ class Trainer:
         self._restore()
         for cb in self.callbacks:
             cb.on_run_start(self.run)
-        steps_per_epoch = math.ceil(len(self.train_data) / self.variant.batch_size)
-        interactive = sys.stderr.isatty()
-        for epoch in range(self.run.start_epoch, self.cfg.epochs):
-            started = time.perf_counter()
-            lr = self.optimizer.param_groups[0]["lr"]
-            desc = f"{self.run.variant} s{self.seed} epoch {epoch + 1}/{self.cfg.epochs}"
-            with tqdm(total=steps_per_epoch, desc=desc, unit="step", disable=not interactive, leave=True) as bar:
-                train_loss, train_acc = self._train_epoch(epoch, bar)
-                val_loss, val_acc = self.evaluate(self.val_data)
-                if not math.isfinite(val_loss):
-                    raise NonFiniteLossError(
-                        f"{self.run.variant} seed {self.seed}: the validation loss is {val_loss} after epoch {epoch}"
-                    )
-                bar.set_postfix(
-                    loss=f"{train_loss:.3f}",
-                    acc=f"{train_acc:.3f}",
-                    val_loss=f"{val_loss:.3f}",
-                    val_acc=f"{val_acc:.3f}",
-                )
-            self.scheduler.step()
-            record = EpochRecord(epoch, train_loss, train_acc, val_loss, val_acc, lr, time.perf_counter() - started)
-            rows = self.recorder.epoch_rows(epoch) if self.recorder is not None else []
-            self.history.append(record)
-            self.gradients.extend(rows)
-            if not interactive:
-                print(
-                    f"{desc}: train loss {train_loss:.4f} acc {train_acc:.4f} | val loss {val_loss:.4f} "
-                    f"acc {val_acc:.4f} | lr {lr:.3g} | {record.seconds:.1f} s",
-                    file=sys.stderr,
-                    flush=True,
-                )
-            self._end_of_epoch(record)
+        try:
+            for epoch in range(self.run.start_epoch, self.cfg.epochs):
+                self._epoch(epoch)
+        except BaseException as error:  # KeyboardInterrupt included: watchers learn the run was stopped
             for cb in self.callbacks:
-                cb.on_epoch_end(self.run, record, rows)
+                cb.on_run_error(self.run, error)
+            raise
         summary = self.summary()
         write_json(self.files.train_json, summary)
         for cb in self.callbacks:
             cb.on_run_end(self.run, summary)
         return summary
+
+    def _epoch(self, epoch: int) -> None:
+        started = time.perf_counter()
+        lr = self.optimizer.param_groups[0]["lr"]
+        desc = f"{self.run.variant} s{self.seed} epoch {epoch + 1}/{self.cfg.epochs}"
+        steps = math.ceil(len(self.train_data) / self.variant.batch_size)
+        interactive = sys.stderr.isatty()
+        with tqdm(total=steps, desc=desc, unit="step", disable=not interactive, leave=True) as bar:
+            train_loss, train_acc = self.train_epoch(epoch, bar)
+            val_loss, val_acc = self.evaluate(self.val_data)
+            if not math.isfinite(val_loss):
+                raise NonFiniteLossError(
+                    f"{self.run.variant} seed {self.seed}: the validation loss is {val_loss} after epoch {epoch}"
+                )
+            bar.set_postfix(
+                loss=f"{train_loss:.3f}", acc=f"{train_acc:.3f}", val_loss=f"{val_loss:.3f}", val_acc=f"{val_acc:.3f}"
+            )
+        self.scheduler.step()
+        record = EpochRecord(epoch, train_loss, train_acc, val_loss, val_acc, lr, time.perf_counter() - started)
+        rows = self.recorder.epoch_rows(epoch) if self.recorder is not None else []
+        self.history.append(record)
+        self.gradients.extend(rows)
+        if not interactive:
+            print(
+                f"{desc}: train loss {train_loss:.4f} acc {train_acc:.4f} | val loss {val_loss:.4f} "
+                f"acc {val_acc:.4f} | lr {lr:.3g} | {record.seconds:.1f} s",
+                file=sys.stderr,
+                flush=True,
+            )
+        self._end_of_epoch(record)
+        for cb in self.callbacks:
+            cb.on_epoch_end(self.run, record, rows)
 
     def _end_of_epoch(self, record: EpochRecord) -> None:
         """Best checkpoint when validation accuracy improved, then the last checkpoint and the tables."""

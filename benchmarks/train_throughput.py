@@ -1,0 +1,202 @@
+"""Training throughput of vggdepth's loop against a typical course-code loop, side by side in one run.
+
+For VGG-08, VGG-38 and BN-VGG-38 it measures images per second of training steps:
+  ours         the production loop (`Trainer.train_epoch`): uint8 data on the device, batched crops and flips,
+               channels-last, no host sync but the progress bar's, per-layer gradient capture on or off;
+  baseline     torchvision-style data set with per-image PIL `transforms`, a `DataLoader`, NCHW tensors, and
+               `.item()` on loss and accuracy every step.
+It also measures this machine's float32 matrix-multiply throughput (`torch.mm`, 4096 x 4096) as the ceiling for
+VGG-38's training FLOP/s. Configurations are interleaved over several rounds and the median is reported.
+
+    python benchmarks/train_throughput.py [--threads 2] [--images 2000] [--rounds 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+from torchvision import transforms
+from tqdm import tqdm
+
+from vggdepth.config import load_params
+from vggdepth.data import PreparedData, Split
+from vggdepth.engine import RunFiles, Trainer
+from vggdepth.models import VGG
+
+NETWORKS = ("VGG-08", "VGG-38", "BN-VGG-38")
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def synthetic_data(images: int, seed: int = 0) -> PreparedData:
+    """Random uint8 images in CIFAR's shape: throughput does not depend on the pixel values."""
+    rng = np.random.default_rng(seed)
+    split = Split(
+        rng.integers(0, 256, (images, 3, 32, 32), dtype=np.uint8),
+        rng.integers(0, 100, images).astype(np.uint8),
+        np.arange(images, dtype=np.int32),
+    )
+    stats = {
+        "mean": [0.5071, 0.4865, 0.4409],
+        "std": [0.2673, 0.2564, 0.2762],
+        "archive_md5": "0" * 32,
+        "split_seed": 0,
+        "sizes": {},
+        "subset": {},
+    }
+    return PreparedData(train=split, val=split, test=split, stats=stats)
+
+
+def ours(params, variant: str, data: PreparedData, grad_stats: bool, workdir: Path) -> float:
+    """Images per second of one epoch of the production training loop."""
+    train = params.train.model_copy(update={"device": "cpu", "grad_stats": grad_stats, "threads": 0})
+    trainer = Trainer(
+        model=params.model,
+        train=train,
+        variant_name=variant,
+        variant=params.variant(variant),
+        seed=0,
+        data=data,
+        files=RunFiles(workdir),
+    )
+    steps = -(-len(data.train) // params.variant(variant).batch_size)
+    with tqdm(total=steps, disable=True) as bar:
+        trainer.train_epoch(0, bar)  # warm-up: first-call allocations and oneDNN kernel selection
+        started = time.perf_counter()
+        trainer.train_epoch(1, bar)
+    return len(data.train) / (time.perf_counter() - started)
+
+
+class CifarStyleDataset(Dataset):
+    """What course code does: one PIL image per item, torchvision transforms per image."""
+
+    def __init__(self, split: Split, mean, std):
+        self.images = split.images.transpose(0, 2, 3, 1)  # HWC for PIL
+        self.labels = split.labels.astype(np.int64)
+        self.transform = transforms.Compose(
+            [
+                transforms.RandomCrop(32, padding=4),
+                transforms.RandomHorizontalFlip(),
+                transforms.ToTensor(),
+                transforms.Normalize(mean, std),
+            ]
+        )
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i):
+        return self.transform(Image.fromarray(self.images[i])), int(self.labels[i])
+
+
+def baseline(params, variant: str, data: PreparedData, workers: int) -> float:
+    """Images per second of a typical course-code training epoch."""
+    torch.manual_seed(0)
+    v = params.variant(variant)
+    net = VGG(params.model, v).train()
+    optimizer = torch.optim.Adam(net.parameters(), lr=v.lr)
+    loader = DataLoader(
+        CifarStyleDataset(data.train, data.mean, data.std), batch_size=v.batch_size, shuffle=True, num_workers=workers
+    )
+
+    def epoch() -> None:
+        total_loss = total_acc = 0.0
+        for x, y in loader:
+            out = net(x)
+            loss = F.cross_entropy(out, y)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            total_loss += loss.item()
+            total_acc += (out.argmax(1) == y).float().mean().item()
+
+    epoch()  # warm-up
+    started = time.perf_counter()
+    epoch()
+    return len(data.train) / (time.perf_counter() - started)
+
+
+def matmul_gflops(size: int = 4096, repeats: int = 5) -> float:
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    torch.mm(a, b)
+    started = time.perf_counter()
+    for _ in range(repeats):
+        torch.mm(a, b)
+    return 2 * size**3 * repeats / (time.perf_counter() - started) / 1e9
+
+
+def training_gflop_per_image(net: nn.Module) -> float:
+    """Multiply-adds of every conv and linear layer for one 32x32 image, x2 for FLOP, x3 for forward+backward."""
+    macs = []
+
+    def count(module, inputs, output):
+        weight = module.weight
+        per_output = weight[0].numel()  # in_channels/groups * kh * kw, or in_features
+        macs.append(output[0].numel() * per_output)
+
+    hooks = [m.register_forward_hook(count) for m in net.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    with torch.no_grad():
+        net.eval()(torch.zeros(1, 3, 32, 32))
+    for h in hooks:
+        h.remove()
+    return 3 * 2 * sum(macs) / 1e9
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--threads", type=int, default=2, help="torch threads (this machine has 2 cores)")
+    parser.add_argument("--images", type=int, default=2000, help="images per measured epoch")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved repetitions; the median is reported")
+    parser.add_argument("--workers", type=int, default=0, help="DataLoader worker processes of the baseline")
+    args = parser.parse_args()
+
+    torch.set_num_threads(args.threads)
+    params = load_params(ROOT / "params.yaml")
+    data = synthetic_data(args.images)
+    configs = [(net, kind) for net in NETWORKS for kind in ("ours, capture on", "ours, capture off", "baseline")]
+    results: dict[tuple[str, str], list[float]] = {c: [] for c in configs}
+    ceiling = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for r in range(args.rounds):
+            ceiling.append(matmul_gflops())
+            for net, kind in configs:
+                workdir = Path(tmp) / f"{net}-{r}"
+                if kind == "baseline":
+                    ips = baseline(params, net, data, args.workers)
+                else:
+                    ips = ours(params, net, data, kind.endswith("on"), workdir)
+                results[(net, kind)].append(ips)
+                print(f"  round {r + 1}/{args.rounds} {net:10s} {kind:18s} {ips:7.1f} img/s", flush=True)
+
+    med = {c: statistics.median(v) for c, v in results.items()}
+    mm = statistics.median(ceiling)
+    print(
+        f"\ntorch {torch.__version__}, {args.threads} threads, {args.images} images per epoch, "
+        f"median of {args.rounds} rounds; baseline DataLoader workers: {args.workers}"
+    )
+    print(f"float32 matmul ceiling (torch.mm 4096x4096): {mm:.1f} GFLOP/s\n")
+    print(
+        "| network | ours, capture on (img/s) | ours, capture off (img/s) | baseline (img/s) | ours / baseline "
+        "| capture cost | GFLOP/img | training GFLOP/s | % of matmul ceiling |"
+    )
+    print("| --- " * 9 + "|")
+    for net in NETWORKS:
+        on, off, base = med[(net, "ours, capture on")], med[(net, "ours, capture off")], med[(net, "baseline")]
+        gflop = training_gflop_per_image(VGG(params.model, params.variant(net)))
+        print(
+            f"| {net} | {on:.1f} | {off:.1f} | {base:.1f} | {on / base:.2f}x | {(off / on - 1) * 100:+.1f}% "
+            f"| {gflop:.3f} | {on * gflop:.1f} | {on * gflop / mm * 100:.0f}% |"
+        )
+
+
+if __name__ == "__main__":
+    main()

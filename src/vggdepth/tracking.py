@@ -1,0 +1,493 @@
+"""Experiment tracking: every MLflow call of the project lives here.
+
+Store: `$MLFLOW_TRACKING_URI` when set (a team server), else SQLite at `<project>/mlruns/mlflow.db` with artefacts
+in `<project>/mlruns/artifacts`, by absolute path. The project is `$DVC_ROOT` (DVC points it at the real repository
+even when an experiment runs in a temporary copy), else the working directory.
+
+Runs: one per (variant, seed), named `<variant>-s<seed>`, nested under a parent run that groups one pipeline run:
+the DVC experiment when there is one, else the git commit and parameters of a `dvc repro`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import subprocess
+import tempfile
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+from vggdepth.config import Params, TrackingConfig
+from vggdepth.engine import Callback, EpochRecord, RunFiles, RunInfo, load_checkpoint, load_network
+from vggdepth.errors import VggdepthError
+from vggdepth.gradients import GradientRow
+
+log = logging.getLogger(__name__)
+
+URI_ENV = "MLFLOW_TRACKING_URI"
+PARENT_KEY_TAG = "vggdepth.pipeline"
+KIND_TAG = "vggdepth.kind"
+RUN_ID_KEY = "mlflow_run_id"  # where a run's id is kept in its checkpoints, so a resumed run continues it
+GRADIENT_METRICS = {
+    "mean_abs": "grad_mean_abs",
+    "last_mean_abs": "grad_last_mean_abs",
+    "grad_l2": "grad_l2",
+    "weight_l2": "weight_l2",
+}
+EPOCH_METRICS = {
+    "train_loss": "train_loss",
+    "train_acc": "train_acc",
+    "val_loss": "val_loss",
+    "val_acc": "val_acc",
+    "lr": "lr",
+    "seconds": "epoch_seconds",
+}
+
+
+class TrackingError(VggdepthError):
+    """The tracking store cannot be used."""
+
+
+def project_root() -> Path:
+    return Path(os.environ.get("DVC_ROOT") or Path.cwd()).resolve()
+
+
+def tracking_uri(root: Path | None = None) -> str:
+    """`$MLFLOW_TRACKING_URI`, else the embedded SQLite store under `<root>/mlruns/` (absolute)."""
+    if os.environ.get(URI_ENV):
+        return os.environ[URI_ENV]
+    return f"sqlite:///{(root or project_root()).resolve() / 'mlruns' / 'mlflow.db'}"
+
+
+def _is_embedded(uri: str) -> bool:
+    return uri.startswith("sqlite:///")
+
+
+def check_reachable(uri: str, timeout_s: float) -> None:
+    """Fail at once, naming the URI, when a tracking server does not answer its health check."""
+    scheme = urllib.parse.urlsplit(uri).scheme
+    if scheme in ("http", "https"):
+        try:
+            with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout_s) as response:  # noqa: S310
+                if response.status == 200:
+                    return
+                problem = f"HTTP {response.status}"
+        except urllib.error.HTTPError as exc:
+            problem = f"HTTP {exc.code} {exc.reason}"
+        except (urllib.error.URLError, OSError) as exc:
+            problem = str(getattr(exc, "reason", exc))
+        raise TrackingError(
+            f"the MLflow tracking server at {uri} is not reachable ({problem}). Start it, point {URI_ENV} at a "
+            "running server, unset it to use the embedded store under mlruns/, or set tracking.enabled: false"
+        )
+    if _is_embedded(uri):
+        Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+
+
+def _git_state(cwd: Path) -> tuple[str, bool]:
+    """(commit, dirty) of the checkout at `cwd`; ('unknown', False) outside git."""
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=10, check=True
+        ).stdout.strip()
+        status = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=cwd,
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        ).stdout
+    except (OSError, subprocess.SubprocessError):
+        return "unknown", False
+    return commit, bool(status.strip())
+
+
+@dataclass(frozen=True)
+class PipelineContext:
+    """What groups the runs of one pipeline run under one parent, and the provenance tags of every run."""
+
+    key: str
+    name: str
+    tags: dict[str, str]
+
+    @classmethod
+    def detect(cls, params: Params, cwd: Path | None = None) -> PipelineContext:
+        commit, dirty = _git_state(cwd or Path.cwd())
+        params_hash = hashlib.sha256(json.dumps(params.model_dump(), sort_keys=True).encode()).hexdigest()[:8]
+        experiment = os.environ.get("DVC_EXP_NAME", "")
+        tags = {"git_commit": commit, "git_dirty": str(dirty).lower(), "params_hash": params_hash}
+        if experiment:
+            tags["dvc_experiment"] = experiment
+            return cls(key=f"exp:{experiment}", name=experiment, tags=tags)
+        short = commit[:7] + ("-dirty" if dirty else "")
+        return cls(key=f"repro:{commit}:{dirty}:{params_hash}", name=f"repro {short} params {params_hash}", tags=tags)
+
+
+def flatten(data: dict, prefix: str = "") -> dict[str, str]:
+    """Nested config -> {'train.epochs': '100', ...}, the form MLflow params take."""
+    flat: dict[str, str] = {}
+    for key, value in data.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{name}."))
+        else:
+            flat[name] = json.dumps(value) if isinstance(value, list | tuple) else str(value)
+    return flat
+
+
+def epoch_metrics(record: EpochRecord, gradients: list[GradientRow]):
+    """MLflow metrics of one epoch, all with step=epoch, so the UI charts any of them across runs."""
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    metrics = [Metric(name, float(getattr(record, field)), now, record.epoch) for field, name in EPOCH_METRICS.items()]
+    for row in gradients:
+        metrics += [
+            Metric(f"{prefix}/{row.layer}", float(getattr(row, field)), now, record.epoch)
+            for field, prefix in GRADIENT_METRICS.items()
+        ]
+    return metrics
+
+
+class Store:
+    """The MLflow client of this process, its experiment and the parent run of this pipeline run."""
+
+    def __init__(self, cfg: TrackingConfig, uri: str | None = None, root: Path | None = None):
+        # Fail fast on a lost server: MLflow's defaults retry for minutes before an error comes back.
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", str(cfg.request_timeout_s))
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", str(cfg.request_retries))
+        import mlflow
+        from mlflow import MlflowClient
+
+        self.cfg = cfg
+        self.root = (root or project_root()).resolve()
+        self.uri = uri or tracking_uri(self.root)
+        check_reachable(self.uri, cfg.request_timeout_s)
+        mlflow.set_tracking_uri(self.uri)
+        self.client = MlflowClient(self.uri)
+        self.experiment_id = self._experiment()
+
+    def _experiment(self) -> str:
+        found = self.client.get_experiment_by_name(self.cfg.experiment)
+        if found is not None:
+            return found.experiment_id
+        # The embedded store keeps artefacts beside its database, not in ./mlartifacts of whatever directory.
+        location = (self.root / "mlruns" / "artifacts").as_uri() if _is_embedded(self.uri) else None
+        try:
+            return self.client.create_experiment(self.cfg.experiment, artifact_location=location)
+        except Exception:  # created meanwhile by a concurrent stage
+            found = self.client.get_experiment_by_name(self.cfg.experiment)
+            if found is None:
+                raise
+            return found.experiment_id
+
+    def _find(self, filter_string: str):
+        runs = self.client.search_runs(
+            [self.experiment_id], filter_string, max_results=10, order_by=["attributes.start_time ASC"]
+        )
+        return runs[0] if runs else None
+
+    def parent_run(self, context: PipelineContext) -> str:
+        """The parent run of this pipeline run, created on first use."""
+        found = self._find(f"tags.`{PARENT_KEY_TAG}` = '{context.key}'")
+        if found is not None:
+            return found.info.run_id
+        run = self.client.create_run(
+            self.experiment_id,
+            run_name=context.name,
+            tags={PARENT_KEY_TAG: context.key, KIND_TAG: "pipeline", **context.tags},
+        )
+        self.client.set_terminated(run.info.run_id)  # a container for the runs below it, not a process
+        return run.info.run_id
+
+    def training_run(self, context: PipelineContext, run: RunInfo, stage: str) -> tuple[str, bool]:
+        """(run id, created) for this (variant, seed): the one in its checkpoint, an unfinished one of the same
+        settings under this parent, or a new one."""
+        parent = self.parent_run(context)
+        known = run.extra.get(RUN_ID_KEY)
+        if known:
+            try:
+                return self.client.get_run(known).info.run_id, False
+            except Exception:
+                log.warning("MLflow run %s from the checkpoint is not in %s: starting a new one", known, self.uri)
+        unfinished = self._find(
+            f"tags.`mlflow.parentRunId` = '{parent}' and tags.`vggdepth.fingerprint` = '{run.fingerprint}' "
+            "and attributes.status != 'FINISHED'"
+        )
+        if unfinished is not None:
+            return unfinished.info.run_id, False
+        created = self.client.create_run(
+            self.experiment_id,
+            run_name=f"{run.variant}-s{run.seed}",
+            tags={
+                "mlflow.parentRunId": parent,
+                KIND_TAG: "training",
+                "variant": run.variant,
+                "seed": str(run.seed),
+                "data_md5": run.config["data"]["archive_md5"],
+                "dvc_stage": stage,
+                "vggdepth.fingerprint": run.fingerprint,
+                **context.tags,
+            },
+        )
+        return created.info.run_id, True
+
+    def logged_epochs(self, run_id: str) -> set[int]:
+        return {m.step for m in self.client.get_metric_history(run_id, "train_loss")}
+
+
+def _pending_epochs(history: list[EpochRecord], gradients: list[GradientRow], logged: set[int]) -> list[tuple]:
+    """(epoch, metrics) of every epoch in `history` that MLflow has not got yet."""
+    by_epoch: dict[int, list[GradientRow]] = {}
+    for row in gradients:
+        by_epoch.setdefault(row.epoch, []).append(row)
+    return [(r.epoch, epoch_metrics(r, by_epoch.get(r.epoch, []))) for r in history if r.epoch not in logged]
+
+
+def log_run_artifacts(store: Store, run_id: str, files: RunFiles, gradients: list[GradientRow], title: str) -> None:
+    """Tables, checkpoints, the gradient-flow figure and the best checkpoint as an MLflow PyTorch model."""
+    import mlflow
+    import torch
+
+    from vggdepth.figures import gradient_flow_figure, save_figure
+
+    client = store.client
+    for path in (files.epochs_csv, files.gradients_csv, files.train_json):
+        client.log_artifact(run_id, str(path))
+    client.log_artifact(run_id, str(files.best), "checkpoints")
+    client.log_artifact(run_id, str(files.last), "checkpoints")
+    if gradients:
+        with tempfile.TemporaryDirectory() as tmp:
+            figure = gradient_flow_figure(gradients, f"{title}: gradient flow")
+            client.log_artifact(run_id, str(save_figure(figure, Path(tmp) / "gradient_flow.png")))
+    if store.cfg.log_model:
+        best = load_checkpoint(files.best)
+        net = load_network(best, torch.device("cpu"))
+        example = torch.zeros(2, 3, 32, 32).numpy()  # normalised images, N x 3 x 32 x 32
+        # Pickled, not torch.export: load_model gives back the nn.Module, and the code travels with it.
+        info = mlflow.pytorch.log_model(
+            net,
+            name="model",
+            input_example=example,
+            serialization_format="pickle",
+            code_paths=[str(Path(__file__).parent)],
+            pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "numpy", "pydantic>=2", "pyyaml"],
+            run_id=run_id,
+            step=best["epoch"] - 1,  # the epoch whose weights these are
+        )
+        client.set_tag(run_id, "vggdepth.model_uri", info.model_uri)
+        client.set_tag(run_id, "vggdepth.model_epoch", str(best["epoch"] - 1))
+
+
+class MlflowCallback(Callback):
+    """Sends a training run to MLflow. If the server goes away mid-run, training goes on: epochs are queued,
+    sent when it answers again, and whatever is still unsent at the end is reported by epoch."""
+
+    def __init__(self, store: Store, context: PipelineContext, stage: str, data_dir: Path):
+        self.store, self.context, self.stage, self.data_dir = store, context, stage, data_dir
+        self.client = store.client
+        self.run_id = ""
+        self.pending: list[tuple[int, list]] = []
+        self.offline_since: int | None = None
+        self.monitor = None
+
+    # -- hooks --------------------------------------------------------------------------------------------------
+
+    def on_run_start(self, run: RunInfo) -> None:
+        self.run_id, created = self.store.training_run(self.context, run, self.stage)
+        run.extra[RUN_ID_KEY] = self.run_id
+        if created:
+            self.client.log_batch(self.run_id, params=_params(run.config))
+            self._log_inputs(run)
+        # A resumed run: epochs restored from its checkpoint that MLflow has not seen (killed before logging them).
+        self.pending = _pending_epochs(run.history, run.gradients, self.store.logged_epochs(self.run_id))
+        self._flush()
+        if self.store.cfg.system_metrics:
+            from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+            self.monitor = SystemMetricsMonitor(self.run_id, resume_logging=not created, tracking_uri=self.store.uri)
+            self.monitor.start()
+        log.info("tracking %s-s%d in MLflow run %s at %s", run.variant, run.seed, self.run_id, self.store.uri)
+
+    def on_epoch_end(self, run: RunInfo, record: EpochRecord, gradients: list[GradientRow]) -> None:
+        self.pending.append((record.epoch, epoch_metrics(record, gradients)))
+        self._flush()
+
+    def on_run_end(self, run: RunInfo, summary: dict) -> None:
+        self._flush()
+        try:
+            log_run_artifacts(self.store, self.run_id, run.files, run.gradients, f"{run.variant} seed {run.seed}")
+            artefacts = True
+        except Exception as exc:  # tracking must never cost the run its outputs
+            artefacts = False
+            log.error(
+                "could not log the artefacts of %s to MLflow (%s); send them with `python -m vggdepth sync "
+                "%s` once it is back",
+                run.files.root,
+                _short(exc),
+                run.files.root,
+            )
+        self._close(run, "FINISHED" if artefacts and not self.pending else "FAILED")
+
+    def on_run_error(self, run: RunInfo, error: BaseException) -> None:
+        self._flush()
+        try:
+            self.client.set_tag(self.run_id, "vggdepth.error", str(error)[:5000] or type(error).__name__)
+        except Exception as exc:
+            log.error("could not record the error in MLflow run %s: %s", self.run_id, _short(exc))
+        self._close(run, "KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED")
+
+    # -- sending ------------------------------------------------------------------------------------------------
+
+    def _flush(self) -> None:
+        while self.pending:
+            epoch, metrics = self.pending[0]
+            try:
+                for start in range(0, len(metrics), 1000):  # MLflow's limit per batch
+                    self.client.log_batch(self.run_id, metrics=metrics[start : start + 1000])
+            except Exception as exc:
+                if self.offline_since is None:
+                    self.offline_since = epoch
+                    log.error(
+                        "MLflow at %s stopped answering at epoch %d (%s): training goes on; epochs are queued "
+                        "and sent when it answers again",
+                        self.store.uri,
+                        epoch,
+                        _short(exc),
+                    )
+                return
+            self.pending.pop(0)
+            if self.offline_since is not None:
+                log.warning(
+                    "MLflow at %s answers again: sent the epochs queued since epoch %d",
+                    self.store.uri,
+                    self.offline_since,
+                )
+                self.offline_since = None
+
+    def _close(self, run: RunInfo, status: str) -> None:
+        if self.monitor is not None:
+            self.monitor.finish()
+        if self.pending:
+            log.error(
+                "MLflow run %s is missing epochs %s: %s was unreachable. The run's outputs are complete; "
+                "send them with `python -m vggdepth sync %s` once it is back",
+                self.run_id,
+                [e for e, _ in self.pending],
+                self.store.uri,
+                run.files.root,
+            )
+        try:
+            self.client.set_terminated(self.run_id, status)
+        except Exception as exc:
+            log.error("could not close MLflow run %s: %s", self.run_id, _short(exc))
+
+    def _log_inputs(self, run: RunInfo) -> None:
+        """The data set of each split, with the archive's md5 as digest and the split as context."""
+        from mlflow.data.dataset_source_registry import resolve_dataset_source
+        from mlflow.data.meta_dataset import MetaDataset
+        from mlflow.entities import DatasetInput, InputTag
+
+        data = run.config["data"]
+        with warnings.catch_warnings():  # "file" and "" both map to the local source: either is right
+            warnings.simplefilter("ignore", UserWarning)
+            source = resolve_dataset_source(self.data_dir.resolve().as_uri())
+        inputs = []
+        for split in ("train", "val", "test"):
+            dataset = MetaDataset(source=source, name=f"cifar-100-{split}", digest=data["archive_md5"])
+            tags = [InputTag("mlflow.data.context", split), InputTag("images", str(data["sizes"][split]))]
+            inputs.append(DatasetInput(dataset=dataset._to_mlflow_entity(), tags=tags))
+        self.client.log_inputs(self.run_id, datasets=inputs)
+
+
+def _params(config: dict):
+    from mlflow.entities import Param
+
+    return [Param(k, v[:6000]) for k, v in flatten(config).items()]
+
+
+def _short(exc: BaseException) -> str:
+    return str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+
+
+def open_store(params: Params) -> Store | None:
+    """The tracking store of a stage, checked before any work; None when `tracking.enabled` is false."""
+    return Store(params.tracking) if params.tracking.enabled else None
+
+
+def training_callbacks(params: Params, variant: str, seed: int, data_dir: Path) -> list[Callback]:
+    """What watches a training stage: an MLflow callback, or nothing when tracking is off. Fails at once,
+    naming the URI, when the tracking store cannot be reached."""
+    store = open_store(params)
+    if store is None:
+        return []
+    stage = os.environ.get("DVC_STAGE", f"train@{variant}-{seed}")
+    return [MlflowCallback(store, PipelineContext.detect(params), stage, data_dir)]
+
+
+def _run_id_of(files: RunFiles) -> str:
+    run_id = load_checkpoint(files.last).get("extra", {}).get(RUN_ID_KEY)
+    if not run_id:
+        raise TrackingError(f"{files.last} names no MLflow run: it was trained with tracking.enabled: false")
+    return run_id
+
+
+def _test_metrics(result: dict):
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    return [
+        Metric(f"test_{name}_{kind}", float(result[kind][f"test_{name}"]), now, 0)
+        for kind in ("best", "final")
+        for name in ("loss", "acc")
+    ]
+
+
+def log_evaluation(store: Store | None, files: RunFiles, result: dict) -> None:
+    """Test metrics of the evaluate stage, into the training run they belong to. A store lost since the stage
+    started costs the log, not the stage: the outputs are written, the gap is reported."""
+    if store is None:
+        return
+    run_id = _run_id_of(files)
+    try:
+        store.client.log_batch(run_id, metrics=_test_metrics(result))
+        store.client.log_artifact(run_id, str(files.test_json))
+    except Exception as exc:
+        log.error(
+            "could not send the test metrics of %s to MLflow at %s (%s); send them with "
+            "`python -m vggdepth sync %s` once it is back",
+            files.root,
+            store.uri,
+            _short(exc),
+            files.root,
+        )
+
+
+def sync_run(params: Params, files: RunFiles) -> list[str]:
+    """Send what a run's MLflow run lacks (epochs, artefacts, test metrics) from its outputs; say what was sent."""
+    store = Store(params.tracking)
+    run_id = _run_id_of(files)
+    state = load_checkpoint(files.last)
+    gradients = [GradientRow(**r) for r in state["gradients"]]
+    history = [EpochRecord(**r) for r in state["history"]]
+    sent = []
+    for epoch, metrics in _pending_epochs(history, gradients, store.logged_epochs(run_id)):
+        store.client.log_batch(run_id, metrics=metrics)
+        sent.append(f"epoch {epoch}")
+    if not store.client.list_artifacts(run_id) and files.train_json.exists():
+        log_run_artifacts(store, run_id, files, gradients, f"{state['variant']} seed {state['seed']}")
+        sent.append("artefacts and model")
+    if files.test_json.exists() and not store.client.get_metric_history(run_id, "test_acc_best"):
+        log_evaluation(store, files, json.loads(files.test_json.read_text()))
+        sent.append("test metrics")
+    if sent and store.client.get_run(run_id).info.status != "FINISHED" and files.train_json.exists():
+        store.client.set_terminated(run_id, "FINISHED")
+    return sent

@@ -1,0 +1,276 @@
+"""MLflow tracking against a real server and the embedded SQLite store: runs, params, per-epoch and per-layer
+metrics, artefacts, the model, data lineage, resume, and a server that goes away mid-run."""
+
+from __future__ import annotations
+
+import csv
+import logging
+import subprocess
+import sys
+from pathlib import Path
+
+import mlflow
+import pytest
+import torch
+from mlflow import MlflowClient
+
+from tests.conftest import ROOT, MlflowServer, free_port, write_yaml
+from vggdepth.batches import DeviceDataset
+from vggdepth.engine import Callback, RunFiles, Trainer, load_checkpoint, load_network
+from vggdepth.gradients import weight_tensors
+from vggdepth.models import VGG
+from vggdepth.tracking import (
+    MlflowCallback,
+    PipelineContext,
+    Store,
+    TrackingError,
+    flatten,
+    sync_run,
+    training_callbacks,
+)
+
+VARIANT = "VGG-08"
+
+
+@pytest.fixture
+def tracking_cfg(params):
+    """Fail fast in tests: no retries against a stopped server; no sampling thread."""
+    return params.tracking.model_copy(update={"request_retries": 0, "request_timeout_s": 5, "system_metrics": False})
+
+
+@pytest.fixture(params=["server", "embedded"])
+def store(request, tracking_cfg, tmp_path, monkeypatch):
+    """A real tracking server on 127.0.0.1, or the embedded default under a temporary project root."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    if request.param == "server":
+        return Store(tracking_cfg, uri=request.getfixturevalue("mlflow_server").uri)
+    return Store(tracking_cfg, root=tmp_path / "project")
+
+
+def _context(params, out: Path) -> PipelineContext:
+    """This checkout's provenance, with a parent of its own per test (the server outlives single tests)."""
+    detected = PipelineContext.detect(params, cwd=ROOT)
+    return PipelineContext(key=f"test:{out}", name=f"test {out.parent.name}", tags=detected.tags)
+
+
+def _fit(params, data, quick_train, store, out: Path, *, epochs=2, before=()) -> Trainer:
+    tracker = MlflowCallback(store, _context(params, out), "train@VGG-08-0", Path("data/prepared"))
+    trainer = Trainer(
+        model=params.model,
+        train=quick_train(epochs=epochs),
+        variant_name=VARIANT,
+        variant=params.variant(VARIANT),
+        seed=0,
+        data=data,
+        files=RunFiles(out),
+        callbacks=[*before, tracker],
+    )
+    trainer.fit()
+    return trainer
+
+
+def _run_id(out: Path) -> str:
+    return load_checkpoint(out / "checkpoints" / "last.pt")["extra"]["mlflow_run_id"]
+
+
+def _steps(client: MlflowClient, run_id: str, key: str) -> list[int]:
+    return sorted(m.step for m in client.get_metric_history(run_id, key))
+
+
+def test_training_run_is_fully_tracked(store, params, tiny_data, quick_train, archive_md5, tmp_path):
+    trainer = _fit(params, tiny_data, quick_train, store, tmp_path / "run")
+    client = store.client
+    run = client.get_run(_run_id(tmp_path / "run"))
+
+    assert run.info.run_name == "VGG-08-s0"
+    assert run.info.status == "FINISHED"
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    tags = run.data.tags
+    assert (tags["variant"], tags["seed"], tags["data_md5"]) == (VARIANT, "0", archive_md5)
+    assert (tags["git_commit"], tags["dvc_stage"]) == (commit, "train@VGG-08-0")
+    assert tags["git_dirty"] in ("true", "false")
+    parent = client.get_run(tags["mlflow.parentRunId"])
+    assert parent.data.tags["vggdepth.kind"] == "pipeline"
+
+    # Params are the full resolved config.
+    assert run.data.params == flatten(trainer.run.config)
+    assert run.data.params["variant.lr"] == "0.001" and run.data.params["train.epochs"] == "2"
+
+    # Every per-epoch metric at step=epoch, with the values of the DVC output.
+    with open(tmp_path / "run" / "epochs.csv") as f:
+        epochs = list(csv.DictReader(f))
+    history = client.get_metric_history(run.info.run_id, "train_loss")
+    assert [(m.step, m.value) for m in history] == [(int(r["epoch"]), float(r["train_loss"])) for r in epochs]
+    for key in ("train_acc", "val_loss", "val_acc", "lr", "epoch_seconds"):
+        assert _steps(client, run.info.run_id, key) == [0, 1], key
+    for layer, _ in weight_tensors(VGG(params.model, params.variant(VARIANT))):
+        for stat in ("grad_mean_abs", "grad_last_mean_abs", "grad_l2", "weight_l2"):
+            assert _steps(client, run.info.run_id, f"{stat}/{layer}") == [0, 1], (stat, layer)
+
+    # Artefacts: tables, figure, checkpoints.
+    listed = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"epochs.csv", "gradients.csv", "train.json", "gradient_flow.png", "checkpoints"} <= listed
+    assert {a.path for a in client.list_artifacts(run.info.run_id, "checkpoints")} == {
+        "checkpoints/best.pt",
+        "checkpoints/last.pt",
+    }
+
+    # The model comes back and gives the checkpoint's logits on real images.
+    model = mlflow.pytorch.load_model(tags["vggdepth.model_uri"])
+    reference = load_network(load_checkpoint(tmp_path / "run" / "checkpoints" / "best.pt"), torch.device("cpu"))
+    images, _ = next(DeviceDataset(tiny_data.test, tiny_data.mean, tiny_data.std, torch.device("cpu")).batches(50))
+    with torch.no_grad():
+        torch.testing.assert_close(model.eval()(images), reference(images), rtol=0, atol=1e-6)
+
+    # Data lineage: the archive's md5 as digest, the split as context.
+    inputs = {
+        (d.dataset.name, d.dataset.digest, {t.key: t.value for t in d.tags}["mlflow.data.context"])
+        for d in run.inputs.dataset_inputs
+    }
+    assert inputs == {(f"cifar-100-{s}", archive_md5, s) for s in ("train", "val", "test")}
+
+
+class _Kill(Callback):
+    def __init__(self, after: int):
+        self.after = after
+
+    def on_epoch_end(self, run, record, gradients):
+        if record.epoch + 1 == self.after:
+            raise KeyboardInterrupt
+
+
+def test_resumed_run_continues_its_mlflow_run_with_one_value_per_epoch(store, params, tiny_data, quick_train, tmp_path):
+    out = tmp_path / "run"
+    # Killed after epoch 1's checkpoint but before the tracker saw epoch 1 (the kill comes first in line).
+    with pytest.raises(KeyboardInterrupt):
+        _fit(params, tiny_data, quick_train, store, out, epochs=3, before=[_Kill(after=2)])
+    run_id = _run_id(out)
+    assert store.client.get_run(run_id).info.status == "KILLED"
+    assert _steps(store.client, run_id, "train_loss") == [0]
+
+    _fit(params, tiny_data, quick_train, store, out, epochs=3)
+
+    assert _run_id(out) == run_id
+    parent = store.client.get_run(run_id).data.tags["mlflow.parentRunId"]
+    query = f"attributes.run_name = 'VGG-08-s0' and tags.`mlflow.parentRunId` = '{parent}'"
+    runs = store.client.search_runs([store.experiment_id], query)
+    assert [r.info.run_id for r in runs] == [run_id]
+    assert _steps(store.client, run_id, "train_loss") == [0, 1, 2]
+    assert _steps(store.client, run_id, "grad_mean_abs/entry.conv") == [0, 1, 2]
+    assert store.client.get_run(run_id).info.status == "FINISHED"
+
+
+class _Outage(Callback):
+    """Stops the tracking server after epoch `stop_after` and starts it again after epoch `restart_after`."""
+
+    def __init__(self, server: MlflowServer, stop_after: int, restart_after: int | None):
+        self.server, self.stop_after, self.restart_after = server, stop_after, restart_after
+
+    def on_epoch_end(self, run, record, gradients):
+        if record.epoch == self.stop_after:
+            self.server.stop()
+        if record.epoch == self.restart_after:
+            self.server.start()
+
+
+@pytest.fixture
+def own_server(tmp_path):
+    server = MlflowServer(tmp_path / "server").start()
+    yield server
+    server.stop()
+
+
+def test_server_lost_mid_run_loses_no_epoch(own_server, tracking_cfg, params, tiny_data, quick_train, tmp_path, caplog):
+    store = Store(tracking_cfg, uri=own_server.uri)
+    out = tmp_path / "run"
+    with caplog.at_level(logging.INFO, logger="vggdepth.tracking"):
+        # The outage callback runs before the tracker: epochs 0-2 are logged while the server is down.
+        _fit(params, tiny_data, quick_train, store, out, epochs=4, before=[_Outage(own_server, 0, 2)])
+
+    run_id = _run_id(out)
+    assert "stopped answering at epoch 0" in caplog.text
+    assert "answers again: sent the epochs queued since epoch 0" in caplog.text
+    assert _steps(store.client, run_id, "train_loss") == [0, 1, 2, 3]
+    assert _steps(store.client, run_id, "grad_l2/head.linear") == [0, 1, 2, 3]
+    with open(out / "epochs.csv") as f:
+        assert len(list(csv.DictReader(f))) == 4
+    assert store.client.get_run(run_id).info.status == "FINISHED"
+
+
+def test_server_down_until_the_end_reports_what_was_not_sent_and_sync_sends_it(
+    own_server, tracking_cfg, params, tiny_data, quick_train, tmp_path, caplog, monkeypatch
+):
+    store = Store(tracking_cfg, uri=own_server.uri)
+    out = tmp_path / "run"
+    with caplog.at_level(logging.INFO, logger="vggdepth.tracking"):
+        _fit(params, tiny_data, quick_train, store, out, epochs=3, before=[_Outage(own_server, 0, None)])
+
+    # Training completed: every DVC output is there.
+    assert {p.name for p in out.iterdir()} >= {"epochs.csv", "gradients.csv", "train.json", "checkpoints"}
+    run_id = _run_id(out)
+    assert f"MLflow run {run_id} is missing epochs [0, 1, 2]" in caplog.text
+    assert f"python -m vggdepth sync {out}" in caplog.text
+
+    own_server.start()
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", own_server.uri)
+    sent = sync_run(params.model_copy(update={"tracking": tracking_cfg}), RunFiles(out))
+
+    assert sent == ["epoch 0", "epoch 1", "epoch 2", "artefacts and model"]
+    assert _steps(store.client, run_id, "train_loss") == [0, 1, 2]
+    assert "checkpoints" in {a.path for a in store.client.list_artifacts(run_id)}
+    assert store.client.get_run(run_id).info.status == "FINISHED"
+    assert sync_run(params.model_copy(update={"tracking": tracking_cfg}), RunFiles(out)) == []
+
+
+def test_unreachable_server_stops_the_stage_before_any_work(params, monkeypatch):
+    uri = f"http://127.0.0.1:{free_port()}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    with pytest.raises(TrackingError, match=f"the MLflow tracking server at {uri} is not reachable"):
+        training_callbacks(params, VARIANT, 0, Path("data/prepared"))
+
+
+def test_train_stage_with_unreachable_server_fails_with_the_uri_and_writes_nothing(raw_params, tmp_path):
+    uri = f"http://127.0.0.1:{free_port()}"
+    out = tmp_path / "run"
+    params_file = write_yaml(tmp_path / "params.yaml", raw_params)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "pipeline/train.py",
+            "--variant",
+            VARIANT,
+            "--seed",
+            "0",
+            "--out",
+            str(out),
+            "--params",
+            str(params_file),
+            "--data",
+            str(tmp_path / "no-data"),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env={**_env(), "MLFLOW_TRACKING_URI": uri},
+    )
+    assert result.returncode == 1
+    assert f"error: the MLflow tracking server at {uri} is not reachable" in result.stderr
+    assert not out.exists()
+
+
+def _env() -> dict:
+    import os
+
+    return {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+
+
+def test_embedded_store_is_absolute_under_the_dvc_root(tracking_cfg, tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setenv("DVC_ROOT", str(tmp_path / "repo"))
+    monkeypatch.chdir(tmp_path)  # a DVC experiment's temporary copy would be the working directory
+
+    store = Store(tracking_cfg)
+
+    assert store.uri == f"sqlite:///{tmp_path / 'repo' / 'mlruns' / 'mlflow.db'}"
+    artifact_root = store.client.get_experiment(store.experiment_id).artifact_location
+    assert artifact_root == (tmp_path / "repo" / "mlruns" / "artifacts").as_uri()
