@@ -29,3 +29,16 @@ test: install
 lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+
+# The reduced pipeline of CI and smoke runs: the same dvc.yaml, every variant, one seed, 3,000 training images
+# (30 per class), 2 epochs. `dvc exp run -S` records it as a DVC experiment and writes these values into
+# params.yaml; `git checkout params.yaml` returns to the full study.
+REDUCED := -S prepare.subset.train=30 -S prepare.subset.val=5 -S prepare.subset.test=10 -S train.epochs=2 \
+	-S 'seeds=[0]'
+# Offline: make reduced DATA=/abs/path/cifar-100-python.tar.gz (its md5 is computed and set with it).
+DATA ?=
+DATA_OVERRIDES = $(if $(DATA),-S data.url=$(abspath $(DATA)) -S data.md5=$$(md5sum $(DATA) | cut -d' ' -f1))
+
+.PHONY: reduced
+reduced: install
+	PATH="$(BIN):$$PATH" dvc exp run $(REDUCED) $(DATA_OVERRIDES)
