@@ -39,6 +39,8 @@ REDUCED := -S prepare.subset.train=30 -S prepare.subset.val=5 -S prepare.subset.
 DATA ?=
 DATA_OVERRIDES = $(if $(DATA),-S data.url=$(abspath $(DATA)) -S data.md5=$$(md5sum $(DATA) | cut -d' ' -f1))
 
+# EXP names the DVC experiment (CI compares `base` with `head`).
+EXP ?=
 .PHONY: reduced
 reduced: install
-	PATH="$(BIN):$$PATH" dvc exp run $(REDUCED) $(DATA_OVERRIDES)
+	PATH="$(BIN):$$PATH" dvc exp run $(if $(EXP),-n $(EXP)) $(REDUCED) $(DATA_OVERRIDES)

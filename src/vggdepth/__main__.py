@@ -1,5 +1,6 @@
 """`python -m vggdepth ...`: the study's commands for people (the DVC stages live in pipeline/)."""
 
+import json
 from pathlib import Path
 from typing import Annotated
 
@@ -8,6 +9,8 @@ import typer
 from vggdepth.cli import entry_point
 from vggdepth.config import load_params
 from vggdepth.engine import RunFiles
+from vggdepth.errors import VggdepthError
+from vggdepth.report import check_guard, collect, read_paper_table, table1, table_markdown
 from vggdepth.tracking import sync_run
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
@@ -24,6 +27,34 @@ def sync(
     for run in runs:
         sent = sync_run(p, RunFiles(run))
         typer.echo(f"{run}: {'sent ' + ', '.join(sent) if sent else 'MLflow already has everything'}")
+
+
+@app.command()
+@entry_point
+def report(
+    runs: Annotated[Path, typer.Option(help="folder holding every run's outputs")] = Path("runs"),
+    params: Annotated[Path, typer.Option(help="parameters file")] = Path("params.yaml"),
+) -> None:
+    """Print Table 1 from the train and evaluate stages' outputs (no DVC or MLflow needed)."""
+    p = load_params(params)
+    rows = table1(p, collect(p, runs), read_paper_table(params.parent / p.report.reference.table))
+    typer.echo(table_markdown(p, rows))
+
+
+@app.command()
+@entry_point
+def guard(
+    summary: Annotated[Path, typer.Option(help="the report stage's summary")] = Path("report/summary.json"),
+    params: Annotated[Path, typer.Option(help="parameters file")] = Path("params.yaml"),
+) -> None:
+    """Check the study's claim on a pipeline run: exit 1 when VGG-38 left chance or BN-VGG-38 did not beat it."""
+    try:
+        lines = check_guard(load_params(params), json.loads(summary.read_text()))
+    except (OSError, ValueError, KeyError) as exc:
+        raise VggdepthError(f"cannot read the guard metrics from {summary}: {exc}; run the pipeline first") from None
+    typer.echo("\n".join(lines))
+    if any(line.startswith("FAIL") for line in lines):
+        raise typer.Exit(1)
 
 
 @app.callback()

@@ -104,8 +104,38 @@ class TrackingConfig(_Section):
     request_retries: NonNegativeInt
 
 
+class ReferenceConfig(_Section):
+    """The report's own numbers, to compare with."""
+
+    table: Annotated[str, Field(min_length=1)]
+    epochs: PositiveInt
+    final_test_acc: Annotated[float, Field(ge=0, le=1)]
+    final_test_loss: Annotated[float, Field(ge=0)]
+    curves: dict[VariantName, str]
+
+
+class FigureConfig(_Section):
+    kind: Literal["accuracy", "gradient_flow", "seeds", "reference_overlay"]
+    variants: Annotated[list[VariantName], Field(min_length=1)]
+
+
+class GuardConfig(_Section):
+    """The study's claim, checked on every pipeline run in CI."""
+
+    vanishing: VariantName
+    chance_tolerance: PositiveFloat
+    fixed: VariantName
+
+
 class ReportConfig(_Section):
     final_variant: VariantName
+    seed: NonNegativeInt
+    gradient_statistic: Literal["mean_abs", "last_mean_abs"]
+    registered_model: Annotated[str, Field(min_length=1)]
+    alias: Annotated[str, Field(pattern=r"^[A-Za-z][A-Za-z0-9_-]*$")]
+    guard: GuardConfig
+    reference: ReferenceConfig
+    figures: dict[Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")], FigureConfig]
 
 
 class Params(_Section):
@@ -127,6 +157,15 @@ class Params(_Section):
         if self.train.lr_min >= min(v.lr for v in self.variants.values()):
             raise ValueError(f"train.lr_min: the floor {self.train.lr_min} must be below every variant's lr")
         self.variant(self.report.final_variant, field="report.final_variant")
+        if self.report.seed not in self.seeds:
+            raise ValueError(f"report.seed: {self.report.seed} is not one of the seeds {self.seeds}")
+        for name, figure in self.report.figures.items():
+            for variant in figure.variants:
+                self.variant(variant, field=f"report.figures.{name}.variants")
+        self.variant(self.report.guard.vanishing, field="report.guard.vanishing")
+        self.variant(self.report.guard.fixed, field="report.guard.fixed")
+        for variant in self.report.reference.curves:
+            self.variant(variant, field="report.reference.curves")
         return self
 
     def variant(self, name: str, *, field: str = "variant") -> Variant:

@@ -25,12 +25,13 @@ def evaluate_run(files: RunFiles, data: PreparedData, train: TrainConfig) -> dic
             raise TrainingError(f"no {kind} checkpoint at {path}; run the train stage first")
         checkpoint = load_checkpoint(path, device)
         loss, acc = evaluate_model(load_network(checkpoint, device), test, train.eval_batch_size, autocast)
-        result[kind] = {"epoch": checkpoint["epoch"], "test_loss": loss, "test_acc": acc}
+        epoch = checkpoint["epoch"] - 1  # a checkpoint counts completed epochs; tables number epochs from 0
+        result[kind] = {"epoch": epoch, "test_loss": loss, "test_acc": acc}
         log.info(
             "%s %s checkpoint (epoch %d): test loss %.4f, accuracy %.4f",
             files.root,
             kind,
-            checkpoint["epoch"],
+            epoch,
             loss,
             acc,
         )

@@ -57,3 +57,130 @@ def gradient_flow_figure(rows: Sequence[GradientRow], title: str) -> Figure:
     fig, ax = plt.subplots(figsize=(max(6.0, 0.22 * len({r.layer for r in rows}) + 2), 4.5))
     draw_gradient_flow(ax, rows, title)
     return fig
+
+
+def draw_accuracy(ax: Axes, label: str, epochs: Sequence[dict], *, color, reference: bool = False) -> None:
+    """Train (dashed) and validation (solid) accuracy per epoch of one run."""
+    x = [int(e["epoch"]) if "epoch" in e else i for i, e in enumerate(epochs)]
+    style = {"alpha": 0.6, "linewidth": 1} if reference else {"linewidth": 1.5}
+    ax.plot(x, [e["train_acc"] for e in epochs], linestyle="--", color=color, label=f"{label} train", **style)
+    ax.plot(x, [e["val_acc"] for e in epochs], linestyle="-", color=color, label=f"{label} validation", **style)
+
+
+def _accuracy_axes(ax: Axes, title: str) -> None:
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("accuracy")
+    ax.set_title(title)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+
+
+def accuracy_figure(results: dict, variants: Sequence[str], seed: int, title: str) -> Figure:
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for k, variant in enumerate(variants):
+        run = next(r for r in results[variant] if r.seed == seed)
+        draw_accuracy(ax, variant, run.epochs, color=f"C{k}")
+    _accuracy_axes(ax, title)
+    return fig
+
+
+def gradient_flow_panels(results: dict, variants: Sequence[str], seed: int, statistic: str, title: str) -> Figure:
+    runs = [next(r for r in results[v] if r.seed == seed) for v in variants]
+    widths = [len({g.layer for g in r.gradients()}) for r in runs]
+    fig, axes = plt.subplots(
+        1,
+        len(runs),
+        figsize=(sum(0.2 * w + 2 for w in widths), 5),
+        squeeze=False,
+        gridspec_kw={"width_ratios": widths},
+        sharey=True,
+    )
+    for ax, run in zip(axes[0], runs, strict=True):
+        draw_gradient_flow(ax, run.gradients(), f"{run.variant} (seed {seed})", statistic)
+    fig.suptitle(title)
+    return fig
+
+
+def seeds_figure(results: dict, variants: Sequence[str], title: str) -> Figure:
+    """Validation accuracy per epoch of every variant: the mean over seeds, and the min-max band."""
+    columns = min(3, len(variants))
+    rows = -(-len(variants) // columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(4.5 * columns, 3.5 * rows), squeeze=False, sharey=True)
+    for ax in axes.flat[len(variants) :]:
+        ax.set_visible(False)
+    for k, (ax, variant) in enumerate(zip(axes.flat, variants, strict=False)):
+        runs = results[variant]
+        length = min(len(r.epochs) for r in runs)
+        per_epoch = [[r.epochs[e]["val_acc"] for r in runs] for e in range(length)]
+        x = range(length)
+        ax.fill_between(
+            x,
+            [min(v) for v in per_epoch],
+            [max(v) for v in per_epoch],
+            color=f"C{k}",
+            alpha=0.25,
+            label=f"min-max over {len(runs)} seed(s)",
+        )
+        ax.plot(x, [sum(v) / len(v) for v in per_epoch], color=f"C{k}", label="mean")
+        ax.set_title(variant)
+        ax.set_xlabel("epoch")
+        ax.set_ylabel("validation accuracy")
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def reference_overlay_figure(
+    results: dict, variants: Sequence[str], seed: int, curves: dict[str, list[dict]], title: str
+) -> Figure:
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for k, variant in enumerate(variants):
+        run = next(r for r in results[variant] if r.seed == seed)
+        draw_accuracy(ax, f"{variant} (ours)", run.epochs, color=f"C{k}")
+        draw_accuracy(ax, f"{variant} (reference)", curves[variant], color=f"C{k}", reference=True)
+    _accuracy_axes(ax, title)
+    return fig
+
+
+def build_figures(params, results: dict, project: Path) -> dict[str, Figure | str]:
+    """Every figure of `report.figures`: the Figure, or why it was not drawn."""
+    from vggdepth.report import read_epochs
+
+    report, seed = params.report, params.report.seed
+    built: dict[str, Figure | str] = {}
+    for name, spec in report.figures.items():
+        title = name.split("-", 1)[0].replace("fig", "Figure ") + ": " + ", ".join(spec.variants)
+        if spec.kind == "accuracy":
+            built[name] = accuracy_figure(results, spec.variants, seed, f"{title} (seed {seed})")
+        elif spec.kind == "gradient_flow":
+            built[name] = gradient_flow_panels(
+                results, spec.variants, seed, report.gradient_statistic, f"{title}: gradient flow"
+            )
+        elif spec.kind == "seeds":
+            built[name] = seeds_figure(results, spec.variants, "validation accuracy over seeds")
+        else:
+            lengths = {len(next(r for r in results[v] if r.seed == seed).epochs) for v in spec.variants}
+            if lengths != {report.reference.epochs} or not set(spec.variants) <= set(report.reference.curves):
+                built[name] = (
+                    f"{name}: our runs last {sorted(lengths)} epochs, the reference runs "
+                    f"{report.reference.epochs}; drawn only when they match"
+                )
+                continue
+            curves = {v: read_epochs(project / report.reference.curves[v]) for v in spec.variants}
+            built[name] = reference_overlay_figure(
+                results, spec.variants, seed, curves, "ours vs the course's reference framework"
+            )
+    return built
+
+
+def report_figures(params, results: dict, project: Path, out: Path) -> list[str]:
+    """Save every figure as `<name>.png` under `out`; return the notes on figures not drawn."""
+    skipped = []
+    for name, figure in build_figures(params, results, project).items():
+        if isinstance(figure, str):
+            skipped.append(figure)
+        else:
+            save_figure(figure, out / f"{name}.png")
+    return skipped

@@ -491,3 +491,47 @@ def sync_run(params: Params, files: RunFiles) -> list[str]:
     if sent and store.client.get_run(run_id).info.status != "FINISHED" and files.train_json.exists():
         store.client.set_terminated(run_id, "FINISHED")
     return sent
+
+
+def log_report(
+    store: Store, params: Params, out: Path, runs: Path, context: PipelineContext | None = None
+) -> tuple[str, str]:
+    """Table 1, the summary and the figures into the pipeline's parent run; the final variant's best model into
+    the registry under `report.registered_model`, with `report.alias`. Returns (model name, version)."""
+    import mlflow
+    from mlflow.entities import Metric
+
+    client = store.client
+    parent = store.parent_run(context or PipelineContext.detect(params))
+    for name in ("table1.md", "table1.csv", "summary.json"):
+        client.log_artifact(parent, str(out / name))
+    client.log_artifacts(parent, str(out / "figures"), "figures")
+    summary = json.loads((out / "summary.json").read_text())
+    now = int(time.time() * 1000)
+    client.log_batch(
+        parent,
+        metrics=[
+            Metric(f"{variant}/{key}", float(value), now, 0)
+            for variant, values in summary.items()
+            for key, value in values.items()
+        ],
+    )
+
+    # The final variant's best run over the seeds, by its best validation accuracy.
+    final = params.report.final_variant
+    best_files = max(
+        (RunFiles(runs / f"{final}-s{seed}") for seed in params.seeds),
+        key=lambda f: json.loads(f.train_json.read_text())["best_val_acc"],
+    )
+    run_id = _run_id_of(best_files)
+    model_uri = client.get_run(run_id).data.tags.get("vggdepth.model_uri")
+    if not model_uri:
+        raise TrackingError(f"MLflow run {run_id} ({best_files.root}) has no logged model: set tracking.log_model")
+    name, alias = params.report.registered_model, params.report.alias
+    version = mlflow.register_model(model_uri, name, tags={"variant": final, "run": best_files.root.name})
+    client.set_registered_model_alias(name, alias, version.version)
+    client.set_tag(parent, "vggdepth.registered_model", f"models:/{name}@{alias} (version {version.version})")
+    log.info(
+        "registered %s of %s as models:/%s@%s (version %s)", model_uri, best_files.root, name, alias, version.version
+    )
+    return name, version.version

@@ -1,0 +1,230 @@
+"""The report stage: Table 1 values from the stage outputs, mean/std over seeds, the report's numbers, every
+figure's series, and the registered model, built from a tiny real study (every variant, two seeds, one epoch)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import statistics
+import subprocess
+import sys
+
+import mlflow
+import pytest
+import torch
+from matplotlib.collections import PolyCollection
+
+from tests.conftest import ROOT, write_yaml
+from vggdepth.batches import DeviceDataset
+from vggdepth.engine import RunFiles, Trainer, load_checkpoint, load_network
+from vggdepth.evaluation import evaluate_run
+from vggdepth.figures import build_figures
+from vggdepth.report import ReportError, build_report, collect
+from vggdepth.tracking import MlflowCallback, PipelineContext, Store, log_evaluation, log_report
+
+SEEDS = [0, 1]
+
+
+@pytest.fixture(scope="session")
+def study(params, tiny_data, tmp_path_factory):
+    """Real train and evaluate outputs of every variant for two seeds (1 epoch, 200 images), tracked in an
+    embedded MLflow store under a temporary project root."""
+    root = tmp_path_factory.mktemp("study")
+    p = params.model_copy(
+        update={
+            "seeds": SEEDS,
+            "train": params.train.model_copy(update={"epochs": 1, "device": "cpu"}),
+            "tracking": params.tracking.model_copy(update={"system_metrics": False}),
+        }
+    )
+    store = Store(p.tracking, uri=f"sqlite:///{root / 'mlruns' / 'mlflow.db'}", root=root)
+    context = PipelineContext(key="test:study", name="test study", tags={"git_commit": "test"})
+    for variant in p.variants:
+        for seed in SEEDS:
+            files = RunFiles(root / "runs" / f"{variant}-s{seed}")
+            tracker = MlflowCallback(store, context, f"train@{variant}-{seed}", root / "data")
+            Trainer(
+                model=p.model,
+                train=p.train,
+                variant_name=variant,
+                variant=p.variant(variant),
+                seed=seed,
+                data=tiny_data,
+                files=files,
+                callbacks=[tracker],
+            ).fit()
+            log_evaluation(store, files, evaluate_run(files, tiny_data, p.train))
+    return {"params": p, "root": root, "runs": root / "runs", "store": store, "context": context}
+
+
+@pytest.fixture(scope="session")
+def built(study):
+    out = study["root"] / "report"
+    summary = build_report(study["params"], study["runs"], out, project=ROOT)
+    with open(out / "table1.csv") as f:
+        rows = {row["variant"]: row for row in csv.DictReader(f)}
+    return {"out": out, "summary": summary, "rows": rows}
+
+
+def _epochs(study, variant, seed) -> list[dict]:
+    with open(study["runs"] / f"{variant}-s{seed}" / "epochs.csv") as f:
+        return list(csv.DictReader(f))
+
+
+def _test(study, variant, seed) -> dict:
+    return json.loads((study["runs"] / f"{variant}-s{seed}" / "test.json").read_text())
+
+
+def test_table_holds_the_metrics_files_values(study, built):
+    rows = built["rows"]
+    assert list(rows) == list(study["params"].variants)
+    for variant, row in rows.items():
+        last = _epochs(study, variant, 0)[-1]
+        for metric in ("train_acc", "train_loss", "val_acc", "val_loss"):
+            assert float(row[metric]) == float(last[metric]), (variant, metric)
+        assert float(row["test_acc"]) == _test(study, variant, 0)["best"]["test_acc"]
+        assert (row["epochs"], row["comparable"], row["seeds"]) == ("1", "False", "2")
+    assert rows["VGG-08"]["parameters"] == "59716"
+    assert rows["BN-VGG-38"]["parameters"] == "338500"
+
+
+def test_mean_and_std_are_over_seeds(study, built):
+    for variant, row in built["rows"].items():
+        vals = [float(_epochs(study, variant, s)[-1]["val_acc"]) for s in SEEDS]
+        tests = [_test(study, variant, s)["best"]["test_loss"] for s in SEEDS]
+        assert float(row["val_acc_mean"]) == pytest.approx(statistics.fmean(vals), abs=1e-12)
+        assert float(row["val_acc_std"]) == pytest.approx(statistics.stdev(vals), abs=1e-12)
+        assert float(row["test_loss_mean"]) == pytest.approx(statistics.fmean(tests), abs=1e-12)
+        assert float(row["test_loss_std"]) == pytest.approx(statistics.stdev(tests), abs=1e-12)
+
+
+def test_paper_columns_match_the_published_table(built):
+    with open(ROOT / "reference" / "paper-table1.csv") as f:
+        paper = {row["model"]: row for row in csv.DictReader(f)}
+    for variant, row in built["rows"].items():
+        for metric in ("train_acc", "train_loss", "val_acc", "val_loss"):
+            assert float(row[f"paper_{metric}"]) == float(paper[variant][metric])
+            assert float(row[f"diff_{metric}"]) == pytest.approx(float(row[metric]) - float(paper[variant][metric]))
+    final = built["rows"]["WR50-HIGHLR-BN-38"]
+    assert (float(final["paper_test_acc"]), float(final["paper_test_loss"])) == (0.501, 1.859)
+    assert built["rows"]["VGG-08"]["paper_test_acc"] == ""  # the report tested only its final model
+
+
+def test_markdown_marks_short_runs_as_not_comparable(built):
+    text = (built["out"] / "table1.md").read_text()
+    assert "| VGG-08 | 59,716 | 1 (not 100: not comparable) |" in text
+    assert "not comparable with its numbers" in text
+    assert "0.501 /" in text  # the report's test accuracy of its final model is beside ours
+
+
+def test_summary_has_one_entry_per_variant_and_metric(built, study):
+    summary = json.loads((built["out"] / "summary.json").read_text())
+    assert list(summary) == list(study["params"].variants)
+    assert set(summary["VGG-38"]) == {"val_acc", "val_acc_mean", "test_acc", "test_acc_mean", "epochs"}
+
+
+def test_every_figure_is_written(built, study):
+    figures = sorted(p.name for p in (built["out"] / "figures").iterdir())
+    expected = sorted(
+        f"{name}.png" for name, spec in study["params"].report.figures.items() if spec.kind != "reference_overlay"
+    )
+    assert figures == expected
+    assert all((built["out"] / "figures" / name).stat().st_size > 10_000 for name in figures)
+
+
+def test_figures_carry_the_expected_series(study):
+    p = study["params"]
+    figures = build_figures(p, collect(p, study["runs"]), ROOT)
+
+    (ax,) = figures["fig1-accuracy-vgg08-vs-vgg38"].axes
+    assert [line.get_label() for line in ax.get_lines()] == [
+        "VGG-08 train",
+        "VGG-08 validation",
+        "VGG-38 train",
+        "VGG-38 validation",
+    ]
+    assert (ax.get_xlabel(), ax.get_ylabel()) == ("epoch", "accuracy")
+    val = _epochs(study, "VGG-38", 0)
+    assert list(ax.get_lines()[3].get_ydata()) == [float(r["val_acc"]) for r in val]
+
+    left, right = figures["fig2-gradient-flow-vgg08-vs-vgg38"].axes
+    assert left.get_yscale() == "log" and right.get_yscale() == "log"
+    assert len(left.get_xticklabels()) == 9 and len(right.get_xticklabels()) == 39
+    assert left.get_xticklabels()[0].get_text() == "entry.conv"
+    assert len(left.get_lines()) == 1  # one line per epoch
+
+    grid = [a for a in figures["fig3-val-accuracy-over-seeds"].axes if a.get_visible()]
+    assert [a.get_title() for a in grid] == list(p.variants)
+    for a in grid:
+        assert sum(isinstance(c, PolyCollection) for c in a.collections) == 1  # the min-max band
+        assert [line.get_label() for line in a.get_lines()] == ["mean"]
+
+    (bn,) = figures["fig6-gradient-flow-bn-vgg38"].axes
+    assert len(bn.get_xticklabels()) == 75
+    assert [line.get_label() for line in figures["fig5-warm-restart-vs-none"].axes[0].get_lines()] == [
+        "WR50-HIGHLR-BN-38 train",
+        "WR50-HIGHLR-BN-38 validation",
+        "BN-VGG-38 train",
+        "BN-VGG-38 validation",
+    ]
+    assert "drawn only when they match" in figures["reference-overlay-vgg08-vgg38"]
+
+
+def test_reference_overlay_is_drawn_for_runs_as_long_as_the_reference(study):
+    p = study["params"]
+    results = collect(p, study["runs"])
+    reference = p.report.reference.model_copy(update={"epochs": 1})
+    figures = build_figures(
+        p.model_copy(update={"report": p.report.model_copy(update={"reference": reference})}), results, ROOT
+    )
+    (ax,) = figures["reference-overlay-vgg08-vgg38"].axes
+    labels = [line.get_label() for line in ax.get_lines()]
+    assert "VGG-08 (reference) validation" in labels and "VGG-38 (ours) train" in labels
+    reference_line = next(line for line in ax.get_lines() if line.get_label() == "VGG-08 (reference) validation")
+    assert len(reference_line.get_ydata()) == 101  # the shipped reference curve, resume row included
+
+
+def test_final_model_is_registered_and_loads_by_alias(study, built, tiny_data):
+    p = study["params"]
+    name, version = log_report(study["store"], p, built["out"], study["runs"], study["context"])
+
+    model = mlflow.pytorch.load_model(f"models:/{name}@{p.report.alias}")
+    best_seed = max(
+        SEEDS,
+        key=lambda s: json.loads((study["runs"] / f"WR50-HIGHLR-BN-38-s{s}" / "train.json").read_text())[
+            "best_val_acc"
+        ],
+    )
+    checkpoint = load_checkpoint(RunFiles(study["runs"] / f"WR50-HIGHLR-BN-38-s{best_seed}").best)
+    images, _ = next(DeviceDataset(tiny_data.test, tiny_data.mean, tiny_data.std, torch.device("cpu")).batches(64))
+    with torch.no_grad():
+        logits = model.eval()(images)
+        torch.testing.assert_close(logits, load_network(checkpoint, torch.device("cpu"))(images), rtol=0, atol=1e-6)
+    assert logits.shape == (64, 100)
+    assert study["store"].client.get_model_version_by_alias(name, p.report.alias).version == version
+    parent = study["store"].parent_run(study["context"])
+    artefacts = {a.path for a in study["store"].client.list_artifacts(parent)}
+    assert {"table1.md", "table1.csv", "summary.json", "figures"} <= artefacts
+    assert math.isfinite(study["store"].client.get_run(parent).data.metrics["VGG-08/val_acc"])
+
+
+def test_report_command_prints_table1(study, tmp_path):
+    params_file = write_yaml(tmp_path / "params.yaml", json.loads(study["params"].model_dump_json()))
+    (tmp_path / "reference").symlink_to(ROOT / "reference")
+    result = subprocess.run(
+        [sys.executable, "-m", "vggdepth", "report", "--runs", str(study["runs"]), "--params", str(params_file)],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("### Table 1: seed 0")
+    assert "| MBS50-BN-38 | 338,500 |" in result.stdout
+
+
+def test_report_names_missing_runs(study, tmp_path):
+    p = study["params"].model_copy(update={"seeds": [0, 1, 2]})
+    with pytest.raises(ReportError, match=r"missing: .*VGG-08-s2/epochs.csv"):
+        build_report(p, study["runs"], tmp_path / "report", project=ROOT)
+    assert not (tmp_path / "report").exists()
