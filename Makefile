@@ -7,7 +7,7 @@ BIN := $(abspath $(VENV))/bin
 TORCH_INDEX ?=
 PYTEST_ARGS ?=
 
-.PHONY: install repro test lint
+.PHONY: install repro test lint ui
 
 install: $(VENV)/.installed
 
@@ -44,3 +44,7 @@ EXP ?=
 .PHONY: reduced
 reduced: install
 	PATH="$(BIN):$$PATH" dvc exp run $(if $(EXP),-n $(EXP)) $(REDUCED) $(DATA_OVERRIDES)
+
+# The MLflow UI on the embedded store (mlruns/), at http://127.0.0.1:5000
+ui: install
+	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(abspath mlruns)/mlflow.db --host 127.0.0.1 --port 5000

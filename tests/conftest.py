@@ -17,6 +17,7 @@ import yaml
 
 from vggdepth.config import Params, load_params
 from vggdepth.download import md5sum
+from vggdepth.engine import Callback
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_ARCHIVE = ROOT.parent / "shared" / "data" / "cifar-100-python.tar.gz"
@@ -226,3 +227,24 @@ def mlflow_server(tmp_path_factory):
     server = MlflowServer(tmp_path_factory.mktemp("mlflow-server")).start()
     yield server
     server.stop()
+
+
+def run_stage(script: str, *args: str, env: dict | None = None):
+    """Run a stage's entry point (`pipeline/<script>.py`) as DVC would, from the project root."""
+    import subprocess
+    import sys
+
+    return subprocess.run(
+        [sys.executable, f"pipeline/{script}.py", *args], cwd=ROOT, capture_output=True, text=True, env=env
+    )
+
+
+class KillAfter(Callback):
+    """A training callback standing in for a kill: raises once `epochs` epochs are complete (checkpoint written)."""
+
+    def __init__(self, epochs: int):
+        self.epochs = epochs
+
+    def on_epoch_end(self, run, record, gradients) -> None:
+        if record.epoch + 1 == self.epochs:
+            raise KeyboardInterrupt

@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import pytest
 
-from tests.conftest import ROOT, write_yaml
+from tests.conftest import run_stage, write_yaml
 from vggdepth.config import ConfigError, load_params
 
 TABLE1 = {  # SPEC.md, The variants: blocks per stage, BN, LR, schedule, period, batch
@@ -105,12 +102,7 @@ def test_stage_stops_before_any_work_on_invalid_params(raw_params, tiny_archive,
     params_file = write_yaml(tmp_path / "params.yaml", raw_params)
     dest = tmp_path / "raw" / "archive.tar.gz"
 
-    result = subprocess.run(
-        [sys.executable, "pipeline/download.py", "--out", str(dest), "--params", str(params_file)],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-    )
+    result = run_stage("download", "--out", str(dest), "--params", str(params_file))
 
     assert result.returncode == 1
     assert result.stderr == (

@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import shutil
 import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT, write_yaml
+from tests.conftest import run_stage, write_yaml
 from vggdepth.download import DownloadError, fetch_archive, md5sum
 
 WRONG_MD5 = "0" * 32
@@ -113,12 +111,7 @@ def test_stage_reports_wrong_md5_in_one_line_and_exits_nonzero(tiny_archive, raw
     params_file = write_yaml(tmp_path / "params.yaml", raw_params)
     dest = tmp_path / "raw" / "archive.tar.gz"
 
-    result = subprocess.run(
-        [sys.executable, "pipeline/download.py", "--out", str(dest), "--params", str(params_file)],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-    )
+    result = run_stage("download", "--out", str(dest), "--params", str(params_file))
 
     assert result.returncode == 1
     assert result.stderr.startswith(f"error: md5 mismatch for {tiny_archive}: expected {WRONG_MD5}, got ")

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 import vggdepth.engine as engine
-from vggdepth.engine import Callback, NonFiniteLossError, RunFiles, Trainer, load_checkpoint, make_scheduler
+from tests.conftest import KillAfter
+from vggdepth.engine import NonFiniteLossError, RunFiles, Trainer, load_checkpoint, make_scheduler
 
 
 def _closed_form_lr(epoch: int, lr: float, lr_min: float, period: int, restarts: bool) -> float:
@@ -70,21 +71,10 @@ def test_same_seed_on_cpu_gives_identical_metrics(tiny_data, params, quick_train
     assert _table(tmp_path / "a" / "epochs.csv") != _table(tmp_path / "c" / "epochs.csv")
 
 
-class _Kill(Callback):
-    """Stands in for a kill: raises once `after` epochs are complete (their checkpoint is written)."""
-
-    def __init__(self, after: int):
-        self.after = after
-
-    def on_epoch_end(self, run, record, gradients):
-        if record.epoch + 1 == self.after:
-            raise KeyboardInterrupt
-
-
 def test_interrupted_run_resumes_to_the_uninterrupted_result(tiny_data, params, quick_train, tmp_path):
     straight, straight_trainer = _train(tiny_data, params, quick_train, tmp_path / "straight", epochs=4)
     with pytest.raises(KeyboardInterrupt):
-        _train(tiny_data, params, quick_train, tmp_path / "resumed", epochs=4, callbacks=[_Kill(after=2)])
+        _train(tiny_data, params, quick_train, tmp_path / "resumed", epochs=4, callbacks=[KillAfter(2)])
     assert load_checkpoint(tmp_path / "resumed" / "checkpoints" / "last.pt")["epoch"] == 2
 
     resumed, resumed_trainer = _train(tiny_data, params, quick_train, tmp_path / "resumed", epochs=4)

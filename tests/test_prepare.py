@@ -2,14 +2,10 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
-from pathlib import Path
-
 import numpy as np
 import pytest
 
-from tests.conftest import ROOT, make_cifar_archive, write_yaml
+from tests.conftest import make_cifar_archive, run_stage, write_yaml
 from vggdepth.config import PrepareConfig, SubsetConfig
 from vggdepth.data import PrepareError, load_prepared, prepare
 
@@ -68,24 +64,6 @@ def test_images_are_the_archive_pixels(prepared, archive_path):
     np.testing.assert_array_equal(prepared.test.images, official_test.images)
 
 
-def _run_stage(params_file: Path, archive: Path, out: Path) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [
-            sys.executable,
-            "pipeline/prepare.py",
-            "--archive",
-            str(archive),
-            "--out",
-            str(out),
-            "--params",
-            str(params_file),
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-    )
-
-
 def test_split_does_not_depend_on_training_seeds(archive_path, raw_params, tmp_path):
     raw_params["prepare"]["subset"] = {"train": 10, "val": 5, "test": 2}
     outputs = []
@@ -93,7 +71,7 @@ def test_split_does_not_depend_on_training_seeds(archive_path, raw_params, tmp_p
         raw_params["seeds"] = seeds
         params_file = write_yaml(tmp_path / f"params-{seeds[0]}.yaml", raw_params)
         out = tmp_path / f"prepared-{seeds[0]}"
-        result = _run_stage(params_file, archive_path, out)
+        result = run_stage("prepare", "--archive", str(archive_path), "--out", str(out), "--params", str(params_file))
         assert result.returncode == 0, result.stderr
         outputs.append(load_prepared(out))
 

@@ -9,6 +9,7 @@ import math
 import statistics
 import subprocess
 import sys
+from pathlib import Path
 
 import mlflow
 import pytest
@@ -121,7 +122,7 @@ def test_markdown_marks_short_runs_as_not_comparable(built):
 def test_summary_has_one_entry_per_variant_and_metric(built, study):
     summary = json.loads((built["out"] / "summary.json").read_text())
     assert list(summary) == list(study["params"].variants)
-    assert set(summary["VGG-38"]) == {"val_acc", "val_acc_mean", "test_acc", "test_acc_mean", "epochs"}
+    assert set(summary["VGG-38"]) == {"val_acc", "val_loss", "val_acc_mean", "test_acc", "test_acc_mean", "epochs"}
 
 
 def test_every_figure_is_written(built, study):
@@ -228,3 +229,59 @@ def test_report_names_missing_runs(study, tmp_path):
     with pytest.raises(ReportError, match=r"missing: .*VGG-08-s2/epochs.csv"):
         build_report(p, study["runs"], tmp_path / "report", project=ROOT)
     assert not (tmp_path / "report").exists()
+
+
+def _guard(params, tmp_path: Path, vgg38: dict, bn: dict) -> subprocess.CompletedProcess:
+    summary = {"VGG-38": {"val_acc": 0.01, "val_loss": 4.61, **vgg38}, "BN-VGG-38": {"val_acc": 0.2, **bn}}
+    path = tmp_path / "summary.json"
+    path.write_text(json.dumps(summary))
+    params_file = write_yaml(tmp_path / "params.yaml", json.loads(params.model_dump_json()))
+    return subprocess.run(
+        [sys.executable, "-m", "vggdepth", "guard", "--summary", str(path), "--params", str(params_file)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
+
+
+def test_guard_passes_when_vgg38_is_at_chance_and_bn_beats_it(params, tmp_path):
+    result = _guard(params, tmp_path, {}, {})
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.splitlines() == [
+        "PASS: VGG-38 stays at chance: validation loss 4.6100, ln(100) = 4.6052, |difference| 0.0048 <= 0.05",
+        "PASS: BN-VGG-38 beats VGG-38: validation accuracy 0.2000 > 0.0100",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("vgg38", "bn", "failed"),
+    [
+        ({"val_loss": 4.0}, {}, "FAIL: VGG-38 stays at chance: validation loss 4.0000"),
+        ({}, {"val_acc": 0.01}, "FAIL: BN-VGG-38 beats VGG-38: validation accuracy 0.0100 > 0.0100"),
+    ],
+)
+def test_guard_fails_when_the_claim_breaks(params, tmp_path, vgg38, bn, failed):
+    result = _guard(params, tmp_path, vgg38, bn)
+    assert result.returncode == 1
+    assert failed in result.stdout
+
+
+def test_guard_without_a_summary_says_what_to_do(params, tmp_path):
+    params_file = write_yaml(tmp_path / "params.yaml", json.loads(params.model_dump_json()))
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "vggdepth",
+            "guard",
+            "--summary",
+            str(tmp_path / "none.json"),
+            "--params",
+            str(params_file),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
+    assert result.returncode == 1
+    assert result.stderr.startswith(f"error: cannot read the guard metrics from {tmp_path / 'none.json'}")

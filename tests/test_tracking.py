@@ -6,7 +6,6 @@ from __future__ import annotations
 import csv
 import logging
 import subprocess
-import sys
 from pathlib import Path
 
 import mlflow
@@ -14,7 +13,7 @@ import pytest
 import torch
 from mlflow import MlflowClient
 
-from tests.conftest import ROOT, MlflowServer, free_port, write_yaml
+from tests.conftest import ROOT, KillAfter, MlflowServer, free_port, run_stage, write_yaml
 from vggdepth.batches import DeviceDataset
 from vggdepth.engine import Callback, RunFiles, Trainer, load_checkpoint, load_network
 from vggdepth.gradients import weight_tensors
@@ -130,20 +129,11 @@ def test_training_run_is_fully_tracked(store, params, tiny_data, quick_train, ar
     assert inputs == {(f"cifar-100-{s}", archive_md5, s) for s in ("train", "val", "test")}
 
 
-class _Kill(Callback):
-    def __init__(self, after: int):
-        self.after = after
-
-    def on_epoch_end(self, run, record, gradients):
-        if record.epoch + 1 == self.after:
-            raise KeyboardInterrupt
-
-
 def test_resumed_run_continues_its_mlflow_run_with_one_value_per_epoch(store, params, tiny_data, quick_train, tmp_path):
     out = tmp_path / "run"
     # Killed after epoch 1's checkpoint but before the tracker saw epoch 1 (the kill comes first in line).
     with pytest.raises(KeyboardInterrupt):
-        _fit(params, tiny_data, quick_train, store, out, epochs=3, before=[_Kill(after=2)])
+        _fit(params, tiny_data, quick_train, store, out, epochs=3, before=[KillAfter(2)])
     run_id = _run_id(out)
     assert store.client.get_run(run_id).info.status == "KILLED"
     assert _steps(store.client, run_id, "train_loss") == [0]
@@ -233,26 +223,8 @@ def test_train_stage_with_unreachable_server_fails_with_the_uri_and_writes_nothi
     uri = f"http://127.0.0.1:{free_port()}"
     out = tmp_path / "run"
     params_file = write_yaml(tmp_path / "params.yaml", raw_params)
-    result = subprocess.run(
-        [
-            sys.executable,
-            "pipeline/train.py",
-            "--variant",
-            VARIANT,
-            "--seed",
-            "0",
-            "--out",
-            str(out),
-            "--params",
-            str(params_file),
-            "--data",
-            str(tmp_path / "no-data"),
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        env={**_env(), "MLFLOW_TRACKING_URI": uri},
-    )
+    args = ["--variant", VARIANT, "--seed", "0", "--out", str(out), "--params", str(params_file)]
+    result = run_stage("train", *args, "--data", str(tmp_path / "no-data"), env={**_env(), "MLFLOW_TRACKING_URI": uri})
     assert result.returncode == 1
     assert f"error: the MLflow tracking server at {uri} is not reachable" in result.stderr
     assert not out.exists()

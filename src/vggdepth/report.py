@@ -210,18 +210,10 @@ def table_markdown(params: Params, rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def summary_metrics(params: Params, rows: list[dict]) -> dict:
+def summary_metrics(rows: list[dict]) -> dict:
     """A few numbers per variant, so `dvc exp show` has one column per variant and metric."""
-    return {
-        r["variant"]: {
-            "val_acc": r["val_acc"],
-            "val_acc_mean": r["val_acc_mean"],
-            "test_acc": r["test_acc"],
-            "test_acc_mean": r["test_acc_mean"],
-            "epochs": r["epochs"],
-        }
-        for r in rows
-    }
+    keys = ("val_acc", "val_loss", "val_acc_mean", "test_acc", "test_acc_mean", "epochs")
+    return {r["variant"]: {k: r[k] for k in keys} for r in rows}
 
 
 def write_curves(results: dict[str, list[RunOutputs]], seed: int, out: Path) -> None:
@@ -243,7 +235,7 @@ def build_report(params: Params, runs: Path, out: Path, project: Path) -> dict:
     try:
         (staging / "table1.md").write_text(table_markdown(params, rows))
         write_csv(staging / "table1.csv", TABLE_COLUMNS, [[r[c] for c in TABLE_COLUMNS] for r in rows])
-        summary = summary_metrics(params, rows)
+        summary = summary_metrics(rows)
         write_json(staging / "summary.json", summary)
         write_curves(results, params.report.seed, staging / "curves")
         skipped = report_figures(params, results, project, staging / "figures")
