@@ -31,6 +31,7 @@ from tqdm import tqdm
 from vggdepth.config import load_params
 from vggdepth.data import PreparedData, Split
 from vggdepth.engine import RunFiles, Trainer
+from vggdepth.gradients import GradientRecorder
 from vggdepth.models import VGG
 
 NETWORKS = ("VGG-08", "VGG-38", "BN-VGG-38")
@@ -125,6 +126,21 @@ def baseline(params, variant: str, data: PreparedData, workers: int) -> float:
     return len(data.train) / (time.perf_counter() - started)
 
 
+def capture_ms_per_step(params, variant: str, steps: int = 200) -> float:
+    """Milliseconds one `GradientRecorder.after_backward` adds to a step, timed directly (no epoch-to-epoch noise)."""
+    torch.manual_seed(0)
+    net = VGG(params.model, params.variant(variant)).to(memory_format=torch.channels_last)
+    x = torch.randn(params.variant(variant).batch_size, 3, 32, 32).contiguous(memory_format=torch.channels_last)
+    F.cross_entropy(net(x), torch.randint(0, 100, (len(x),))).backward()
+    recorder = GradientRecorder(net)
+    for _ in range(10):
+        recorder.after_backward()
+    started = time.perf_counter()
+    for _ in range(steps):
+        recorder.after_backward()
+    return (time.perf_counter() - started) / steps * 1e3
+
+
 def matmul_gflops(size: int = 4096, repeats: int = 5) -> float:
     a, b = torch.randn(size, size), torch.randn(size, size)
     torch.mm(a, b)
@@ -154,7 +170,7 @@ def training_gflop_per_image(net: nn.Module) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--threads", type=int, default=2, help="torch threads (this machine has 2 cores)")
-    parser.add_argument("--images", type=int, default=2000, help="images per measured epoch")
+    parser.add_argument("--images", type=int, default=3000, help="images per measured epoch")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved repetitions; the median is reported")
     parser.add_argument("--workers", type=int, default=0, help="DataLoader worker processes of the baseline")
     args = parser.parse_args()

@@ -69,7 +69,7 @@ def test_push_to_a_remote_and_pull_into_a_fresh_clone(tiny_repo, tmp_path):
     fresh = tmp_path / "fresh"
     _run("git", "clone", "--quiet", str(tiny_repo), str(fresh), cwd=tmp_path)
     assert not (fresh / "data" / "prepared").exists()
-    _run(DVC, "pull", cwd=fresh)
+    _run(DVC, "pull", "--with-deps", "train@VGG-08-0", cwd=fresh)
 
     for path in (
         "data/prepared/train.npz",

@@ -69,6 +69,7 @@ def test_split_does_not_depend_on_training_seeds(archive_path, raw_params, tmp_p
     outputs = []
     for seeds in ([0], [7, 8]):
         raw_params["seeds"] = seeds
+        raw_params["report"]["seed"] = seeds[0]
         params_file = write_yaml(tmp_path / f"params-{seeds[0]}.yaml", raw_params)
         out = tmp_path / f"prepared-{seeds[0]}"
         result = run_stage("prepare", "--archive", str(archive_path), "--out", str(out), "--params", str(params_file))
