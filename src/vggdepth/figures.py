@@ -12,6 +12,7 @@ matplotlib.use("Agg")  # files only: no display on servers and CI
 import matplotlib.pyplot as plt
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 from vggdepth.files import atomic_path
 from vggdepth.gradients import GradientRow
@@ -67,8 +68,13 @@ def draw_accuracy(ax: Axes, label: str, epochs: Sequence[dict], *, color, refere
     ax.plot(x, [e["val_acc"] for e in epochs], linestyle="-", color=color, label=f"{label} validation", **style)
 
 
-def _accuracy_axes(ax: Axes, title: str) -> None:
+def _epoch_axis(ax: Axes) -> None:
     ax.set_xlabel("epoch")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+
+
+def _accuracy_axes(ax: Axes, title: str) -> None:
+    _epoch_axis(ax)
     ax.set_ylabel("accuracy")
     ax.set_title(title)
     ax.grid(True, alpha=0.3)
@@ -123,7 +129,7 @@ def seeds_figure(results: dict, variants: Sequence[str], title: str) -> Figure:
         )
         ax.plot(x, [sum(v) / len(v) for v in per_epoch], color=f"C{k}", label="mean")
         ax.set_title(variant)
-        ax.set_xlabel("epoch")
+        _epoch_axis(ax)
         ax.set_ylabel("validation accuracy")
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=8)
