@@ -112,6 +112,15 @@ def test_paper_columns_match_the_published_table(built):
     assert built["rows"]["VGG-08"]["paper_test_acc"] == ""  # the report tested only its final model
 
 
+def test_curves_hold_every_variants_epochs_of_the_shown_seed(study, built):
+    with open(built["out"] / "curves.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["variant"] for r in rows] == list(study["params"].variants)  # one epoch each
+    for row in rows:
+        assert row["seed"] == "0"
+        assert float(row["val_acc"]) == float(_epochs(study, row["variant"], 0)[int(row["epoch"])]["val_acc"])
+
+
 def test_markdown_marks_short_runs_as_not_comparable(built):
     text = (built["out"] / "table1.md").read_text()
     assert "| VGG-08 | 59,716 | 1 (not 100: not comparable) |" in text

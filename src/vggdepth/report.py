@@ -216,11 +216,18 @@ def summary_metrics(rows: list[dict]) -> dict:
     return {r["variant"]: {k: r[k] for k in keys} for r in rows}
 
 
-def write_curves(results: dict[str, list[RunOutputs]], seed: int, out: Path) -> None:
-    """Per-variant per-epoch curves of the shown seed, for `dvc plots`."""
-    for variant, runs in results.items():
-        shown = next(r for r in runs if r.seed == seed)
-        write_csv(out / f"{variant}.csv", EPOCH_COLUMNS, [[row[c] for c in EPOCH_COLUMNS] for row in shown.epochs])
+def write_curves(results: dict[str, list[RunOutputs]], seed: int, path: Path) -> None:
+    """Every variant's per-epoch curves of the shown seed in one long table, for `dvc plots` (one line per
+    variant through the `by_variant` template)."""
+    write_csv(
+        path,
+        ("variant", "seed", *EPOCH_COLUMNS),
+        [
+            [variant, seed, *(row[c] for c in EPOCH_COLUMNS)]
+            for variant, runs in results.items()
+            for row in next(r for r in runs if r.seed == seed).epochs
+        ],
+    )
 
 
 def build_report(params: Params, runs: Path, out: Path, project: Path) -> dict:
@@ -237,7 +244,7 @@ def build_report(params: Params, runs: Path, out: Path, project: Path) -> dict:
         write_csv(staging / "table1.csv", TABLE_COLUMNS, [[r[c] for c in TABLE_COLUMNS] for r in rows])
         summary = summary_metrics(rows)
         write_json(staging / "summary.json", summary)
-        write_curves(results, params.report.seed, staging / "curves")
+        write_curves(results, params.report.seed, staging / "curves.csv")
         skipped = report_figures(params, results, project, staging / "figures")
         for note in skipped:
             log.info("figure skipped: %s", note)
