@@ -67,7 +67,7 @@ def run_dir(runs: Path, variant: str, seed: int) -> Path:
 
 def read_epochs(path: Path) -> list[dict[str, float]]:
     with open(path) as f:
-        return [{k: float(v) for k, v in row.items()} for row in csv.DictReader(f)]
+        return [{k: int(v) if k == "epoch" else float(v) for k, v in row.items()} for row in csv.DictReader(f)]
 
 
 def collect(params: Params, runs: Path) -> dict[str, list[RunOutputs]]:
