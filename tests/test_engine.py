@@ -117,7 +117,7 @@ def test_nan_loss_stops_with_epoch_and_step_and_keeps_the_checkpoint(
     with pytest.raises(NonFiniteLossError) as err:
         _train(tiny_data, params, quick_train, tmp_path, epochs=4)
     assert "NaN or infinite at epoch 2, step 1" in str(err.value)
-    assert f"the last good checkpoint {last} (after epoch 2) is kept" in str(err.value)
+    assert f"the last good checkpoint {last} (end of epoch 1) is kept" in str(err.value)
     state = load_checkpoint(last)
     assert state["epoch"] == 2
     assert all(torch.isfinite(t).all() for t in state["model"].values() if t.is_floating_point())

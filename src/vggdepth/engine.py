@@ -312,7 +312,7 @@ class Trainer:
         step = int(first_bad.item())
         if step >= 0:
             kept = (
-                f"the last good checkpoint {self.files.last} (after epoch {self.run_epochs_done()}) is kept"
+                f"the last good checkpoint {self.files.last} (end of epoch {len(self.history) - 1}) is kept"
                 if self.files.last.exists()
                 else "no checkpoint was written yet"
             )
@@ -320,9 +320,6 @@ class Trainer:
                 f"{self.run.variant} seed {self.seed}: the training loss became NaN or infinite at epoch {epoch}, "
                 f"step {step}; {kept}. Lower the learning rate or check the data."
             )
-
-    def run_epochs_done(self) -> int:
-        return len(self.history)
 
     def evaluate(self, data: DeviceDataset) -> tuple[float, float]:
         """Sample-weighted mean loss and accuracy in eval mode."""
