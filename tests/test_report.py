@@ -43,7 +43,7 @@ def study(params, tiny_data, tmp_path_factory):
     context = PipelineContext(key="test:study", name="test study", tags={"git_commit": "test"})
     for variant in p.variants:
         for seed in SEEDS:
-            files = RunFiles(root / "runs" / f"{variant}-s{seed}")
+            files = RunFiles.of(root / "runs", variant, seed)
             tracker = MlflowCallback(store, context, f"train@{variant}-{seed}", root / "data")
             Trainer(
                 model=p.model,

@@ -4,11 +4,8 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import pickle
-import shutil
 import tarfile
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,6 +15,7 @@ from sklearn.model_selection import train_test_split
 from vggdepth.config import PrepareConfig
 from vggdepth.download import md5sum
 from vggdepth.errors import VggdepthError
+from vggdepth.files import atomic_dir
 
 log = logging.getLogger(__name__)
 
@@ -166,7 +164,7 @@ def prepare(archive: str | Path, out_dir: str | Path, cfg: PrepareConfig) -> dic
         "stats_images": stats_images,
         "classes": classes,
     }
-    _write_atomically(out_dir, splits, stats)
+    _write(out_dir, splits, stats)
     log.info(
         "prepared %s: train/val/test %s; mean %s std %s",
         out_dir,
@@ -177,24 +175,11 @@ def prepare(archive: str | Path, out_dir: str | Path, cfg: PrepareConfig) -> dic
     return stats
 
 
-def _write_atomically(out_dir: Path, splits: dict[str, Split], stats: dict) -> None:
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
+def _write(out_dir: Path, splits: dict[str, Split], stats: dict) -> None:
+    with atomic_dir(out_dir) as staging:
         for name, split in splits.items():
             np.savez(staging / f"{name}.npz", images=split.images, labels=split.labels, index=split.index)
         (staging / STATS_FILE).write_text(json.dumps(stats, indent=2) + "\n")
-        if out_dir.exists():
-            retired = out_dir.with_name(f".{out_dir.name}.old")
-            shutil.rmtree(retired, ignore_errors=True)
-            os.replace(out_dir, retired)
-            os.replace(staging, out_dir)
-            shutil.rmtree(retired)
-        else:
-            os.replace(staging, out_dir)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
 
 
 def load_prepared(out_dir: str | Path) -> PreparedData:

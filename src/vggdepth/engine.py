@@ -67,6 +67,11 @@ class RunFiles:
 
     root: Path
 
+    @classmethod
+    def of(cls, runs: Path, variant: str, seed: int) -> RunFiles:
+        """The folder of (variant, seed) under `runs`: dvc.yaml's `runs/<variant>-s<seed>`."""
+        return cls(runs / f"{variant}-s{seed}")
+
     @property
     def epochs_csv(self) -> Path:
         return self.root / "epochs.csv"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
@@ -28,6 +29,27 @@ def atomic_path(dest: str | Path) -> Iterator[Path]:
         os.replace(tmp, dest)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+@contextmanager
+def atomic_dir(dest: str | Path) -> Iterator[Path]:
+    """A temporary folder beside `dest` that replaces `dest` whole when the block succeeds, and is removed when
+    it fails (leaving `dest` as it was)."""
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
+    try:
+        yield staging
+        if dest.exists():
+            retired = dest.with_name(f".{dest.name}.old")
+            shutil.rmtree(retired, ignore_errors=True)
+            os.replace(dest, retired)
+            os.replace(staging, dest)
+            shutil.rmtree(retired)
+        else:
+            os.replace(staging, dest)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def write_json(dest: str | Path, data: object) -> None:

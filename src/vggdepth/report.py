@@ -6,16 +6,14 @@ import csv
 import json
 import logging
 import math
-import shutil
 import statistics
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from vggdepth.config import Params
 from vggdepth.engine import EPOCH_COLUMNS, RunFiles
 from vggdepth.errors import VggdepthError
-from vggdepth.files import write_csv, write_json
+from vggdepth.files import atomic_dir, write_csv, write_json
 from vggdepth.gradients import GradientRow
 
 log = logging.getLogger(__name__)
@@ -60,11 +58,6 @@ class RunOutputs:
             ]
 
 
-def run_dir(runs: Path, variant: str, seed: int) -> Path:
-    """Where the train stage of (variant, seed) writes; the same rule as dvc.yaml's `runs/<variant>-s<seed>`."""
-    return runs / f"{variant}-s{seed}"
-
-
 def read_epochs(path: Path) -> list[dict[str, float]]:
     with open(path) as f:
         return [{k: int(v) if k == "epoch" else float(v) for k, v in row.items()} for row in csv.DictReader(f)]
@@ -77,7 +70,7 @@ def collect(params: Params, runs: Path) -> dict[str, list[RunOutputs]]:
     for variant in params.variants:
         found[variant] = []
         for seed in params.seeds:
-            files = RunFiles(run_dir(runs, variant, seed))
+            files = RunFiles.of(runs, variant, seed)
             needed = (files.epochs_csv, files.train_json, files.test_json, files.gradients_csv)
             absent = [p for p in needed if not p.exists()]
             if absent:
@@ -237,23 +230,14 @@ def build_report(params: Params, runs: Path, out: Path, project: Path) -> dict:
     results = collect(params, runs)
     paper = read_paper_table(project / params.report.reference.table)
     rows = table1(params, results, paper)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with atomic_dir(out) as staging:
         (staging / "table1.md").write_text(table_markdown(params, rows))
         write_csv(staging / "table1.csv", TABLE_COLUMNS, [[r[c] for c in TABLE_COLUMNS] for r in rows])
         summary = summary_metrics(rows)
         write_json(staging / "summary.json", summary)
         write_curves(results, params.report.seed, staging / "curves.csv")
-        skipped = report_figures(params, results, project, staging / "figures")
-        for note in skipped:
+        for note in report_figures(params, results, project, staging / "figures"):
             log.info("figure skipped: %s", note)
-        if out.exists():
-            shutil.rmtree(out)
-        staging.rename(out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     log.info(
         "report written to %s: %d variants, %d figures", out, len(rows), len(list((out / "figures").glob("*.png")))
     )

@@ -520,7 +520,7 @@ def log_report(
     # The final variant's best run over the seeds, by its best validation accuracy.
     final = params.report.final_variant
     best_files = max(
-        (RunFiles(runs / f"{final}-s{seed}") for seed in params.seeds),
+        (RunFiles.of(runs, final, seed) for seed in params.seeds),
         key=lambda f: json.loads(f.train_json.read_text())["best_val_acc"],
     )
     run_id = _run_id_of(best_files)
