@@ -16,6 +16,7 @@ from matplotlib.ticker import MaxNLocator
 
 from vggdepth.files import atomic_path
 from vggdepth.gradients import GradientRow
+from vggdepth.report import read_epochs, run_of
 
 # Values at or below this are drawn on the floor of the log axis (float32 gradients that vanished entirely).
 GRADIENT_FLOOR = 1e-20
@@ -84,15 +85,16 @@ def _accuracy_axes(ax: Axes, title: str) -> None:
 def accuracy_figure(results: dict, variants: Sequence[str], seed: int, title: str) -> Figure:
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for k, variant in enumerate(variants):
-        run = next(r for r in results[variant] if r.seed == seed)
+        run = run_of(results, variant, seed)
         draw_accuracy(ax, variant, run.epochs, color=f"C{k}")
     _accuracy_axes(ax, title)
     return fig
 
 
 def gradient_flow_panels(results: dict, variants: Sequence[str], seed: int, statistic: str, title: str) -> Figure:
-    runs = [next(r for r in results[v] if r.seed == seed) for v in variants]
-    widths = [len({g.layer for g in r.gradients()}) for r in runs]
+    runs = [run_of(results, v, seed) for v in variants]
+    tables = [r.gradients() for r in runs]  # each run's gradients.csv, read once
+    widths = [len({g.layer for g in table}) for table in tables]
     fig, axes = plt.subplots(
         1,
         len(runs),
@@ -101,8 +103,8 @@ def gradient_flow_panels(results: dict, variants: Sequence[str], seed: int, stat
         gridspec_kw={"width_ratios": widths},
         sharey=True,
     )
-    for ax, run in zip(axes[0], runs, strict=True):
-        draw_gradient_flow(ax, run.gradients(), f"{run.variant} (seed {seed})", statistic)
+    for ax, run, table in zip(axes[0], runs, tables, strict=True):
+        draw_gradient_flow(ax, table, f"{run.variant} (seed {seed})", statistic)
     fig.suptitle(title)
     return fig
 
@@ -143,7 +145,7 @@ def reference_overlay_figure(
 ) -> Figure:
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for k, variant in enumerate(variants):
-        run = next(r for r in results[variant] if r.seed == seed)
+        run = run_of(results, variant, seed)
         draw_accuracy(ax, f"{variant} (ours)", run.epochs, color=f"C{k}")
         draw_accuracy(ax, f"{variant} (reference)", curves[variant], color=f"C{k}", reference=True)
     _accuracy_axes(ax, title)
@@ -152,8 +154,6 @@ def reference_overlay_figure(
 
 def build_figures(params, results: dict, project: Path) -> dict[str, Figure | str]:
     """Every figure of `report.figures`: the Figure, or why it was not drawn."""
-    from vggdepth.report import read_epochs
-
     report, seed = params.report, params.report.seed
     built: dict[str, Figure | str] = {}
     for name, spec in report.figures.items():
@@ -167,7 +167,7 @@ def build_figures(params, results: dict, project: Path) -> dict[str, Figure | st
         elif spec.kind == "seeds":
             built[name] = seeds_figure(results, spec.variants, "validation accuracy over seeds")
         else:
-            lengths = {len(next(r for r in results[v] if r.seed == seed).epochs) for v in spec.variants}
+            lengths = {len(run_of(results, v, seed).epochs) for v in spec.variants}
             if lengths != {report.reference.epochs} or not set(spec.variants) <= set(report.reference.curves):
                 built[name] = (
                     f"{name}: our runs last {sorted(lengths)} epochs, the reference runs "

@@ -58,6 +58,11 @@ class RunOutputs:
             ]
 
 
+def run_of(results: dict[str, list[RunOutputs]], variant: str, seed: int) -> RunOutputs:
+    """The run of `variant` with `seed` among collected results."""
+    return next(r for r in results[variant] if r.seed == seed)
+
+
 def read_epochs(path: Path) -> list[dict[str, float]]:
     with open(path) as f:
         return [{k: int(v) if k == "epoch" else float(v) for k, v in row.items()} for row in csv.DictReader(f)]
@@ -108,7 +113,7 @@ def table1(params: Params, results: dict[str, list[RunOutputs]], paper: dict[str
     reference = params.report.reference
     rows = []
     for variant, runs in results.items():
-        shown = next(r for r in runs if r.seed == params.report.seed)
+        shown = run_of(results, variant, params.report.seed)
         epochs = len(shown.epochs)
         row: dict = {
             "variant": variant,
@@ -218,7 +223,7 @@ def write_curves(results: dict[str, list[RunOutputs]], seed: int, path: Path) ->
         [
             [variant, seed, *(row[c] for c in EPOCH_COLUMNS)]
             for variant, runs in results.items()
-            for row in next(r for r in runs if r.seed == seed).epochs
+            for row in run_of(results, variant, seed).epochs
         ],
     )
 

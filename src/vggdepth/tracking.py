@@ -147,7 +147,7 @@ def epoch_metrics(record: EpochRecord, gradients: list[GradientRow]):
     """MLflow metrics of one epoch, all with step=epoch, so the UI charts any of them across runs."""
     from mlflow.entities import Metric
 
-    now = int(time.time() * 1000)
+    now = _now_ms()
     metrics = [Metric(name, float(getattr(record, field)), now, record.epoch) for field, name in EPOCH_METRICS.items()]
     for row in gradients:
         metrics += [
@@ -414,6 +414,11 @@ def _params(config: dict):
     return [Param(k, v[:6000]) for k, v in flatten(config).items()]
 
 
+def _now_ms() -> int:
+    """MLflow's metric timestamp: milliseconds since the epoch."""
+    return int(time.time() * 1000)
+
+
 def _short(exc: BaseException) -> str:
     return str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
 
@@ -433,8 +438,9 @@ def training_callbacks(params: Params, variant: str, seed: int, data_dir: Path) 
     return [MlflowCallback(store, PipelineContext.detect(params), stage, data_dir)]
 
 
-def _run_id_of(files: RunFiles) -> str:
-    run_id = load_checkpoint(files.last).get("extra", {}).get(RUN_ID_KEY)
+def _run_id_of(files: RunFiles, state: dict | None = None) -> str:
+    """The MLflow run named in a run's last checkpoint (`state`, when already loaded)."""
+    run_id = (state or load_checkpoint(files.last)).get("extra", {}).get(RUN_ID_KEY)
     if not run_id:
         raise TrackingError(f"{files.last} names no MLflow run: it was trained with tracking.enabled: false")
     return run_id
@@ -443,7 +449,7 @@ def _run_id_of(files: RunFiles) -> str:
 def _test_metrics(result: dict):
     from mlflow.entities import Metric
 
-    now = int(time.time() * 1000)
+    now = _now_ms()
     return [
         Metric(f"test_{name}_{kind}", float(result[kind][f"test_{name}"]), now, 0)
         for kind in ("best", "final")
@@ -474,8 +480,8 @@ def log_evaluation(store: Store | None, files: RunFiles, result: dict) -> None:
 def sync_run(params: Params, files: RunFiles) -> list[str]:
     """Send what a run's MLflow run lacks (epochs, artefacts, test metrics) from its outputs; say what was sent."""
     store = Store(params.tracking)
-    run_id = _run_id_of(files)
     state = load_checkpoint(files.last)
+    run_id = _run_id_of(files, state)
     gradients = [GradientRow(**r) for r in state["gradients"]]
     history = [EpochRecord(**r) for r in state["history"]]
     sent = []
@@ -507,7 +513,7 @@ def log_report(
         client.log_artifact(parent, str(out / name))
     client.log_artifacts(parent, str(out / "figures"), "figures")
     summary = json.loads((out / "summary.json").read_text())
-    now = int(time.time() * 1000)
+    now = _now_ms()
     client.log_batch(
         parent,
         metrics=[
