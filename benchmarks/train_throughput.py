@@ -59,10 +59,11 @@ def synthetic_data(images: int, seed: int = 0) -> PreparedData:
 
 def ours(params, variant: str, data: PreparedData, grad_stats: bool, workdir: Path) -> float:
     """Images per second of one epoch of the production training loop."""
-    train = params.train.model_copy(update={"device": "cpu", "grad_stats": grad_stats, "threads": 0})
+    train = params.train.model_copy(update={"grad_stats": grad_stats})
     trainer = Trainer(
         model=params.model,
         train=train,
+        runtime=params.runtime.model_copy(update={"device": "cpu", "threads": 0}),
         variant_name=variant,
         variant=params.variant(variant),
         seed=0,

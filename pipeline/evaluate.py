@@ -10,6 +10,7 @@ from vggdepth.config import load_params
 from vggdepth.data import load_prepared
 from vggdepth.engine import RunFiles
 from vggdepth.evaluation import evaluate_run
+from vggdepth.files import clean_leftovers, ensure_writable, write_json
 from vggdepth.tracking import log_evaluation, open_store
 
 
@@ -20,9 +21,13 @@ def main(
     params: Annotated[Path, typer.Option(help="parameters file")] = Path("params.yaml"),
 ) -> None:
     p = load_params(params)
-    store = open_store(p)  # before any work: an unreachable tracking server stops the stage here
     files = RunFiles(run)
-    log_evaluation(store, files, evaluate_run(files, load_prepared(data), p.train))
+    clean_leftovers(files.test_json)
+    ensure_writable(files.root)
+    store = open_store(p)  # before any work: an unreachable tracking server stops the stage here
+    result = evaluate_run(files, load_prepared(data), p.train, p.runtime)
+    log_evaluation(store, files, result)  # first: a stage that fails here leaves no test.json behind
+    write_json(files.test_json, result)
 
 
 if __name__ == "__main__":

@@ -1,5 +1,5 @@
 """DVC stage `report`: Table 1, the report's figures and the comparison with its numbers, from the stage outputs;
-then logged to the pipeline's MLflow parent run, with the final model registered."""
+logged to the pipeline's MLflow parent run (final model registered) before the report is put in place."""
 
 from pathlib import Path
 from typing import Annotated
@@ -8,6 +8,7 @@ import typer
 
 from vggdepth.cli import entry_point
 from vggdepth.config import load_params
+from vggdepth.files import clean_leftovers, ensure_writable
 from vggdepth.report import build_report
 from vggdepth.tracking import log_report, open_store
 
@@ -19,10 +20,11 @@ def main(
     params: Annotated[Path, typer.Option(help="parameters file")] = Path("params.yaml"),
 ) -> None:
     p = load_params(params)
+    clean_leftovers(out)
+    ensure_writable(out.parent)
     store = open_store(p)  # before any work: an unreachable tracking server stops the stage here
-    build_report(p, runs, out, project=params.parent)
-    if store is not None:
-        log_report(store, p, out, runs)
+    publish = None if store is None else (lambda staging: log_report(store, p, staging, runs))
+    build_report(p, runs, out, project=params.parent, publish=publish)
 
 
 if __name__ == "__main__":

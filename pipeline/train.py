@@ -1,5 +1,5 @@
 """DVC stage `train@<variant>-<seed>`: train one row of Table 1 with one seed, tracked in MLflow; resumes after
-a kill."""
+a kill, and restores the outputs of a finished run from its checkpoint."""
 
 from pathlib import Path
 from typing import Annotated
@@ -9,7 +9,7 @@ import typer
 from vggdepth.cli import entry_point
 from vggdepth.config import load_params
 from vggdepth.data import load_prepared
-from vggdepth.engine import RunFiles, Trainer
+from vggdepth.engine import train_run
 from vggdepth.tracking import training_callbacks
 
 
@@ -22,18 +22,10 @@ def main(
     params: Annotated[Path, typer.Option(help="parameters file")] = Path("params.yaml"),
 ) -> None:
     p = load_params(params)
-    row = p.variant(variant, field="--variant")
+    p.variant(variant, field="--variant")
     callbacks = training_callbacks(p, variant, seed, data)  # before any work: an unreachable server stops here
-    Trainer(
-        model=p.model,
-        train=p.train,
-        variant_name=variant,
-        variant=row,
-        seed=seed,
-        data=load_prepared(data),
-        files=RunFiles(out),
-        callbacks=callbacks,
-    ).fit()
+    prepared = load_prepared(data)
+    train_run(p, variant, seed, prepared, out, callbacks)  # checks that `out` is writable before training
 
 
 if __name__ == "__main__":

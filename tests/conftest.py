@@ -140,12 +140,18 @@ def small_data(archive_path, params, tmp_path_factory):
 
 @pytest.fixture
 def quick_train(params):
-    """The shipped training protocol, shortened; CPU so results are bit-for-bit repeatable."""
+    """The shipped training protocol, shortened."""
 
     def make(epochs: int = 2, **changes):
-        return params.train.model_copy(update={"epochs": epochs, "device": "cpu", "progress_every": 1, **changes})
+        return params.train.model_copy(update={"epochs": epochs, **changes})
 
     return make
+
+
+@pytest.fixture(scope="session")
+def cpu_runtime(params):
+    """On the CPU, so results are bit-for-bit repeatable; progress checked every step."""
+    return params.runtime.model_copy(update={"device": "cpu", "progress_every": 1})
 
 
 def free_port() -> int:

@@ -46,6 +46,7 @@ def _train(data, params, quick_train, tmp: Path, variant="VGG-08", seed=0, callb
     trainer = Trainer(
         model=params.model,
         train=quick_train(**train_changes),
+        runtime=params.runtime.model_copy(update={"device": "cpu", "progress_every": 1}),
         variant_name=variant,
         variant=params.variant(variant),
         seed=seed,

@@ -21,6 +21,7 @@ from vggdepth.batches import DeviceDataset
 from vggdepth.engine import RunFiles, Trainer, load_checkpoint, load_network
 from vggdepth.evaluation import evaluate_run
 from vggdepth.figures import build_figures
+from vggdepth.files import write_json
 from vggdepth.report import ReportError, build_report, collect
 from vggdepth.tracking import MlflowCallback, PipelineContext, Store, log_evaluation, log_report
 
@@ -35,7 +36,8 @@ def study(params, tiny_data, tmp_path_factory):
     p = params.model_copy(
         update={
             "seeds": SEEDS,
-            "train": params.train.model_copy(update={"epochs": 1, "device": "cpu"}),
+            "train": params.train.model_copy(update={"epochs": 1}),
+            "runtime": params.runtime.model_copy(update={"device": "cpu"}),
             "tracking": params.tracking.model_copy(update={"system_metrics": False}),
         }
     )
@@ -48,6 +50,7 @@ def study(params, tiny_data, tmp_path_factory):
             Trainer(
                 model=p.model,
                 train=p.train,
+                runtime=p.runtime,
                 variant_name=variant,
                 variant=p.variant(variant),
                 seed=seed,
@@ -55,7 +58,9 @@ def study(params, tiny_data, tmp_path_factory):
                 files=files,
                 callbacks=[tracker],
             ).fit()
-            log_evaluation(store, files, evaluate_run(files, tiny_data, p.train))
+            result = evaluate_run(files, tiny_data, p.train, p.runtime)
+            log_evaluation(store, files, result)
+            write_json(files.test_json, result)
     return {"params": p, "root": root, "runs": root / "runs", "store": store, "context": context}
 
 
@@ -131,7 +136,18 @@ def test_markdown_marks_short_runs_as_not_comparable(built):
 def test_summary_has_one_entry_per_variant_and_metric(built, study):
     summary = json.loads((built["out"] / "summary.json").read_text())
     assert list(summary) == list(study["params"].variants)
-    assert set(summary["VGG-38"]) == {"val_acc", "val_loss", "val_acc_mean", "test_acc", "test_acc_mean", "epochs"}
+    assert set(summary["VGG-38"]) == {
+        "val_acc",
+        "val_loss",
+        "val_acc_mean",
+        "test_acc",
+        "test_acc_mean",
+        "epochs",
+        "entry_grad_min",
+        "entry_grad_max",
+    }
+    # The guard's mechanism, from the real gradient tables: VGG-38's entry layer gets nothing, VGG-08's does.
+    assert summary["VGG-38"]["entry_grad_max"] < 1e-10 < 1e-6 < summary["VGG-08"]["entry_grad_min"]
 
 
 def test_every_figure_is_written(built, study):
@@ -240,8 +256,15 @@ def test_report_names_missing_runs(study, tmp_path):
     assert not (tmp_path / "report").exists()
 
 
-def _guard(params, tmp_path: Path, vgg38: dict, bn: dict) -> subprocess.CompletedProcess:
-    summary = {"VGG-38": {"val_acc": 0.01, "val_loss": 4.61, **vgg38}, "BN-VGG-38": {"val_acc": 0.2, **bn}}
+def _guard(params, tmp_path: Path, **changes: dict) -> subprocess.CompletedProcess:
+    """The guard on a summary like a reduced run's (entry-layer gradients as measured), with `changes` per variant."""
+    summary = {
+        "VGG-38": {"val_acc": 0.01, "val_loss": 4.61, "entry_grad_min": 1e-19, "entry_grad_max": 3e-18},
+        "VGG-08": {"val_acc": 0.2, "val_loss": 4.2, "entry_grad_min": 4e-4, "entry_grad_max": 3e-3},
+        "BN-VGG-38": {"val_acc": 0.2, "val_loss": 4.3, "entry_grad_min": 2e-5, "entry_grad_max": 1e-4},
+    }
+    for variant, values in changes.items():
+        summary[variant.replace("_", "-")].update(values)
     path = tmp_path / "summary.json"
     path.write_text(json.dumps(summary))
     params_file = write_yaml(tmp_path / "params.yaml", json.loads(params.model_dump_json()))
@@ -253,26 +276,37 @@ def _guard(params, tmp_path: Path, vgg38: dict, bn: dict) -> subprocess.Complete
     )
 
 
-def test_guard_passes_when_vgg38_is_at_chance_and_bn_beats_it(params, tmp_path):
-    result = _guard(params, tmp_path, {}, {})
+def test_guard_passes_when_the_mechanism_and_the_accuracy_claim_hold(params, tmp_path):
+    result = _guard(params, tmp_path)
     assert result.returncode == 0, result.stdout + result.stderr
+    margin = params.report.guard.accuracy_margin
     assert result.stdout.splitlines() == [
+        "PASS: VGG-38's gradients vanish: entry-layer mean |gradient| at most 3.0e-18 in every epoch < 1e-10",
+        "PASS: VGG-08's gradients reach the entry layer: mean |gradient| at least 4.0e-04 in every epoch > 1e-06",
+        "PASS: BN-VGG-38's gradients reach the entry layer: mean |gradient| at least 2.0e-05 in every epoch > 1e-06",
         "PASS: VGG-38 stays at chance: validation loss 4.6100, ln(100) = 4.6052, |difference| 0.0048 <= 0.05",
-        "PASS: BN-VGG-38 beats VGG-38: validation accuracy 0.2000 > 0.0100",
+        f"PASS: VGG-08 beats VGG-38: validation accuracy 0.2000 vs 0.0100, lead +0.1900 > {margin}",
+        f"PASS: BN-VGG-38 beats VGG-38: validation accuracy 0.2000 vs 0.0100, lead +0.1900 > {margin}",
     ]
 
 
 @pytest.mark.parametrize(
-    ("vgg38", "bn", "failed"),
+    ("changes", "failed"),
     [
-        ({"val_loss": 4.0}, {}, "FAIL: VGG-38 stays at chance: validation loss 4.0000"),
-        ({}, {"val_acc": 0.01}, "FAIL: BN-VGG-38 beats VGG-38: validation accuracy 0.0100 > 0.0100"),
+        (
+            {"VGG_38": {"entry_grad_max": 2e-8}},
+            "FAIL: VGG-38's gradients vanish: entry-layer mean |gradient| at most 2.0e-08",
+        ),
+        ({"BN_VGG_38": {"entry_grad_min": 3e-9}}, "FAIL: BN-VGG-38's gradients reach the entry layer"),
+        ({"VGG_38": {"val_loss": 4.0}}, "FAIL: VGG-38 stays at chance: validation loss 4.0000"),
+        ({"BN_VGG_38": {"val_acc": 0.01}}, "FAIL: BN-VGG-38 beats VGG-38: validation accuracy 0.0100 vs 0.0100"),
     ],
 )
-def test_guard_fails_when_the_claim_breaks(params, tmp_path, vgg38, bn, failed):
-    result = _guard(params, tmp_path, vgg38, bn)
+def test_guard_fails_when_the_claim_breaks(params, tmp_path, changes, failed):
+    result = _guard(params, tmp_path, **changes)
     assert result.returncode == 1
     assert failed in result.stdout
+    assert sum(line.startswith("FAIL") for line in result.stdout.splitlines()) == 1
 
 
 def test_guard_without_a_summary_says_what_to_do(params, tmp_path):

@@ -41,7 +41,8 @@ def test_vgg38_without_bn_has_vanishing_entry_gradient_at_init(params, small_dat
 def _train_losses(params, data, quick_train, tmp_path, variant: str) -> list[float]:
     Trainer(
         model=params.model,
-        train=quick_train(epochs=10, progress_every=5),
+        train=quick_train(epochs=10),
+        runtime=params.runtime.model_copy(update={"device": "cpu", "progress_every": 5}),
         variant_name=variant,
         variant=params.variant(variant),
         seed=0,

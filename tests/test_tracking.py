@@ -57,6 +57,7 @@ def _fit(params, data, quick_train, store, out: Path, *, epochs=2, before=()) ->
     trainer = Trainer(
         model=params.model,
         train=quick_train(epochs=epochs),
+        runtime=params.runtime.model_copy(update={"device": "cpu", "progress_every": 1}),
         variant_name=VARIANT,
         variant=params.variant(VARIANT),
         seed=0,
@@ -205,7 +206,7 @@ def test_server_down_until_the_end_reports_what_was_not_sent_and_sync_sends_it(
     monkeypatch.setenv("MLFLOW_TRACKING_URI", own_server.uri)
     sent = sync_run(params.model_copy(update={"tracking": tracking_cfg}), RunFiles(out))
 
-    assert sent == ["epoch 0", "epoch 1", "epoch 2", "artefacts and model"]
+    assert sent == ["epoch 0", "epoch 1", "epoch 2", "artefacts and model", "status FINISHED"]
     assert _steps(store.client, run_id, "train_loss") == [0, 1, 2]
     assert "checkpoints" in {a.path for a in store.client.list_artifacts(run_id)}
     assert store.client.get_run(run_id).info.status == "FINISHED"
@@ -215,7 +216,7 @@ def test_server_down_until_the_end_reports_what_was_not_sent_and_sync_sends_it(
 def test_unreachable_server_stops_the_stage_before_any_work(params, monkeypatch):
     uri = f"http://127.0.0.1:{free_port()}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    with pytest.raises(TrackingError, match=f"the MLflow tracking server at {uri} is not reachable"):
+    with pytest.raises(TrackingError, match=f"the MLflow tracking server at {uri} cannot be used"):
         training_callbacks(params, VARIANT, 0, Path("data/prepared"))
 
 
@@ -226,7 +227,7 @@ def test_train_stage_with_unreachable_server_fails_with_the_uri_and_writes_nothi
     args = ["--variant", VARIANT, "--seed", "0", "--out", str(out), "--params", str(params_file)]
     result = run_stage("train", *args, "--data", str(tmp_path / "no-data"), env={**_env(), "MLFLOW_TRACKING_URI": uri})
     assert result.returncode == 1
-    assert f"error: the MLflow tracking server at {uri} is not reachable" in result.stderr
+    assert f"error: the MLflow tracking server at {uri} cannot be used" in result.stderr
     assert not out.exists()
 
 

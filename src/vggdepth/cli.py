@@ -26,5 +26,9 @@ def entry_point(fn: F) -> F:
         except VggdepthError as exc:
             typer.echo(f"error: {exc}", err=True)
             raise typer.Exit(1) from None
+        except OSError as exc:  # a file or folder the code did not expect to fail on: name it, no traceback
+            where = f" ({exc.filename})" if exc.filename else ""
+            typer.echo(f"error: {exc.strerror or exc}{where}", err=True)
+            raise typer.Exit(1) from None
 
     return wrapper  # type: ignore[return-value]

@@ -15,8 +15,13 @@ PositiveInt = Annotated[int, Field(gt=0)]
 NonNegativeInt = Annotated[int, Field(ge=0)]
 PositiveFloat = Annotated[float, Field(gt=0)]
 Md5 = Annotated[str, Field(pattern=r"^[0-9a-f]{32}$")]
-# Variant names become DVC stage names, MLflow run names and file names: keep them to a safe alphabet.
-VariantName = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")]
+# Variant names become DVC stage names (`train@<variant>-<seed>`: DVC allows no punctuation but `-` and `_`),
+# MLflow run names and file names: keep them to that alphabet.
+VariantName = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]*$")]
+# numpy's random seeds are 32-bit.
+Seed = Annotated[int, Field(ge=0, lt=2**32)]
+IMAGE_SIZE = 32  # CIFAR's images are 32 x 32 pixels
+CLASSES = 100  # CIFAR-100's fine labels
 
 
 class ConfigError(VggdepthError):
@@ -60,6 +65,22 @@ class ModelConfig(_Section):
     negative_slope: Annotated[float, Field(ge=0)]
     num_classes: PositiveInt
 
+    @model_validator(mode="after")
+    def _fits_cifar100(self) -> ModelConfig:
+        # Each stage halves the image: a sixth would pool a 1x1 map.
+        deepest = IMAGE_SIZE.bit_length() - 1
+        if self.stages > deepest:
+            raise ValueError(
+                f"model.stages: {self.stages} stages would pool {IMAGE_SIZE}-pixel images below one pixel "
+                f"(each halves them); use at most {deepest}"
+            )
+        if self.num_classes != CLASSES:
+            raise ValueError(
+                f"model.num_classes: CIFAR-100 has {CLASSES} fine classes, the head must have as many "
+                f"(got {self.num_classes})"
+            )
+        return self
+
 
 class AugmentConfig(_Section):
     crop_padding: NonNegativeInt
@@ -67,19 +88,27 @@ class AugmentConfig(_Section):
 
 
 class TrainConfig(_Section):
-    """Protocol shared by every variant: optimiser, length, device."""
+    """Protocol shared by every variant: what a run computes. Every field here can change a run's result, so
+    the training stages depend on this section and a run's fingerprint is made of it (`epochs` aside: a longer
+    run continues a shorter one)."""
 
     epochs: PositiveInt
     lr_min: Annotated[float, Field(ge=0)]
     betas: Annotated[list[Annotated[float, Field(ge=0, lt=1)]], Field(min_length=2, max_length=2)]  # Adam
     weight_decay: Annotated[float, Field(ge=0)]
     augment: AugmentConfig
-    device: Annotated[str, Field(pattern=r"^(auto|cpu|cuda(:\d+)?)$")]
     bf16: bool
+    grad_stats: bool
+
+
+class RuntimeConfig(_Section):
+    """How a run is executed: none of it changes what a run computes (bit for bit on the CPU), so no stage
+    depends on it and a checkpoint made under other values is resumed."""
+
+    device: Annotated[str, Field(pattern=r"^(auto|cpu|cuda(:\d+)?)$")]
     threads: NonNegativeInt
     progress_every: PositiveInt
     eval_batch_size: PositiveInt
-    grad_stats: bool
 
 
 class Variant(_Section):
@@ -120,16 +149,31 @@ class FigureConfig(_Section):
 
 
 class GuardConfig(_Section):
-    """The study's claim, checked on every pipeline run in CI."""
+    """The study's claim, checked on every pipeline run in CI: its mechanism (entry-layer gradients) first,
+    then accuracy with a margin measured to hold on the reduced profile (benchmarks/guard_margins.py)."""
 
     vanishing: VariantName
+    vanishing_below: PositiveFloat  # its entry-layer mean |gradient| stays below this in every epoch
+    learning: Annotated[list[VariantName], Field(min_length=1)]
+    learning_above: PositiveFloat  # their entry-layer mean |gradient| stays above this in every epoch
     chance_tolerance: PositiveFloat
-    fixed: VariantName
+    accuracy_margin: Annotated[float, Field(ge=0)]  # validation accuracy lead of each learning variant
+
+    @model_validator(mode="after")
+    def _ordered(self) -> GuardConfig:
+        if self.vanishing_below >= self.learning_above:
+            raise ValueError(
+                f"report.guard: vanishing_below ({self.vanishing_below}) must be below learning_above "
+                f"({self.learning_above})"
+            )
+        if self.vanishing in self.learning:
+            raise ValueError(f"report.guard.learning: {self.vanishing!r} is the vanishing variant")
+        return self
 
 
 class ReportConfig(_Section):
     final_variant: VariantName
-    seed: NonNegativeInt
+    seed: Seed
     gradient_statistic: Literal["mean_abs", "last_mean_abs"]
     registered_model: Annotated[str, Field(min_length=1)]
     alias: Annotated[str, Field(pattern=r"^[A-Za-z][A-Za-z0-9_-]*$")]
@@ -145,8 +189,9 @@ class Params(_Section):
     prepare: PrepareConfig
     model: ModelConfig
     train: TrainConfig
+    runtime: RuntimeConfig
     variants: Annotated[dict[VariantName, Variant], Field(min_length=1)]
-    seeds: Annotated[list[NonNegativeInt], Field(min_length=1)]
+    seeds: Annotated[list[Seed], Field(min_length=1)]
     tracking: TrackingConfig
     report: ReportConfig
 
@@ -163,7 +208,8 @@ class Params(_Section):
             for variant in figure.variants:
                 self.variant(variant, field=f"report.figures.{name}.variants")
         self.variant(self.report.guard.vanishing, field="report.guard.vanishing")
-        self.variant(self.report.guard.fixed, field="report.guard.fixed")
+        for name in self.report.guard.learning:
+            self.variant(name, field="report.guard.learning")
         for variant in self.report.reference.curves:
             self.variant(variant, field="report.reference.curves")
         return self

@@ -15,7 +15,7 @@ from sklearn.model_selection import train_test_split
 from vggdepth.config import PrepareConfig
 from vggdepth.download import md5sum
 from vggdepth.errors import VggdepthError
-from vggdepth.files import atomic_dir
+from vggdepth.files import atomic_dir, clean_leftovers, ensure_writable
 
 log = logging.getLogger(__name__)
 
@@ -144,6 +144,9 @@ def channel_stats(images: np.ndarray) -> tuple[list[float], list[float]]:
 def prepare(archive: str | Path, out_dir: str | Path, cfg: PrepareConfig) -> dict:
     """Write train/val/test `.npz` arrays and `stats.json` to `out_dir`, atomically; return the stats."""
     archive, out_dir = Path(archive), Path(out_dir)
+    for leftover in clean_leftovers(out_dir):
+        log.warning("removed %s, left by a prepare stage that was killed while writing", leftover)
+    ensure_writable(out_dir.parent)
     official_train, test, classes = read_archive(archive)
     train, val = split_train_val(official_train, cfg.val_size, cfg.split_seed)
     # Normalisation comes from the whole training split, so reduced runs normalise exactly as full ones do.
@@ -177,25 +180,69 @@ def prepare(archive: str | Path, out_dir: str | Path, cfg: PrepareConfig) -> dic
 
 def _write(out_dir: Path, splits: dict[str, Split], stats: dict) -> None:
     with atomic_dir(out_dir) as staging:
-        for name, split in splits.items():
-            np.savez(staging / f"{name}.npz", images=split.images, labels=split.labels, index=split.index)
-        (staging / STATS_FILE).write_text(json.dumps(stats, indent=2) + "\n")
+        try:
+            for name, split in splits.items():
+                np.savez(staging / f"{name}.npz", images=split.images, labels=split.labels, index=split.index)
+            (staging / STATS_FILE).write_text(json.dumps(stats, indent=2) + "\n")
+        except OSError as exc:
+            raise PrepareError(f"cannot write the prepared data to {out_dir}: {exc.strerror or exc}") from None
+
+
+STATS_KEYS = ("archive_md5", "split_seed", "sizes", "subset", "mean", "std", "classes")
 
 
 def load_prepared(out_dir: str | Path) -> PreparedData:
-    """Read what `prepare` wrote; a clear error when it is missing or incomplete."""
+    """Read what `prepare` wrote; a clear error naming the file when something is missing, damaged or does not
+    fit (shapes, label range, split sizes)."""
     out_dir = Path(out_dir)
+    remedy = "run `dvc repro prepare` (or `dvc checkout data/prepared`) to make it again"
+    stats_path = out_dir / STATS_FILE
     try:
-        stats = json.loads((out_dir / STATS_FILE).read_text())
-        splits = {}
-        for name in SPLITS:
-            with np.load(out_dir / f"{name}.npz") as arrays:
-                splits[name] = Split(arrays["images"], arrays["labels"], arrays["index"])
-    except (OSError, KeyError, ValueError) as exc:
-        raise PrepareError(
-            f"prepared data in {out_dir} is missing or incomplete ({exc}); run `dvc repro prepare`"
-        ) from None
+        stats = json.loads(stats_path.read_text())
+    except FileNotFoundError:
+        raise PrepareError(f"no prepared data: {stats_path} is missing; {remedy}") from None
+    except (OSError, ValueError) as exc:
+        raise PrepareError(f"{stats_path} is damaged ({exc}); {remedy}") from None
+    missing = [k for k in STATS_KEYS if not isinstance(stats, dict) or k not in stats]
+    if missing:
+        raise PrepareError(f"{stats_path} lacks {', '.join(missing)}; {remedy}")
+    if not (_floats(stats["mean"], 3) and _floats(stats["std"], 3) and all(v > 0 for v in stats["std"])):
+        raise PrepareError(f"{stats_path}: mean and std must be 3 numbers each (std > 0); {remedy}")
+    classes = stats["classes"]
+    splits = {}
+    for name in SPLITS:
+        path = out_dir / f"{name}.npz"
+        try:
+            with np.load(path, allow_pickle=False) as arrays:
+                split = Split(arrays["images"], arrays["labels"], arrays["index"])
+        except FileNotFoundError:
+            raise PrepareError(f"no prepared data: {path} is missing; {remedy}") from None
+        except Exception as exc:  # a damaged zip, a missing array, a truncated member: numpy raises many kinds
+            raise PrepareError(f"{path} is damaged ({type(exc).__name__}: {exc}); {remedy}") from None
+        problem = _split_problem(split, len(classes))
+        if problem is None and stats["sizes"].get(name) != len(split):
+            problem = f"holds {len(split)} images, {STATS_FILE} says {stats['sizes'].get(name)}"
+        if problem:
+            raise PrepareError(f"{path} {problem}; {remedy}")
+        splits[name] = split
     return PreparedData(stats=stats, **splits)
+
+
+def _floats(values: object, n: int) -> bool:
+    return isinstance(values, list) and len(values) == n and all(isinstance(v, int | float) for v in values)
+
+
+def _split_problem(split: Split, classes: int) -> str | None:
+    """What is wrong with a loaded split, or None."""
+    if split.images.dtype != np.uint8 or split.images.ndim != 4 or split.images.shape[1:] != IMAGE_SHAPE:
+        return f"has images {split.images.dtype} {split.images.shape}, expected uint8 (N, 3, 32, 32)"
+    if split.labels.shape != (len(split.images),) or split.index.shape != (len(split.images),):
+        return f"has {len(split.images)} images but {len(split.labels)} labels and {len(split.index)} indices"
+    if len(split) == 0:
+        return "is empty"
+    if split.labels.min() < 0 or split.labels.max() >= classes:
+        return f"has labels outside 0..{classes - 1} (the classes of {STATS_FILE})"
+    return None
 
 
 def _fmt(values: list[float]) -> str:

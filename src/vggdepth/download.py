@@ -17,7 +17,7 @@ from typing import BinaryIO
 from tqdm import tqdm
 
 from vggdepth.errors import VggdepthError
-from vggdepth.files import atomic_path
+from vggdepth.files import atomic_path, clean_leftovers, ensure_writable
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +43,10 @@ def fetch_archive(url: str, md5: str, dest: str | Path, *, timeout_s: float = 60
     The bytes go to a temporary file beside `dest` that is renamed only once complete and verified:
     on any failure `dest` is left as it was and no partial file remains.
     """
+    dest = Path(dest)
+    for leftover in clean_leftovers(dest):
+        log.warning("removed %s, left by a download that was killed", leftover)
+    ensure_writable(dest.parent)
     digest = hashlib.md5(usedforsecurity=False)
     received = 0
     started = time.perf_counter()
@@ -102,7 +106,11 @@ def _open_source(url: str, timeout_s: float) -> Iterator[tuple[BinaryIO, int | N
         raise DownloadError(f"unsupported data.url scheme {scheme!r} in {url}; use http(s)://, file:// or a path")
     if not path.is_file():
         raise DownloadError(f"archive not found: {path} (from data.url={url}); check the path")
-    with open(path, "rb") as stream:
+    try:
+        stream = open(path, "rb")  # noqa: SIM115 (closed below)
+    except OSError as exc:
+        raise DownloadError(f"cannot read {path} (from data.url={url}): {exc.strerror or exc}") from None
+    with stream:
         yield stream, path.stat().st_size
 
 

@@ -10,6 +10,7 @@ import hashlib
 import json
 import logging
 import math
+import os
 import random
 import sys
 import time
@@ -22,19 +23,18 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from vggdepth.batches import DeviceDataset, training_batches
-from vggdepth.config import ModelConfig, TrainConfig, Variant
+from vggdepth.config import ModelConfig, Params, RuntimeConfig, TrainConfig, Variant
 from vggdepth.data import PreparedData
 from vggdepth.errors import VggdepthError
-from vggdepth.files import atomic_path, write_csv, write_json
+from vggdepth.files import atomic_path, clean_leftovers, ensure_writable, write_csv, write_json
 from vggdepth.gradients import COLUMNS as GRADIENT_COLUMNS
 from vggdepth.gradients import GradientRecorder, GradientRow
 from vggdepth.models import VGG, count_parameters
 
 log = logging.getLogger(__name__)
 
-CHECKPOINT_FORMAT = 1
-# Settings that do not change what a run computes: a checkpoint made under other values may be resumed.
-_RESUMABLE_ACROSS = ("epochs", "device", "threads", "progress_every", "eval_batch_size")
+# 2: loadable with torch.load(weights_only=True) (random states as plain values), best weights inside last.pt.
+CHECKPOINT_FORMAT = 2
 
 
 class TrainingError(VggdepthError):
@@ -43,6 +43,10 @@ class TrainingError(VggdepthError):
 
 class NonFiniteLossError(TrainingError):
     """The loss became NaN or infinite."""
+
+
+class CheckpointError(TrainingError):
+    """A checkpoint cannot be read: damaged, truncated, or not a checkpoint this version can load safely."""
 
 
 @dataclass(frozen=True)
@@ -100,6 +104,16 @@ class RunFiles:
     def best(self) -> Path:
         return self.checkpoints / "best.pt"
 
+    @property
+    def previous(self) -> Path:
+        """The last checkpoint before the newest one: what a damaged `last.pt` falls back to."""
+        return self.checkpoints / "previous.pt"
+
+    @property
+    def outputs(self) -> tuple[Path, ...]:
+        """Every file the train stage writes, checkpoints aside."""
+        return (self.epochs_csv, self.gradients_csv, self.train_json)
+
 
 @dataclass
 class RunInfo:
@@ -136,7 +150,11 @@ def resolve_device(name: str) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise TrainingError(f"train.device is {name!r} but no CUDA device is available; use 'auto' or 'cpu'")
+        raise TrainingError(f"runtime.device is {name!r} but no CUDA device is available; use 'auto' or 'cpu'")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise TrainingError(
+            f"runtime.device is {name!r} but this machine has {torch.cuda.device_count()} CUDA device(s)"
+        )
     return device
 
 
@@ -148,11 +166,12 @@ def make_scheduler(optimizer: torch.optim.Optimizer, variant: Variant, lr_min: f
 
 
 def run_fingerprint(model: ModelConfig, train: TrainConfig, variant: Variant, seed: int, data: dict) -> str:
-    """Identity of what a run computes; a checkpoint is resumed only under the same fingerprint."""
-    train_part = train.model_dump(exclude=set(_RESUMABLE_ACROSS))
+    """Identity of what a run computes; a checkpoint is resumed only under the same fingerprint. Made of the
+    sections that change results (`runtime` is not one of them); `train.epochs` is left out because a longer
+    run continues a shorter one."""
     payload = {
         "model": model.model_dump(),
-        "train": train_part,
+        "train": train.model_dump(exclude={"epochs"}),
         "variant": variant.model_dump(),
         "seed": seed,
         "data": {k: data[k] for k in ("archive_md5", "split_seed", "sizes", "subset")},
@@ -167,9 +186,11 @@ def seed_everything(seed: int) -> None:
 
 
 def _rng_state(generator: torch.Generator) -> dict:
+    """Every random state, as tensors and plain Python values only, so checkpoints load with weights_only."""
+    name, keys, position, has_gauss, gauss = np.random.get_state()
     return {
         "python": random.getstate(),
-        "numpy": np.random.get_state(),
+        "numpy": [name, torch.from_numpy(keys.astype(np.int64)), int(position), int(has_gauss), float(gauss)],
         "torch": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
         "batches": generator.get_state(),
@@ -177,25 +198,58 @@ def _rng_state(generator: torch.Generator) -> dict:
 
 
 def _set_rng_state(state: dict, generator: torch.Generator) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, position, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), position, has_gauss, cached))
+    torch.set_rng_state(state["torch"].cpu())
     if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-    generator.set_state(state["batches"])
+        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
+    generator.set_state(state["batches"].cpu())
 
 
 def save_checkpoint(path: Path, state: dict) -> None:
     """torch.save through a temporary file, so a kill never leaves a truncated checkpoint."""
     with atomic_path(path) as tmp:
-        torch.save(state, tmp)
+        try:
+            torch.save(state, tmp)
+        except RuntimeError as exc:  # torch reports a failed write (a full disk) as a RuntimeError
+            raise TrainingError(f"cannot write checkpoint {path}: {_first_line(exc)}") from None
+
+
+_CHECKPOINT_KEYS = ("format", "fingerprint", "variant", "seed", "epoch", "model", "model_config", "variant_config")
 
 
 def load_checkpoint(path: Path, device: torch.device | str = "cpu") -> dict:
+    """A checkpoint, read with `weights_only=True`: tensors and plain values only, so a tampered file cannot run
+    code. Raises `CheckpointError` naming the file when it is missing, damaged, unsafe or not ours."""
+    path = Path(path)
     try:
-        return torch.load(path, map_location=device, weights_only=False)  # our own file, written by save_checkpoint
-    except (OSError, RuntimeError, EOFError) as exc:
-        raise TrainingError(f"cannot read checkpoint {path}: {exc}") from None
+        state = torch.load(path, map_location=device, weights_only=True)
+    except FileNotFoundError:
+        raise CheckpointError(f"no checkpoint at {path}") from None
+    except Exception as exc:  # torch raises UnpicklingError, RuntimeError, EOFError, ... for a damaged file
+        if "Weights only load failed" in str(exc):
+            raise CheckpointError(
+                f"{path} holds objects other than tensors and plain values (it is not a checkpoint of this "
+                "version, or it was tampered with); it was not loaded, so nothing in it ran. Remove it and "
+                "re-run training to make a new one"
+            ) from None
+        raise CheckpointError(f"checkpoint {path} is damaged or truncated ({_first_line(exc)})") from None
+    missing = [k for k in _CHECKPOINT_KEYS if not isinstance(state, dict) or k not in state]
+    if missing:
+        raise CheckpointError(f"{path} is not a vggdepth checkpoint (no {', '.join(missing)})")
+    if state["format"] != CHECKPOINT_FORMAT:
+        raise CheckpointError(
+            f"{path} is a checkpoint of format {state['format']}, this version reads format {CHECKPOINT_FORMAT}; "
+            "remove it and re-run training"
+        )
+    return state
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:300] if text else type(exc).__name__
 
 
 class Trainer:
@@ -206,6 +260,7 @@ class Trainer:
         *,
         model: ModelConfig,
         train: TrainConfig,
+        runtime: RuntimeConfig,
         variant_name: str,
         variant: Variant,
         seed: int,
@@ -213,11 +268,13 @@ class Trainer:
         files: RunFiles,
         callbacks: list[Callback] | tuple[Callback, ...] = (),
     ):
-        self.model_cfg, self.cfg, self.variant, self.seed = model, train, variant, seed
+        self.model_cfg, self.cfg, self.runtime, self.variant, self.seed = model, train, runtime, variant, seed
         self.files, self.callbacks = files, list(callbacks)
-        self.device = resolve_device(train.device)
-        if train.threads:
-            torch.set_num_threads(train.threads)
+        # Before any work: a run that cannot write its outputs should fail now, not after its first epoch.
+        ensure_writable(files.checkpoints)
+        self.device = resolve_device(runtime.device)
+        if runtime.threads:
+            torch.set_num_threads(runtime.threads)
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = True  # fixed input shapes: let cuDNN pick the fastest kernels
         self.autocast = self.device.type == "cuda" and train.bf16
@@ -234,6 +291,8 @@ class Trainer:
         self.recorder = GradientRecorder(self.net) if train.grad_stats else None
 
         self.best = {"epoch": -1, "val_acc": -1.0, "val_loss": math.inf}
+        self.best_model: dict | None = None  # the best epoch's weights, kept in last.pt so best.pt can be rebuilt
+        self.trained_on = str(self.device)  # the device of the newest epoch, restored with a finished run
         self.run = RunInfo(
             variant=variant_name,
             seed=seed,
@@ -254,21 +313,53 @@ class Trainer:
 
     # ---- resume -------------------------------------------------------------------------------------------
 
+    def _resume_state(self) -> dict | None:
+        """The newest readable checkpoint of this run folder: `last.pt`, else `previous.pt` when `last.pt` is
+        missing or damaged (a kill between the two writes, a truncated copy). None when there is none."""
+        files = self.files
+        for leftover in clean_leftovers(files.last) + clean_leftovers(files.previous) + clean_leftovers(files.best):
+            log.warning("removed %s, left by a run that was killed while writing it", leftover)
+        for output in files.outputs:
+            clean_leftovers(output)
+        damaged = []
+        for path in (files.last, files.previous):
+            if not path.exists():
+                continue
+            try:
+                state = load_checkpoint(path, self.device)
+            except CheckpointError as exc:
+                if "nothing in it ran" in str(exc):  # unsafe, not merely damaged: never skip past it silently
+                    raise
+                damaged.append((path, exc))
+                continue
+            for bad, exc in damaged:
+                log.warning("%s; resuming from %s (end of epoch %d) instead", exc, path, state["epoch"] - 1)
+                bad.unlink(missing_ok=True)
+            return state
+        if damaged:
+            raise CheckpointError(
+                f"{damaged[0][1]} and there is no earlier good checkpoint to fall back to. To train this run "
+                f"from scratch, remove the folder: rm -r {files.checkpoints}"
+            )
+        return None
+
     def _restore(self) -> None:
         """Continue from the last checkpoint when it belongs to this very run; otherwise start afresh."""
-        if not self.files.last.exists():
+        state = self._resume_state()
+        if state is None:
             return
-        state = load_checkpoint(self.files.last, self.device)
-        stale = None
-        if state.get("format") != CHECKPOINT_FORMAT or state.get("fingerprint") != self.run.fingerprint:
-            stale = "was made by other settings or data"
-        elif state["epoch"] > self.cfg.epochs:
-            stale = f"is past train.epochs={self.cfg.epochs}"
-        if stale:
-            log.warning("%s %s: starting afresh", self.files.last, stale)
-            self.files.last.unlink()
-            self.files.best.unlink(missing_ok=True)
+        source = self.files.last if self.files.last.exists() else self.files.previous
+        if state["fingerprint"] != self.run.fingerprint:
+            log.warning("%s was made by other settings or data: starting this run afresh", source)
+            for path in (self.files.last, self.files.previous, self.files.best):
+                path.unlink(missing_ok=True)
             return
+        if state["epoch"] > self.cfg.epochs:
+            raise TrainingError(
+                f"{source} holds this run trained for {state['epoch']} epochs, more than train.epochs="
+                f"{self.cfg.epochs}. It is kept: set train.epochs to {state['epoch']} to use it, or move "
+                f"{self.files.checkpoints} away to train a {self.cfg.epochs}-epoch run"
+            )
         self.net.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
@@ -276,9 +367,30 @@ class Trainer:
         self.history.extend(EpochRecord(**r) for r in state["history"])
         self.gradients.extend(GradientRow(**r) for r in state["gradients"])
         self.best = state["best"]
+        self.best_model = state["best_model"]
+        self.trained_on = state["trained_on"]
         self.run.start_epoch = state["epoch"]
         self.run.extra = state.get("extra", {})
-        log.info("resuming %s from epoch %d of %d", self.files.last, state["epoch"], self.cfg.epochs)
+        self._check_best(state)
+        if source == self.files.previous:  # last.pt was missing: make the state we resume from the last one again
+            save_checkpoint(self.files.last, state)
+        log.info("resuming %s from epoch %d of %d", source, state["epoch"], self.cfg.epochs)
+
+    def _check_best(self, state: dict) -> None:
+        """best.pt must hold the best epoch's weights; rebuild it from last.pt when it is missing or damaged."""
+        expected = self.best["epoch"] + 1
+        problem = None
+        try:
+            best = load_checkpoint(self.files.best, "cpu")
+            if best["fingerprint"] != state["fingerprint"] or best["epoch"] != expected:
+                problem = f"holds epoch {best['epoch'] - 1}, not the best epoch {self.best['epoch']}"
+        except CheckpointError as exc:
+            if "nothing in it ran" in str(exc):
+                raise
+            problem = str(exc)
+        if problem:
+            log.warning("%s: %s; rewriting it from %s", self.files.best, problem, self.files.last.name)
+            save_checkpoint(self.files.best, self._weights(self.best["epoch"] + 1, self.best_model))
 
     # ---- one epoch ----------------------------------------------------------------------------------------
 
@@ -305,9 +417,9 @@ class Trainer:
             acc_sum += (logits.argmax(1) == y).float().mean()
             first_bad = torch.where(~torch.isfinite(loss) & (first_bad < 0), step, first_bad)
             steps = step + 1
-            if steps % self.cfg.progress_every == 0:
+            if steps % self.runtime.progress_every == 0:
                 self._check_finite(first_bad, epoch)
-                bar.update(self.cfg.progress_every)
+                bar.update(self.runtime.progress_every)
                 bar.set_postfix(loss=f"{loss_sum.item() / steps:.3f}", acc=f"{acc_sum.item() / steps:.3f}")
         self._check_finite(first_bad, epoch)
         bar.update(bar.total - bar.n)
@@ -329,13 +441,17 @@ class Trainer:
     def evaluate(self, data: DeviceDataset) -> tuple[float, float]:
         """Sample-weighted mean loss and accuracy in eval mode."""
         self.net.eval()
-        return evaluate_model(self.net, data, self.cfg.eval_batch_size, self.autocast)
+        return evaluate_model(self.net, data, self.runtime.eval_batch_size, self.autocast)
 
     # ---- the run ------------------------------------------------------------------------------------------
 
     def fit(self) -> dict:
-        """Train to `train.epochs` (resuming if possible), write all outputs, return the summary."""
+        """Train to `train.epochs` (resuming if possible), write all outputs, return the summary. A run already
+        trained to `train.epochs` trains nothing and writes its outputs again from its checkpoint, identical to
+        the first time (DVC deletes them before re-running a stage)."""
         self._restore()
+        if self.history:
+            self._write_tables()
         for cb in self.callbacks:
             cb.on_run_start(self.run)
         try:
@@ -353,6 +469,7 @@ class Trainer:
 
     def _epoch(self, epoch: int) -> None:
         started = time.perf_counter()
+        self.trained_on = str(self.device)
         lr = self.optimizer.param_groups[0]["lr"]
         desc = f"{self.run.variant} s{self.seed} epoch {epoch + 1}/{self.cfg.epochs}"
         steps = math.ceil(len(self.train_data) / self.variant.batch_size)
@@ -384,34 +501,46 @@ class Trainer:
             cb.on_epoch_end(self.run, record, rows)
 
     def _end_of_epoch(self, record: EpochRecord) -> None:
-        """Best checkpoint when validation accuracy improved, then the last checkpoint and the tables."""
-        weights = {
-            "format": CHECKPOINT_FORMAT,
-            "fingerprint": self.run.fingerprint,
-            "variant": self.run.variant,
-            "seed": self.seed,
-            "epoch": record.epoch + 1,
-            "model": self.net.state_dict(),
-            **self._identity(),
-        }
+        """Best checkpoint when validation accuracy improved, then the last checkpoint and the tables. The last
+        checkpoint before this one stays as `previous.pt`, so a damaged `last.pt` costs one epoch, not the run."""
         if record.val_acc > self.best["val_acc"]:
             self.best = {"epoch": record.epoch, "val_acc": record.val_acc, "val_loss": record.val_loss}
-            save_checkpoint(self.files.best, weights)
+            self.best_model = {k: v.detach().clone() for k, v in self.net.state_dict().items()}
+            save_checkpoint(self.files.best, self._weights(record.epoch + 1, self.best_model))
+        if self.files.last.exists():
+            os.replace(self.files.last, self.files.previous)
         save_checkpoint(
             self.files.last,
             {
-                **weights,
+                **self._weights(record.epoch + 1, self.net.state_dict()),
                 "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(),
                 "rng": _rng_state(self.generator),
                 "history": [asdict(r) for r in self.history],
                 "gradients": [asdict(r) for r in self.gradients],
                 "best": self.best,
+                "best_model": self.best_model,
+                "trained_on": self.trained_on,
                 "extra": self.run.extra,
             },
         )
+        self._write_tables()
+
+    def _write_tables(self) -> None:
         write_csv(self.files.epochs_csv, EPOCH_COLUMNS, [astuple(r) for r in self.history])
         write_csv(self.files.gradients_csv, GRADIENT_COLUMNS, [astuple(r) for r in self.gradients])
+
+    def _weights(self, epochs: int, model: dict) -> dict:
+        """A checkpoint's common part: whose weights these are, after how many epochs, and how to rebuild the net."""
+        return {
+            "format": CHECKPOINT_FORMAT,
+            "fingerprint": self.run.fingerprint,
+            "variant": self.run.variant,
+            "seed": self.seed,
+            "epoch": epochs,
+            "model": model,
+            **self._identity(),
+        }
 
     def _identity(self) -> dict:
         """What it takes to rebuild the network from a checkpoint alone."""
@@ -438,7 +567,7 @@ class Trainer:
             "parameters": self.run.parameters,
             "seconds": train_seconds,
             "images_per_second": len(self.train_data) * len(self.history) / train_seconds,
-            "device": self.run.device,
+            "device": self.trained_on,
         }
 
 
@@ -459,3 +588,23 @@ def load_network(checkpoint: dict, device: torch.device) -> VGG:
     net = VGG(ModelConfig(**checkpoint["model_config"]), Variant(**checkpoint["variant_config"]))
     net.load_state_dict(checkpoint["model"])
     return net.to(device, memory_format=torch.channels_last).eval()
+
+
+def train_run(
+    params: Params, variant: str, seed: int, data: PreparedData, out: Path, callbacks: list[Callback] | tuple = ()
+) -> Trainer:
+    """Train (or resume, or restore the outputs of) one (variant, seed) into `out`: the one entry point the stage,
+    the tests and the benchmarks share. Returns the trainer, its run complete."""
+    trainer = Trainer(
+        model=params.model,
+        train=params.train,
+        runtime=params.runtime,
+        variant_name=variant,
+        variant=params.variant(variant, field="variant"),
+        seed=seed,
+        data=data,
+        files=RunFiles(out),
+        callbacks=callbacks,
+    )
+    trainer.fit()
+    return trainer

@@ -6,35 +6,33 @@ from __future__ import annotations
 import logging
 
 from vggdepth.batches import DeviceDataset
-from vggdepth.config import TrainConfig
+from vggdepth.config import RuntimeConfig, TrainConfig
 from vggdepth.data import PreparedData
-from vggdepth.engine import RunFiles, TrainingError, evaluate_model, load_checkpoint, load_network, resolve_device
-from vggdepth.files import write_json
+from vggdepth.engine import CheckpointError, RunFiles, evaluate_model, load_checkpoint, load_network, resolve_device
 
 log = logging.getLogger(__name__)
 
 
-def evaluate_run(files: RunFiles, data: PreparedData, train: TrainConfig) -> dict:
-    """Test loss and accuracy of `files`' best and last checkpoints; written to `files.test_json`."""
-    device = resolve_device(train.device)
+def evaluate_run(files: RunFiles, data: PreparedData, train: TrainConfig, runtime: RuntimeConfig) -> dict:
+    """Test loss and accuracy of `files`' best and last checkpoints. Writes nothing: the stage writes
+    `test.json` once the result is safely elsewhere too (see pipeline/evaluate.py)."""
+    device = resolve_device(runtime.device)
     test = DeviceDataset(data.test, data.mean, data.std, device)
     autocast = device.type == "cuda" and train.bf16
     result = {}
     for kind, path in (("best", files.best), ("final", files.last)):
-        if not path.exists():
-            raise TrainingError(f"no {kind} checkpoint at {path}; run the train stage first")
-        checkpoint = load_checkpoint(path, device)
-        loss, acc = evaluate_model(load_network(checkpoint, device), test, train.eval_batch_size, autocast)
+        try:
+            checkpoint = load_checkpoint(path, device)
+        except CheckpointError as exc:
+            variant, _, seed = files.root.name.rpartition("-s")
+            stage = f"train@{variant}-{seed}" if variant else "train"
+            raise CheckpointError(
+                f"{exc}. Re-run the train stage (`dvc repro {stage}`): it restores the {kind} checkpoint of a "
+                "finished run, or trains it"
+            ) from None
+        loss, acc = evaluate_model(load_network(checkpoint, device), test, runtime.eval_batch_size, autocast)
         epoch = checkpoint["epoch"] - 1  # a checkpoint counts completed epochs; tables number epochs from 0
         result[kind] = {"epoch": epoch, "test_loss": loss, "test_acc": acc}
-        log.info(
-            "%s %s checkpoint (epoch %d): test loss %.4f, accuracy %.4f",
-            files.root,
-            kind,
-            epoch,
-            loss,
-            acc,
-        )
+        log.info("%s %s checkpoint (epoch %d): test loss %.4f, accuracy %.4f", files.root, kind, epoch, loss, acc)
     result["test_images"] = len(test)
-    write_json(files.test_json, result)
     return result

@@ -16,7 +16,7 @@ from matplotlib.ticker import MaxNLocator
 
 from vggdepth.files import atomic_path
 from vggdepth.gradients import GradientRow
-from vggdepth.report import read_epochs, run_of
+from vggdepth.outputs import CURVE_COLUMNS, read_epochs, run_of
 
 # Values at or below this are drawn on the floor of the log axis (float32 gradients that vanished entirely).
 GRADIENT_FLOOR = 1e-20
@@ -174,7 +174,7 @@ def build_figures(params, results: dict, project: Path) -> dict[str, Figure | st
                     f"{report.reference.epochs}; drawn only when they match"
                 )
                 continue
-            curves = {v: read_epochs(project / report.reference.curves[v]) for v in spec.variants}
+            curves = {v: read_epochs(project / report.reference.curves[v], CURVE_COLUMNS) for v in spec.variants}
             built[name] = reference_overlay_figure(
                 results, spec.variants, seed, curves, "ours vs the course's reference framework"
             )

@@ -11,22 +11,72 @@ from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
+from vggdepth.errors import VggdepthError
+
 _UMASK = os.umask(0o022)
 os.umask(_UMASK)  # read once: mkstemp creates 0600 files, outputs should get the usual permissions
 
 
+class OutputError(VggdepthError):
+    """An output cannot be written (no permission, no space left, not a folder)."""
+
+
+def _cannot_write(dest: Path, exc: OSError) -> OutputError:
+    reason = exc.strerror or str(exc)
+    return OutputError(f"cannot write {dest}: {reason}; free some space or choose a writable location")
+
+
+def ensure_writable(folder: str | Path) -> Path:
+    """Create `folder` if needed and prove a file can be written in it: checked before work starts, so a stage
+    never trains for an hour to fail on its first output."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, name = tempfile.mkstemp(prefix=".write-check.", dir=folder)
+        os.close(fd)
+        os.unlink(name)
+    except OSError as exc:
+        reason = exc.strerror or exc
+        raise OutputError(f"cannot write to {folder}: {reason}; check the path and its permissions") from None
+    return folder
+
+
+def clean_leftovers(dest: str | Path) -> list[Path]:
+    """Remove what a killed writer of `dest` left beside it (`.<name>.*.part` files, `.<name>.*` staging folders);
+    return what was removed. Called when a stage starts, before it writes `dest` again."""
+    dest = Path(dest)
+    if not dest.parent.is_dir():
+        return []
+    removed = []
+    for leftover in dest.parent.glob(f".{dest.name}.*"):
+        if leftover.is_dir() and not leftover.is_symlink():
+            shutil.rmtree(leftover, ignore_errors=True)
+        elif leftover.name.endswith(".part") or leftover.name.endswith(".old"):
+            leftover.unlink(missing_ok=True)
+        else:
+            continue
+        removed.append(leftover)
+    return removed
+
+
 @contextmanager
 def atomic_path(dest: str | Path) -> Iterator[Path]:
-    """A temporary path beside `dest`: renamed to `dest` when the block succeeds, removed when it fails."""
+    """A temporary path beside `dest`: renamed to `dest` when the block succeeds, removed when it fails.
+    An OSError inside the block (a full disk, say) is reported as an `OutputError` naming `dest`."""
     dest = Path(dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent)
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        fd, name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent)
+    except OSError as exc:
+        raise _cannot_write(dest, exc) from None
     os.close(fd)
     tmp = Path(name)
     os.chmod(tmp, 0o666 & ~_UMASK)
     try:
         yield tmp
         os.replace(tmp, dest)
+    except OSError as exc:
+        raise _cannot_write(dest, exc) from None
     finally:
         tmp.unlink(missing_ok=True)
 
@@ -36,8 +86,11 @@ def atomic_dir(dest: str | Path) -> Iterator[Path]:
     """A temporary folder beside `dest` that replaces `dest` whole when the block succeeds, and is removed when
     it fails (leaving `dest` as it was)."""
     dest = Path(dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
+    except OSError as exc:
+        raise _cannot_write(dest, exc) from None
     try:
         yield staging
         if dest.exists():

@@ -2,19 +2,18 @@
 
 from __future__ import annotations
 
-import csv
-import json
 import logging
 import math
 import statistics
-from dataclasses import dataclass
+from collections.abc import Callable
 from pathlib import Path
 
 from vggdepth.config import Params
-from vggdepth.engine import EPOCH_COLUMNS, RunFiles
-from vggdepth.errors import VggdepthError
+from vggdepth.engine import EPOCH_COLUMNS
 from vggdepth.files import atomic_dir, write_csv, write_json
-from vggdepth.gradients import GradientRow
+from vggdepth.outputs import CURVE_COLUMNS, ReportError, RunOutputs, collect, read_table, run_of
+
+__all__ = ["ReportError", "build_report", "check_guard", "collect", "table1", "table_markdown"]
 
 log = logging.getLogger(__name__)
 
@@ -22,85 +21,19 @@ METRICS = ("train_acc", "train_loss", "val_acc", "val_loss")
 TEST_METRICS = ("test_acc", "test_loss")
 
 
-class ReportError(VggdepthError):
-    """The runs needed for the report are missing or incomplete."""
-
-
-@dataclass(frozen=True)
-class RunOutputs:
-    """What the train and evaluate stages left for one (variant, seed)."""
-
-    variant: str
-    seed: int
-    files: RunFiles
-    epochs: list[dict[str, float]]
-    train: dict
-    test: dict
-
-    @property
-    def last(self) -> dict[str, float]:
-        return self.epochs[-1]
-
-    def gradients(self) -> list[GradientRow]:
-        with open(self.files.gradients_csv) as f:
-            return [
-                GradientRow(
-                    int(r["epoch"]),
-                    r["layer"],
-                    int(r["index"]),
-                    int(r["numel"]),
-                    float(r["mean_abs"]),
-                    float(r["last_mean_abs"]),
-                    float(r["grad_l2"]),
-                    float(r["weight_l2"]),
-                )
-                for r in csv.DictReader(f)
-            ]
-
-
-def run_of(results: dict[str, list[RunOutputs]], variant: str, seed: int) -> RunOutputs:
-    """The run of `variant` with `seed` among collected results."""
-    return next(r for r in results[variant] if r.seed == seed)
-
-
-def read_epochs(path: Path) -> list[dict[str, float]]:
-    with open(path) as f:
-        return [{k: int(v) if k == "epoch" else float(v) for k, v in row.items()} for row in csv.DictReader(f)]
-
-
-def collect(params: Params, runs: Path) -> dict[str, list[RunOutputs]]:
-    """Every variant's runs, one per seed, in params order; a clear error naming what is missing."""
-    found: dict[str, list[RunOutputs]] = {}
-    missing = []
-    for variant in params.variants:
-        found[variant] = []
-        for seed in params.seeds:
-            files = RunFiles.of(runs, variant, seed)
-            needed = (files.epochs_csv, files.train_json, files.test_json, files.gradients_csv)
-            absent = [p for p in needed if not p.exists()]
-            if absent:
-                missing += [str(p) for p in absent]
-                continue
-            found[variant].append(
-                RunOutputs(
-                    variant,
-                    seed,
-                    files,
-                    read_epochs(files.epochs_csv),
-                    json.loads(files.train_json.read_text()),
-                    json.loads(files.test_json.read_text()),
-                )
-            )
-    if missing:
-        raise ReportError(
-            f"the report needs every run's outputs; missing: {', '.join(missing)}. Run `dvc repro` to make them."
-        )
-    return found
-
-
 def read_paper_table(path: Path) -> dict[str, dict[str, float]]:
-    with open(path) as f:
-        return {row["model"]: {k: float(v) for k, v in row.items() if k != "model"} for row in csv.DictReader(f)}
+    """The report's own Table 1 (`report.reference.table`), by variant."""
+    rows = read_table(path, ("model", *CURVE_COLUMNS), numeric=CURVE_COLUMNS)
+    return {row.pop("model"): row for row in rows}
+
+
+def entry_gradients(runs: list[RunOutputs]) -> tuple[float, float]:
+    """(min, max) over the runs' epochs of the entry layer's mean |gradient|: the study's mechanism in two
+    numbers (below 1e-10 when gradients vanish, around 1e-3 when they flow)."""
+    values = [g.mean_abs for run in runs for g in run.gradients() if g.index == 0]
+    if not values:
+        raise ReportError(f"{runs[0].files.gradients_csv} has no gradient statistics (train.grad_stats is off?)")
+    return min(values), max(values)
 
 
 def _mean_std(values: list[float]) -> tuple[float, float]:
@@ -122,6 +55,7 @@ def table1(params: Params, results: dict[str, list[RunOutputs]], paper: dict[str
             "comparable": epochs == reference.epochs,
             "seeds": len(runs),
         }
+        row["entry_grad_min"], row["entry_grad_max"] = entry_gradients(runs)
         for metric in METRICS:
             row[metric] = shown.last[metric]
             row[f"{metric}_mean"], row[f"{metric}_std"] = _mean_std([r.last[metric] for r in runs])
@@ -144,6 +78,8 @@ TABLE_COLUMNS = (
     "epochs",
     "comparable",
     "seeds",
+    "entry_grad_min",
+    "entry_grad_max",
     *(f"{m}{suffix}" for m in (*METRICS, *TEST_METRICS) for suffix in ("", "_mean", "_std")),
     *(f"{kind}_{m}" for m in (*METRICS, *TEST_METRICS) for kind in ("paper", "diff")),
 )
@@ -210,7 +146,16 @@ def table_markdown(params: Params, rows: list[dict]) -> str:
 
 def summary_metrics(rows: list[dict]) -> dict:
     """A few numbers per variant, so `dvc exp show` has one column per variant and metric."""
-    keys = ("val_acc", "val_loss", "val_acc_mean", "test_acc", "test_acc_mean", "epochs")
+    keys = (
+        "val_acc",
+        "val_loss",
+        "val_acc_mean",
+        "test_acc",
+        "test_acc_mean",
+        "epochs",
+        "entry_grad_min",
+        "entry_grad_max",
+    )
     return {r["variant"]: {k: r[k] for k in keys} for r in rows}
 
 
@@ -228,8 +173,11 @@ def write_curves(results: dict[str, list[RunOutputs]], seed: int, path: Path) ->
     )
 
 
-def build_report(params: Params, runs: Path, out: Path, project: Path) -> dict:
-    """Write Table 1 (Markdown, CSV), the summary metrics, the curves and the figures into `out`, atomically."""
+def build_report(
+    params: Params, runs: Path, out: Path, project: Path, publish: Callable[[Path], object] | None = None
+) -> dict:
+    """Write Table 1 (Markdown, CSV), the summary metrics, the curves and the figures into `out`, atomically.
+    `publish` (MLflow) gets the finished report before it is put in place: when it fails, `out` is unchanged."""
     from vggdepth.figures import report_figures
 
     results = collect(params, runs)
@@ -243,6 +191,8 @@ def build_report(params: Params, runs: Path, out: Path, project: Path) -> dict:
         write_curves(results, params.report.seed, staging / "curves.csv")
         for note in report_figures(params, results, project, staging / "figures"):
             log.info("figure skipped: %s", note)
+        if publish is not None:
+            publish(staging)
     log.info(
         "report written to %s: %d variants, %d figures", out, len(rows), len(list((out / "figures").glob("*.png")))
     )
@@ -250,16 +200,47 @@ def build_report(params: Params, runs: Path, out: Path, project: Path) -> dict:
 
 
 def check_guard(params: Params, summary: dict) -> list[str]:
-    """The study's claim on a summary: the vanishing variant at chance, the fixed one above it.
-    Returns one line per check, each starting with PASS or FAIL."""
+    """The study's claim on a summary, one line per check starting with PASS or FAIL: the mechanism (the
+    vanishing variant's entry-layer gradient below `vanishing_below` in every epoch, the learning variants'
+    above `learning_above`), the vanishing variant at chance, and the learning variants ahead of it on
+    validation accuracy by `accuracy_margin`."""
     guard = params.report.guard
     chance = math.log(params.model.num_classes)
-    vanishing, fixed = summary[guard.vanishing], summary[guard.fixed]
-    gap = abs(vanishing["val_loss"] - chance)
-    return [
-        f"{'PASS' if gap <= guard.chance_tolerance else 'FAIL'}: {guard.vanishing} stays at chance: validation "
-        f"loss {vanishing['val_loss']:.4f}, ln({params.model.num_classes}) = {chance:.4f}, "
-        f"|difference| {gap:.4f} <= {guard.chance_tolerance}",
-        f"{'PASS' if fixed['val_acc'] > vanishing['val_acc'] else 'FAIL'}: {guard.fixed} beats {guard.vanishing}: "
-        f"validation accuracy {fixed['val_acc']:.4f} > {vanishing['val_acc']:.4f}",
+    vanishing = summary[guard.vanishing]
+    lines = [
+        _verdict(
+            vanishing["entry_grad_max"] < guard.vanishing_below,
+            f"{guard.vanishing}'s gradients vanish: entry-layer mean |gradient| at most "
+            f"{vanishing['entry_grad_max']:.1e} in every epoch < {guard.vanishing_below:.0e}",
+        )
     ]
+    for name in guard.learning:
+        lines.append(
+            _verdict(
+                summary[name]["entry_grad_min"] > guard.learning_above,
+                f"{name}'s gradients reach the entry layer: mean |gradient| at least "
+                f"{summary[name]['entry_grad_min']:.1e} in every epoch > {guard.learning_above:.0e}",
+            )
+        )
+    gap = abs(vanishing["val_loss"] - chance)
+    lines.append(
+        _verdict(
+            gap <= guard.chance_tolerance,
+            f"{guard.vanishing} stays at chance: validation loss {vanishing['val_loss']:.4f}, "
+            f"ln({params.model.num_classes}) = {chance:.4f}, |difference| {gap:.4f} <= {guard.chance_tolerance}",
+        )
+    )
+    for name in guard.learning:
+        lead = summary[name]["val_acc"] - vanishing["val_acc"]
+        lines.append(
+            _verdict(
+                lead > guard.accuracy_margin,
+                f"{name} beats {guard.vanishing}: validation accuracy {summary[name]['val_acc']:.4f} vs "
+                f"{vanishing['val_acc']:.4f}, lead {lead:+.4f} > {guard.accuracy_margin}",
+            )
+        )
+    return lines
+
+
+def _verdict(ok: bool, claim: str) -> str:
+    return f"{'PASS' if ok else 'FAIL'}: {claim}"

@@ -21,6 +21,8 @@ import urllib.error
 import urllib.parse
 import urllib.request
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -70,25 +72,77 @@ def _is_embedded(uri: str) -> bool:
     return uri.startswith("sqlite:///")
 
 
+# Stores MLflow can track to: a server, a database, or a local folder.
+KNOWN_SCHEMES = ("http", "https", "sqlite", "postgresql", "mysql", "mssql", "file", "databricks")
+
+
+def _server_problem(uri: str, timeout_s: float) -> str | None:
+    """Why the tracking server at `uri` cannot be used, or None when it answers as an MLflow server."""
+    base = uri.rstrip("/")
+    try:
+        with urllib.request.urlopen(f"{base}/health", timeout=timeout_s) as response:  # noqa: S310
+            if response.status != 200:
+                return f"HTTP {response.status} from /health"
+    except urllib.error.HTTPError as exc:
+        return f"HTTP {exc.code} {exc.reason} from /health"
+    except (urllib.error.URLError, OSError) as exc:
+        return str(getattr(exc, "reason", exc))
+    # Any web server may answer /health; only an MLflow server answers its REST API, with JSON.
+    query = urllib.parse.urlencode({"experiment_name": "Default"})
+    try:
+        with urllib.request.urlopen(  # noqa: S310
+            f"{base}/api/2.0/mlflow/experiments/get-by-name?{query}", timeout=timeout_s
+        ) as response:
+            json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        try:  # MLflow answers an unknown experiment with 404 and a JSON error code
+            if exc.code == 404 and json.loads(exc.read()).get("error_code"):
+                return None
+        except (ValueError, AttributeError, OSError):
+            pass
+        return f"HTTP {exc.code} {exc.reason} from its REST API: is it an MLflow server?"
+    except ValueError:
+        return "its REST API does not answer with JSON: is it an MLflow server?"
+    except (urllib.error.URLError, OSError) as exc:
+        return str(getattr(exc, "reason", exc))
+    return None
+
+
 def check_reachable(uri: str, timeout_s: float) -> None:
-    """Fail at once, naming the URI, when a tracking server does not answer its health check."""
-    scheme = urllib.parse.urlsplit(uri).scheme
-    if scheme in ("http", "https"):
-        try:
-            with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout_s) as response:  # noqa: S310
-                if response.status == 200:
-                    return
-                problem = f"HTTP {response.status}"
-        except urllib.error.HTTPError as exc:
-            problem = f"HTTP {exc.code} {exc.reason}"
-        except (urllib.error.URLError, OSError) as exc:
-            problem = str(getattr(exc, "reason", exc))
+    """Fail at once, naming the URI, when the store's scheme is unknown or a tracking server does not answer as
+    an MLflow server (within `timeout_s`)."""
+    scheme = urllib.parse.urlsplit(uri).scheme.split("+")[0]
+    if scheme not in KNOWN_SCHEMES:
         raise TrackingError(
-            f"the MLflow tracking server at {uri} is not reachable ({problem}). Start it, point {URI_ENV} at a "
-            "running server, unset it to use the embedded store under mlruns/, or set tracking.enabled: false"
+            f"{URI_ENV}={uri}: unknown tracking store scheme {scheme!r}; use an MLflow server (http(s)://), a "
+            f"database (sqlite:///, postgresql://, ...), or unset {URI_ENV} for the embedded store under mlruns/"
         )
+    if scheme in ("http", "https"):
+        problem = _server_problem(uri, timeout_s)
+        if problem:
+            raise TrackingError(
+                f"the MLflow tracking server at {uri} cannot be used ({problem}). Start it, point {URI_ENV} at a "
+                "running server, unset it to use the embedded store under mlruns/, or set tracking.enabled: false"
+            )
     if _is_embedded(uri):
-        Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+        database = Path(uri.removeprefix("sqlite:///"))
+        try:
+            database.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise TrackingError(f"cannot create the tracking store at {uri}: {exc.strerror or exc}") from None
+        if database.exists() and not os.access(database, os.W_OK):
+            raise TrackingError(f"the tracking store at {uri} is read-only: MLflow cannot record runs in it")
+
+
+@contextmanager
+def _store_errors(uri: str, what: str) -> Iterator[None]:
+    """Any failure of MLflow or its database while doing `what`, as one line naming the store."""
+    try:
+        yield
+    except TrackingError:
+        raise
+    except Exception as exc:
+        raise TrackingError(f"MLflow at {uri} failed to {what}: {_short(exc)}") from None
 
 
 def _git_state(cwd: Path) -> tuple[str, bool]:
@@ -171,12 +225,27 @@ class Store:
         self.root = (root or project_root()).resolve()
         self.uri = uri or tracking_uri(self.root)
         check_reachable(self.uri, cfg.request_timeout_s)
-        mlflow.set_tracking_uri(self.uri)
-        self.client = MlflowClient(self.uri)
-        self.experiment_id = self._experiment()
+        with _store_errors(self.uri, f"open experiment {cfg.experiment!r}"):
+            mlflow.set_tracking_uri(self.uri)
+            self.client = MlflowClient(self.uri)
+            self.experiment_id = self._experiment()
+
+    def answers(self) -> bool:
+        """Whether the store answers now (a server may have gone away since the stage started)."""
+        try:
+            self.client.get_experiment(self.experiment_id)
+        except Exception:
+            return False
+        return True
 
     def _experiment(self) -> str:
         found = self.client.get_experiment_by_name(self.cfg.experiment)
+        if found is not None and found.lifecycle_stage == "deleted":
+            raise TrackingError(
+                f"experiment {self.cfg.experiment!r} (id {found.experiment_id}) is deleted in the MLflow store at "
+                f"{self.uri}: restore it (`mlflow experiments restore --experiment-id {found.experiment_id}` with "
+                f"{URI_ENV}={self.uri}), or set tracking.experiment to another name"
+            )
         if found is not None:
             return found.experiment_id
         # The embedded store keeps artefacts beside its database, not in ./mlartifacts of whatever directory.
@@ -197,6 +266,10 @@ class Store:
 
     def parent_run(self, context: PipelineContext) -> str:
         """The parent run of this pipeline run, created on first use."""
+        with _store_errors(self.uri, f"find or create the parent run {context.name!r}"):
+            return self._parent_run(context)
+
+    def _parent_run(self, context: PipelineContext) -> str:
         found = self._find(f"tags.`{PARENT_KEY_TAG}` = '{context.key}'")
         if found is not None:
             return found.info.run_id
@@ -211,6 +284,10 @@ class Store:
     def training_run(self, context: PipelineContext, run: RunInfo, stage: str) -> tuple[str, bool]:
         """(run id, created) for this (variant, seed): the one in its checkpoint, an unfinished one of the same
         settings under this parent, or a new one."""
+        with _store_errors(self.uri, f"start the run of {run.variant}-s{run.seed}"):
+            return self._training_run(context, run, stage)
+
+    def _training_run(self, context: PipelineContext, run: RunInfo, stage: str) -> tuple[str, bool]:
         parent = self.parent_run(context)
         known = run.extra.get(RUN_ID_KEY)
         if known:
@@ -252,7 +329,9 @@ def _pending_epochs(history: list[EpochRecord], gradients: list[GradientRow], lo
     return [(r.epoch, epoch_metrics(r, by_epoch.get(r.epoch, []))) for r in history if r.epoch not in logged]
 
 
-def log_run_artifacts(store: Store, run_id: str, files: RunFiles, gradients: list[GradientRow], title: str) -> None:
+def log_run_artifacts(
+    store: Store, run_id: str, files: RunFiles, gradients: list[GradientRow], title: str, *, model: bool = True
+) -> None:
     """Tables, checkpoints, the gradient-flow figure and the best checkpoint as an MLflow PyTorch model."""
     import mlflow
     import torch
@@ -268,7 +347,7 @@ def log_run_artifacts(store: Store, run_id: str, files: RunFiles, gradients: lis
         with tempfile.TemporaryDirectory() as tmp:
             figure = gradient_flow_figure(gradients, f"{title}: gradient flow")
             client.log_artifact(run_id, str(save_figure(figure, Path(tmp) / "gradient_flow.png")))
-    if store.cfg.log_model:
+    if store.cfg.log_model and model:
         best = load_checkpoint(files.best)
         net = load_network(best, torch.device("cpu"))
         example = torch.zeros(2, 3, 32, 32).numpy()  # normalised images, N x 3 x 32 x 32
@@ -285,6 +364,25 @@ def log_run_artifacts(store: Store, run_id: str, files: RunFiles, gradients: lis
         )
         client.set_tag(run_id, "vggdepth.model_uri", info.model_uri)
         client.set_tag(run_id, "vggdepth.model_epoch", str(best["epoch"] - 1))
+
+
+def _finished(run: RunInfo) -> bool:
+    """Whether this process trains nothing: the run was complete in its checkpoint."""
+    return bool(run.history) and run.start_epoch == len(run.history)
+
+
+def _title(run: RunInfo) -> str:
+    return f"{run.variant} seed {run.seed}"
+
+
+def complete_run_artifacts(store: Store, run_id: str, files: RunFiles, gradients: list[GradientRow], title: str):
+    """Log the artefacts and the model only when the MLflow run lacks them; return whether anything was sent."""
+    has_files = bool(store.client.list_artifacts(run_id))
+    has_model = bool(store.client.get_run(run_id).data.tags.get("vggdepth.model_uri"))
+    if has_files and (has_model or not store.cfg.log_model):
+        return False
+    log_run_artifacts(store, run_id, files, gradients, title, model=not has_model)
+    return True
 
 
 class MlflowCallback(Callback):
@@ -304,13 +402,14 @@ class MlflowCallback(Callback):
     def on_run_start(self, run: RunInfo) -> None:
         self.run_id, created = self.store.training_run(self.context, run, self.stage)
         run.extra[RUN_ID_KEY] = self.run_id
-        if created:
-            self.client.log_batch(self.run_id, params=_params(run.config))
-            self._log_inputs(run)
-        # A resumed run: epochs restored from its checkpoint that MLflow has not seen (killed before logging them).
-        self.pending = _pending_epochs(run.history, run.gradients, self.store.logged_epochs(self.run_id))
+        with _store_errors(self.store.uri, f"record the params and inputs of {run.variant}-s{run.seed}"):
+            if created:
+                self.client.log_batch(self.run_id, params=_params(run.config))
+                self._log_inputs(run)
+            # A resumed run: epochs restored from its checkpoint that MLflow has not seen (killed before logging them).
+            self.pending = _pending_epochs(run.history, run.gradients, self.store.logged_epochs(self.run_id))
         self._flush()
-        if self.store.cfg.system_metrics:
+        if self.store.cfg.system_metrics and not _finished(run):
             from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
             self.monitor = SystemMetricsMonitor(self.run_id, resume_logging=not created, tracking_uri=self.store.uri)
@@ -324,7 +423,10 @@ class MlflowCallback(Callback):
     def on_run_end(self, run: RunInfo, summary: dict) -> None:
         self._flush()
         try:
-            log_run_artifacts(self.store, self.run_id, run.files, run.gradients, f"{run.variant} seed {run.seed}")
+            if _finished(run):  # nothing trained: the outputs were restored; send only what MLflow lacks
+                complete_run_artifacts(self.store, self.run_id, run.files, run.gradients, _title(run))
+            else:
+                log_run_artifacts(self.store, self.run_id, run.files, run.gradients, _title(run))
             artefacts = True
         except Exception as exc:  # tracking must never cost the run its outputs
             artefacts = False
@@ -442,7 +544,10 @@ def _run_id_of(files: RunFiles, state: dict | None = None) -> str:
     """The MLflow run named in a run's last checkpoint (`state`, when already loaded)."""
     run_id = (state or load_checkpoint(files.last)).get("extra", {}).get(RUN_ID_KEY)
     if not run_id:
-        raise TrackingError(f"{files.last} names no MLflow run: it was trained with tracking.enabled: false")
+        raise TrackingError(
+            f"{files.last} names no MLflow run: it was trained with tracking.enabled: false. Set "
+            "tracking.enabled: false for this stage too, or retrain the run with tracking on"
+        )
     return run_id
 
 
@@ -458,18 +563,27 @@ def _test_metrics(result: dict):
 
 
 def log_evaluation(store: Store | None, files: RunFiles, result: dict) -> None:
-    """Test metrics of the evaluate stage, into the training run they belong to. A store lost since the stage
-    started costs the log, not the stage: the outputs are written, the gap is reported."""
+    """Test metrics and `test.json` of the evaluate stage, into the training run they belong to; called before
+    the stage writes `test.json`, so a stage that fails here leaves no output. A server lost since the stage
+    started costs the log, not the stage (the gap is reported, `sync` sends it later); a store that answers but
+    refuses fails the stage, with its reason."""
     if store is None:
         return
     run_id = _run_id_of(files)
     try:
         store.client.log_batch(run_id, metrics=_test_metrics(result))
-        store.client.log_artifact(run_id, str(files.test_json))
+        with tempfile.TemporaryDirectory() as tmp:
+            copy = Path(tmp) / files.test_json.name
+            copy.write_text(json.dumps(result, indent=2) + "\n")
+            store.client.log_artifact(run_id, str(copy))
     except Exception as exc:
+        if store.answers():
+            raise TrackingError(
+                f"MLflow at {store.uri} refused the test metrics of {files.root} (run {run_id}): {_short(exc)}"
+            ) from None
         log.error(
-            "could not send the test metrics of %s to MLflow at %s (%s); send them with "
-            "`python -m vggdepth sync %s` once it is back",
+            "could not send the test metrics of %s: MLflow at %s does not answer (%s); the stage's outputs are "
+            "complete, send them with `python -m vggdepth sync %s` once it is back",
             files.root,
             store.uri,
             _short(exc),
@@ -482,20 +596,26 @@ def sync_run(params: Params, files: RunFiles) -> list[str]:
     store = Store(params.tracking)
     state = load_checkpoint(files.last)
     run_id = _run_id_of(files, state)
+    with _store_errors(store.uri, f"take what {files.root} has to send"):
+        return _sync(store, files, state, run_id)
+
+
+def _sync(store: Store, files: RunFiles, state: dict, run_id: str) -> list[str]:
     gradients = [GradientRow(**r) for r in state["gradients"]]
     history = [EpochRecord(**r) for r in state["history"]]
     sent = []
     for epoch, metrics in _pending_epochs(history, gradients, store.logged_epochs(run_id)):
         store.client.log_batch(run_id, metrics=metrics)
         sent.append(f"epoch {epoch}")
-    if not store.client.list_artifacts(run_id) and files.train_json.exists():
-        log_run_artifacts(store, run_id, files, gradients, f"{state['variant']} seed {state['seed']}")
+    title = f"{state['variant']} seed {state['seed']}"
+    if files.train_json.exists() and complete_run_artifacts(store, run_id, files, gradients, title):
         sent.append("artefacts and model")
     if files.test_json.exists() and not store.client.get_metric_history(run_id, "test_acc_best"):
         log_evaluation(store, files, json.loads(files.test_json.read_text()))
         sent.append("test metrics")
-    if sent and store.client.get_run(run_id).info.status != "FINISHED" and files.train_json.exists():
+    if store.client.get_run(run_id).info.status != "FINISHED" and files.train_json.exists():
         store.client.set_terminated(run_id, "FINISHED")
+        sent.append("status FINISHED")
     return sent
 
 
@@ -503,7 +623,13 @@ def log_report(
     store: Store, params: Params, out: Path, runs: Path, context: PipelineContext | None = None
 ) -> tuple[str, str]:
     """Table 1, the summary and the figures into the pipeline's parent run; the final variant's best model into
-    the registry under `report.registered_model`, with `report.alias`. Returns (model name, version)."""
+    the registry under `report.registered_model`, with `report.alias`. Returns (model name, version).
+    `out` may be the report's staging folder: the stage publishes before it puts the report in place."""
+    with _store_errors(store.uri, "take the report"):
+        return _log_report(store, params, out, runs, context)
+
+
+def _log_report(store: Store, params: Params, out: Path, runs: Path, context: PipelineContext | None):
     import mlflow
     from mlflow.entities import Metric
 
