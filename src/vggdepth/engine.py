@@ -12,6 +12,7 @@ import logging
 import math
 import os
 import random
+import re
 import sys
 import time
 from dataclasses import asdict, astuple, dataclass, field
@@ -229,11 +230,12 @@ def load_checkpoint(path: Path, device: torch.device | str = "cpu") -> dict:
     except FileNotFoundError:
         raise CheckpointError(f"no checkpoint at {path}") from None
     except Exception as exc:  # torch raises UnpicklingError, RuntimeError, EOFError, ... for a damaged file
-        if "Weights only load failed" in str(exc):
+        unsafe = re.search(r"GLOBAL (\S+)", str(exc))  # weights_only refused to import something
+        if unsafe:
             raise CheckpointError(
-                f"{path} holds objects other than tensors and plain values (it is not a checkpoint of this "
-                "version, or it was tampered with); it was not loaded, so nothing in it ran. Remove it and "
-                "re-run training to make a new one"
+                f"{path} asks for {unsafe.group(1)}, which a checkpoint never needs (it is not a checkpoint of "
+                "this version, or it was tampered with); it was not loaded, so nothing in it ran. Remove it "
+                "and re-run training to make a new one"
             ) from None
         raise CheckpointError(f"checkpoint {path} is damaged or truncated ({_first_line(exc)})") from None
     missing = [k for k in _CHECKPOINT_KEYS if not isinstance(state, dict) or k not in state]
