@@ -215,7 +215,9 @@ def save_checkpoint(path: Path, state: dict) -> None:
         try:
             torch.save(state, tmp)
         except RuntimeError as exc:  # torch reports a failed write (a full disk) as a RuntimeError
-            raise TrainingError(f"cannot write checkpoint {path}: {_first_line(exc)}") from None
+            raise TrainingError(
+                f"cannot write checkpoint {path}: the write failed (a full disk?): {_first_line(exc)}"
+            ) from None
 
 
 _CHECKPOINT_KEYS = ("format", "fingerprint", "variant", "seed", "epoch", "model", "model_config", "variant_config")
@@ -237,7 +239,9 @@ def load_checkpoint(path: Path, device: torch.device | str = "cpu") -> dict:
                 "this version, or it was tampered with); it was not loaded, so nothing in it ran. Remove it "
                 "and re-run training to make a new one"
             ) from None
-        raise CheckpointError(f"checkpoint {path} is damaged or truncated ({_first_line(exc)})") from None
+        detail = re.search(r"WeightsUnpickler error:\s*(\S.*)", str(exc))
+        reason = f"unreadable pickle: {detail.group(1)}" if detail else _first_line(exc)
+        raise CheckpointError(f"checkpoint {path} is damaged or truncated ({reason})") from None
     missing = [k for k in _CHECKPOINT_KEYS if not isinstance(state, dict) or k not in state]
     if missing:
         raise CheckpointError(f"{path} is not a vggdepth checkpoint (no {', '.join(missing)})")

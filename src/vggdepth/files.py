@@ -92,7 +92,10 @@ def atomic_dir(dest: str | Path) -> Iterator[Path]:
     except OSError as exc:
         raise _cannot_write(dest, exc) from None
     try:
-        yield staging
+        try:
+            yield staging
+        except OutputError as exc:  # name the output a user knows, not the staging folder
+            raise OutputError(str(exc).replace(str(staging), str(dest))) from None
         if dest.exists():
             retired = dest.with_name(f".{dest.name}.old")
             shutil.rmtree(retired, ignore_errors=True)

@@ -1,0 +1,709 @@
+"""Bad inputs, table-driven: params, archives, prepared data, checkpoints, tracking stores, report inputs and
+output locations. Each case runs a real stage (or command) as a process and must end with exit status 1, a single
+`error:` line naming the culprit, no traceback, and nothing half-written."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import resource
+import shutil
+import signal
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from tests.conftest import ROOT, free_port, prepare_subset
+from vggdepth.engine import RunFiles, train_run
+from vggdepth.evaluation import evaluate_run
+from vggdepth.files import write_json
+
+SEED = 0
+
+
+@contextlib.contextmanager
+def read_only_folder(path: Path, populate: Callable[[Path], None]) -> Iterator[Path]:
+    """A folder nobody can write, root included: a read-only tmpfs when running as root (root ignores file
+    modes), else a folder without write permission. `populate` fills it first."""
+    path.mkdir(parents=True)
+    if os.geteuid() == 0:
+        subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(path)], check=True)
+        try:
+            populate(path)
+            subprocess.run(["mount", "-o", "remount,ro", str(path)], check=True)
+            yield path
+        finally:
+            subprocess.run(["umount", str(path)], check=True)
+    else:
+        populate(path)
+        modes = {p: p.stat().st_mode for p in [path, *path.rglob("*")]}
+        for p in modes:
+            p.chmod(modes[p] & ~0o222)
+        try:
+            yield path
+        finally:
+            for p, mode in modes.items():
+                p.chmod(mode)
+
+
+def _file_size_limit(limit: int) -> Callable[[], None]:
+    """A child process whose files cannot grow past `limit` bytes: writes fail as on a full disk."""
+
+    def apply() -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # fail the write with EFBIG instead of killing the process
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    return apply
+
+
+@dataclass
+class Workspace:
+    """One case's folder: a params file, a copy of the prepared data and of the runs, and how to run a command."""
+
+    root: Path
+    raw: dict
+    prepared: Path
+    runs: Path
+    archive: Path
+    env: dict = field(default_factory=dict)
+    preexec: Callable[[], None] | None = None
+    stack: contextlib.ExitStack = field(default_factory=contextlib.ExitStack)
+
+    @property
+    def params(self) -> Path:
+        return self.root / "params.yaml"
+
+    def write_params(self, raw: dict | None = None, text: str | None = None) -> Path:
+        self.params.write_text(text if text is not None else yaml.safe_dump(raw or self.raw, sort_keys=False))
+        return self.params
+
+    def set(self, dotted: str, value) -> Workspace:
+        """Change one value of params.yaml (`variants.VGG-08.lr`); `...` deletes it."""
+        *parents, last = dotted.split(".")
+        node = self.raw
+        for part in parents:
+            node = node[part]
+        if value is ...:
+            del node[last]
+        else:
+            node[last] = value
+        self.write_params()
+        return self
+
+    def data(self) -> Path:
+        """A fresh copy of the prepared data, to damage."""
+        copy = self.root / "prepared"
+        shutil.copytree(self.prepared, copy)
+        return copy
+
+    def run_folder(self, variant: str = "VGG-08") -> RunFiles:
+        """A fresh copy of a finished run, to damage."""
+        copy = self.root / "runs" / f"{variant}-s{SEED}"
+        shutil.copytree(self.runs / copy.name, copy)
+        return RunFiles(copy)
+
+    def all_runs(self) -> Path:
+        copy = self.root / "runs"
+        shutil.copytree(self.runs, copy)
+        return copy
+
+    def stage(self, name: str, *args: str) -> list[str]:
+        return [sys.executable, str(ROOT / "pipeline" / f"{name}.py"), *args, "--params", str(self.params)]
+
+    def train(self, data: Path | None = None, out: Path | None = None, variant: str = "VGG-08") -> list[str]:
+        return self.stage(
+            "train",
+            "--variant",
+            variant,
+            "--seed",
+            str(SEED),
+            "--out",
+            str(out or self.root / "out"),
+            "--data",
+            str(data or self.prepared),
+        )
+
+    def evaluate(self, run: RunFiles, data: Path | None = None) -> list[str]:
+        return self.stage("evaluate", "--run", str(run.root), "--data", str(data or self.prepared))
+
+    def report(self, runs: Path) -> list[str]:
+        return self.stage("report", "--runs", str(runs), "--out", str(self.root / "report"))
+
+    def cli(self, *args: str) -> list[str]:
+        return [sys.executable, "-m", "vggdepth", *args, "--params", str(self.params)]
+
+    def tracking(self, uri: str) -> Workspace:
+        self.set("tracking.enabled", True)
+        self.env["MLFLOW_TRACKING_URI"] = uri
+        return self
+
+
+@dataclass(frozen=True)
+class Case:
+    """A command built in a workspace, the text its error line must contain, and outputs that must not exist."""
+
+    make: Callable[[Workspace], list[str]]
+    culprit: Callable[[Workspace], str] | str
+    absent: tuple[str, ...] = ()  # paths relative to the workspace
+
+
+CASES: dict[str, Case] = {}
+
+
+def case(name: str, culprit, absent: tuple[str, ...] = ("out/train.json",)):
+    def register(make):
+        CASES[name] = Case(make, culprit, absent)
+        return make
+
+    return register
+
+
+# ---- params: rejected before any work, naming the field ------------------------------------------------------
+
+PARAMS_CASES = {
+    "batch-size-zero": ("variants.VGG-08.batch_size", 0, "variants.VGG-08.batch_size: input should be greater than 0"),
+    "negative-lr": ("variants.VGG-08.lr", -1e-3, "variants.VGG-08.lr: input should be greater than 0"),
+    "lr-as-string": ("variants.VGG-08.lr", "1e-3", "variants.VGG-08.lr: input should be a valid number"),
+    "missing-field": ("train.epochs", ..., "train.epochs: field required"),
+    "unknown-schedule": ("variants.VGG-08.schedule", "step", "variants.VGG-08.schedule: input should be 'cosine'"),
+    "num-classes-not-cifar100": ("model.num_classes", 10, "model.num_classes: CIFAR-100 has 100 fine classes"),
+    "too-many-stages": ("model.stages", 6, "model.stages: 6 stages would pool 32-pixel images below one pixel"),
+    "empty-seeds": ("seeds", [], "seeds: list should have at least 1 item"),
+    "duplicate-seeds": ("seeds", [0, 0], "seeds: each seed must appear once"),
+    "seed-too-large-for-numpy": ("seeds", [2**32], "seeds.0: input should be less than 4294967296"),
+    "lr-floor-above-lr": ("train.lr_min", 0.5, "train.lr_min: the floor 0.5 must be below every variant's lr"),
+    "unknown-final-variant": ("report.final_variant", "VGG-99", "report.final_variant: unknown variant 'VGG-99'"),
+    "device-name": ("runtime.device", "gpu", "runtime.device: string should match pattern"),
+    "bad-md5": ("data.md5", "xyz", "data.md5: string should match pattern"),
+    "guard-thresholds-crossed": ("report.guard.vanishing_below", 1.0, "report.guard: vanishing_below (1.0)"),
+    "guard-unknown-variant": ("report.guard.learning", ["VGG-99"], "report.guard.learning: unknown variant"),
+    "betas-out-of-range": ("train.betas", [0.9, 1.5], "train.betas.1: input should be less than 1"),
+}
+for _name, (_key, _value, _message) in PARAMS_CASES.items():
+    case(f"params-{_name}", _message)(lambda ws, k=_key, v=_value: ws.set(k, v) and ws.train())
+
+
+@case("params-unknown-key", "train.epoch: unknown key; did you mean 'epochs'?")
+def _(ws):
+    ws.raw["train"]["epoch"] = 3
+    ws.write_params()
+    return ws.train()
+
+
+@case("params-variant-name-dvc-cannot-use", "variants.VGG.08.[key]: string should match pattern")
+def _(ws):
+    ws.raw["variants"]["VGG.08"] = ws.raw["variants"]["VGG-08"]
+    ws.write_params()
+    return ws.train()
+
+
+@case("params-not-yaml", "not valid YAML")
+def _(ws):
+    ws.write_params(text="train: [unclosed\n")
+    return ws.train()
+
+
+@case("params-missing-file", "no such file")
+def _(ws):
+    ws.params.unlink()
+    return ws.train()
+
+
+@case("params-unknown-variant-option", "--variant: unknown variant 'VGG-99'")
+def _(ws):
+    return ws.train(variant="VGG-99")
+
+
+@case("params-cuda-without-a-gpu", "runtime.device is 'cuda")
+def _(ws):
+    if torch.cuda.is_available():
+        return ws.set("runtime.device", "cuda:9").train()
+    return ws.set("runtime.device", "cuda").train()
+
+
+# ---- archives ----------------------------------------------------------------------------------------------
+
+
+def _download(ws: Workspace, url: str, md5: str | None = None) -> list[str]:
+    ws.set("data.url", url)
+    ws.set("data.md5", md5 or ws.raw["data"]["md5"])
+    return ws.stage("download", "--out", str(ws.root / "raw" / "archive.tar.gz"))
+
+
+@case("archive-wrong-md5", "md5 mismatch", absent=("raw/archive.tar.gz",))
+def _(ws):
+    return _download(ws, str(ws.archive), "0" * 32)
+
+
+@case("archive-missing-file", "archive not found", absent=("raw/archive.tar.gz",))
+def _(ws):
+    return _download(ws, str(ws.root / "nowhere.tar.gz"))
+
+
+@case("archive-unsupported-scheme", "unsupported data.url scheme 'ftp'", absent=("raw/archive.tar.gz",))
+def _(ws):
+    return _download(ws, "ftp://127.0.0.1/cifar-100-python.tar.gz")
+
+
+@case("archive-unreachable-host", "cannot reach 127.0.0.1", absent=("raw/archive.tar.gz",))
+def _(ws):
+    return _download(ws, f"http://127.0.0.1:{free_port()}/cifar-100-python.tar.gz")
+
+
+def _prepare(ws: Workspace, archive: Path) -> list[str]:
+    return ws.stage("prepare", "--archive", str(archive), "--out", str(ws.root / "prepared-out"))
+
+
+@case("archive-not-gzip", "as the CIFAR-100 python archive", absent=("prepared-out",))
+def _(ws):
+    bogus = ws.root / "bogus.tar.gz"
+    bogus.write_bytes(b"plain text, not a tar.gz")
+    return _prepare(ws, bogus)
+
+
+@case("archive-without-meta", "has no cifar-100-python/meta", absent=("prepared-out",))
+def _(ws):
+    import tarfile
+
+    partial = ws.root / "partial.tar.gz"
+    with tarfile.open(partial, "w:gz") as tar:
+        tar.add(ws.root / "params.yaml", arcname="cifar-100-python/readme")
+    return _prepare(ws, partial)
+
+
+# ---- prepared data -------------------------------------------------------------------------------------------
+
+
+@case("prepared-stats-missing", "stats.json is missing")
+def _(ws):
+    data = ws.data()
+    (data / "stats.json").unlink()
+    return ws.train(data=data)
+
+
+@case("prepared-stats-without-keys", "stats.json lacks archive_md5, mean")
+def _(ws):
+    data = ws.data()
+    stats = json.loads((data / "stats.json").read_text())
+    del stats["archive_md5"], stats["mean"]
+    (data / "stats.json").write_text(json.dumps(stats))
+    return ws.train(data=data)
+
+
+@case("prepared-stats-not-json", "stats.json is damaged")
+def _(ws):
+    data = ws.data()
+    (data / "stats.json").write_text("{ half")
+    return ws.train(data=data)
+
+
+@case("prepared-npz-garbage", "train.npz is damaged")
+def _(ws):
+    data = ws.data()
+    (data / "train.npz").write_bytes(b"PK\x03\x04 garbage")
+    return ws.train(data=data)
+
+
+@case("prepared-npz-truncated", "val.npz is damaged")
+def _(ws):
+    data = ws.data()
+    (data / "val.npz").write_bytes((data / "val.npz").read_bytes()[:2000])
+    return ws.train(data=data)
+
+
+def _rewrite_split(data: Path, name: str, **arrays) -> None:
+    with np.load(data / f"{name}.npz") as old:
+        current = {k: old[k] for k in old.files}
+    current.update(arrays)
+    np.savez(data / f"{name}.npz", **current)
+
+
+@case("prepared-labels-out-of-range", "train.npz has labels outside 0..99")
+def _(ws):
+    data = ws.data()
+    _rewrite_split(data, "train", labels=np.full(200, 150, dtype=np.uint8))
+    return ws.train(data=data)
+
+
+@case("prepared-images-wrong-shape", "test.npz has images uint8 (100, 3, 16, 16)")
+def _(ws):
+    data = ws.data()
+    _rewrite_split(data, "test", images=np.zeros((100, 3, 16, 16), dtype=np.uint8))
+    return ws.evaluate(ws.run_folder(), data=data)
+
+
+# ---- checkpoints ---------------------------------------------------------------------------------------------
+
+
+def _finished_run_at_out(ws: Workspace) -> RunFiles:
+    run = ws.run_folder()
+    os.replace(run.root, ws.root / "out")
+    return RunFiles(ws.root / "out")
+
+
+@case("checkpoint-garbage-last", lambda ws: f"checkpoint {ws.root / 'out/checkpoints/last.pt'} is damaged", absent=())
+def _(ws):
+    run = _finished_run_at_out(ws)
+    run.train_json.unlink()
+    run.last.write_bytes(b"garbage")
+    return ws.train()
+
+
+@case(
+    "checkpoint-truncated-best-under-evaluate", "best.pt is damaged or truncated", absent=("runs/VGG-08-s0/test.json",)
+)
+def _(ws):
+    run = ws.run_folder()
+    run.test_json.unlink()
+    run.best.write_bytes(run.best.read_bytes()[:3000])
+    return ws.evaluate(run)
+
+
+@case("checkpoint-tampered", "which a checkpoint never needs", absent=("runs/VGG-08-s0/test.json",))
+def _(ws):
+    run = ws.run_folder()
+    run.test_json.unlink()
+    state = torch.load(run.last, weights_only=True)
+    state["extra"] = {"payload": _Payload(ws.root / "pwned")}
+    torch.save(state, run.last)
+    return ws.evaluate(run)
+
+
+class _Payload:
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+@case("checkpoint-not-ours", "is not a vggdepth checkpoint", absent=("runs/VGG-08-s0/test.json",))
+def _(ws):
+    run = ws.run_folder()
+    run.test_json.unlink()
+    torch.save({"weights": torch.zeros(3)}, run.best)
+    return ws.evaluate(run)
+
+
+@case("checkpoint-missing-for-evaluate", "no checkpoint at", absent=("runs/VGG-08-s0/test.json",))
+def _(ws):
+    run = ws.run_folder()
+    run.test_json.unlink()
+    shutil.rmtree(run.checkpoints)
+    return ws.evaluate(run)
+
+
+@case("checkpoint-longer-than-epochs", "holds this run trained for 2 epochs, more than train.epochs=1", absent=())
+def _(ws):
+    from vggdepth.config import load_params
+    from vggdepth.data import load_prepared
+
+    ws.set("train.epochs", 2)
+    train_run(load_params(ws.params), "VGG-08", SEED, load_prepared(ws.prepared), ws.root / "out")
+    (ws.root / "out" / "train.json").unlink()
+    ws.set("train.epochs", 1)  # a smaller number in a file must not cost the longer run
+    return ws.train()
+
+
+# ---- tracking stores -----------------------------------------------------------------------------------------
+
+
+@case("tracking-unknown-scheme", "unknown tracking store scheme 'ftp'", absent=("out",))
+def _(ws):
+    return ws.tracking("ftp://127.0.0.1/mlflow").train()
+
+
+@case("tracking-unreachable-server", "cannot be used", absent=("out",))
+def _(ws):
+    return ws.tracking(f"http://127.0.0.1:{free_port()}").train()
+
+
+@case("tracking-not-an-mlflow-server", "cannot be used (HTTP 404", absent=("out",))
+def _(ws):
+    return ws.tracking(ws.env["NOT_MLFLOW_URL"]).train()
+
+
+def _store(root: Path) -> str:
+    """An embedded MLflow store with the project's experiment, made in `root`."""
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    subprocess.run(
+        [sys.executable, "-c", f"import mlflow; mlflow.MlflowClient({uri!r}).create_experiment('vggdepth')"],
+        check=True,
+        capture_output=True,
+        cwd=root,
+    )
+    return uri
+
+
+@case("tracking-read-only-store", "is read-only", absent=("out",))
+def _(ws):
+    uris = []
+    ws.stack.enter_context(read_only_folder(ws.root / "ro-store", lambda p: uris.append(_store(p))))
+    return ws.tracking(uris[0]).train()
+
+
+@case("tracking-deleted-experiment", "experiment 'vggdepth' (id 1) is deleted", absent=("out",))
+def _(ws):
+    uri = _store(ws.root)
+    subprocess.run(
+        [sys.executable, "-c", f"import mlflow; mlflow.MlflowClient({uri!r}).delete_experiment('1')"],
+        check=True,
+        capture_output=True,
+    )
+    return ws.tracking(uri).train()
+
+
+@case("tracking-run-trained-without-tracking", "names no MLflow run", absent=("runs/VGG-08-s0/test.json",))
+def _(ws):
+    run = ws.run_folder()
+    run.test_json.unlink()
+    return ws.tracking(_store(ws.root)).evaluate(run)
+
+
+# ---- report and guard inputs ---------------------------------------------------------------------------------
+
+
+def _damaged_report(ws: Workspace, damage: Callable[[Path], None]) -> list[str]:
+    runs = ws.all_runs()
+    damage(runs)
+    return ws.report(runs)
+
+
+REPORT_ABSENT = ("report",)
+
+
+@case("report-epochs-not-numbers", "epochs.csv, line 2: not a number", absent=REPORT_ABSENT)
+def _(ws):
+    def damage(runs):
+        path = runs / "VGG-38-s0" / "epochs.csv"
+        header, row = path.read_text().splitlines()[:2]
+        path.write_text(f"{header}\n{row.replace(',', ',x', 1)}\n")
+
+    return _damaged_report(ws, damage)
+
+
+@case("report-epochs-missing-column", "epochs.csv lacks the column(s) val_acc", absent=REPORT_ABSENT)
+def _(ws):
+    def damage(runs):
+        path = runs / "BN-VGG-38-s0" / "epochs.csv"
+        path.write_text(path.read_text().replace("val_acc", "val_accuracy"))
+
+    return _damaged_report(ws, damage)
+
+
+@case("report-epochs-empty", "epochs.csv has no rows", absent=REPORT_ABSENT)
+def _(ws):
+    def damage(runs):
+        path = runs / "VGG-08-s0" / "epochs.csv"
+        path.write_text(path.read_text().splitlines()[0] + "\n")
+
+    return _damaged_report(ws, damage)
+
+
+@case("report-test-json-damaged", "test.json is not valid JSON", absent=REPORT_ABSENT)
+def _(ws):
+    return _damaged_report(ws, lambda runs: (runs / "VGG-08-s0" / "test.json").write_text('{"best": '))
+
+
+@case("report-test-json-without-keys", "test.json lacks best with test_acc, test_loss", absent=REPORT_ABSENT)
+def _(ws):
+    return _damaged_report(ws, lambda runs: (runs / "MBS50-BN-38-s0" / "test.json").write_text('{"best": {}}'))
+
+
+@case("report-train-json-missing", "train.json. Run `dvc repro`", absent=REPORT_ABSENT)
+def _(ws):
+    return _damaged_report(ws, lambda runs: (runs / "VGG-38-s0" / "train.json").unlink())
+
+
+@case("report-gradients-damaged", "gradients.csv, line 2: not a number", absent=REPORT_ABSENT)
+def _(ws):
+    def damage(runs):
+        path = runs / "VGG-38-s0" / "gradients.csv"
+        lines = path.read_text().splitlines()
+        lines[1] = lines[1].rsplit(",", 1)[0] + ",oops"
+        path.write_text("\n".join(lines) + "\n")
+
+    return _damaged_report(ws, damage)
+
+
+@case("report-stale-epochs", "epochs.csv has 1 epochs", absent=REPORT_ABSENT)
+def _(ws):
+    def damage(runs):
+        path = runs / "VGG-08-s0" / "train.json"
+        path.write_text(json.dumps({**json.loads(path.read_text()), "epochs": 5}))
+
+    return _damaged_report(ws, damage)
+
+
+@case("report-reference-table-missing", "paper-table1.csv is missing", absent=REPORT_ABSENT)
+def _(ws):
+    (ws.root / "reference" / "paper-table1.csv").unlink()
+    return ws.report(ws.all_runs())
+
+
+@case("guard-summary-missing", "cannot read the guard metrics from", absent=())
+def _(ws):
+    return ws.cli("guard", "--summary", str(ws.root / "summary.json"))
+
+
+@case("guard-summary-without-gradients", "cannot read the guard metrics from", absent=())
+def _(ws):
+    path = ws.root / "summary.json"
+    path.write_text(json.dumps({v: {"val_acc": 0.1, "val_loss": 4.6} for v in ws.raw["variants"]}))
+    return ws.cli("guard", "--summary", str(path))
+
+
+# ---- output locations: unwritable, full --------------------------------------------------------------------
+
+
+@case("output-unwritable-train", "cannot write to", absent=())
+def _(ws):
+    folder = ws.stack.enter_context(read_only_folder(ws.root / "ro", lambda p: None))
+    return ws.train(out=folder / "run")
+
+
+@case("output-unwritable-prepare", "cannot write to", absent=())
+def _(ws):
+    folder = ws.stack.enter_context(read_only_folder(ws.root / "ro", lambda p: None))
+    return ws.stage("prepare", "--archive", str(ws.archive), "--out", str(folder / "prepared"))
+
+
+@case("output-unwritable-evaluate", "cannot write to", absent=())
+def _(ws):
+    def populate(folder):
+        shutil.copytree(ws.runs / f"VGG-08-s{SEED}", folder / "run")
+        (folder / "run" / "test.json").unlink()
+
+    folder = ws.stack.enter_context(read_only_folder(ws.root / "ro", populate))
+    return ws.evaluate(RunFiles(folder / "run"))
+
+
+@case("output-full-disk-download", "cannot write", absent=("raw/archive.tar.gz",))
+def _(ws):
+    ws.preexec = _file_size_limit(1 << 20)
+    return _download(ws, str(ws.archive), ws.env["ARCHIVE_MD5"])
+
+
+@case("output-full-disk-train", "best.pt", absent=("out/train.json", "out/checkpoints/best.pt"))
+def _(ws):
+    ws.preexec = _file_size_limit(100_000)  # VGG-08's weights alone are 240 kB
+    return ws.train()
+
+
+@case("output-full-disk-report", "cannot write", absent=REPORT_ABSENT)
+def _(ws):
+    runs = ws.all_runs()
+    ws.preexec = _file_size_limit(20_000)  # the tables fit, the figures do not
+    return ws.report(runs)
+
+
+# ---- the harness -----------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def fixtures(archive_path, archive_md5, params, tmp_path_factory, http_server_module):
+    """Prepared data (200/100/100 real images) and a finished run of every variant (1 epoch, no tracking)."""
+    root = tmp_path_factory.mktemp("bad-inputs")
+    prepared = root / "prepared"
+    data = prepare_subset(archive_path, prepared, params, train=2, val=1, test=1)
+    quick = params.model_copy(
+        update={
+            "seeds": [SEED],
+            "train": params.train.model_copy(update={"epochs": 1}),
+            "runtime": params.runtime.model_copy(update={"device": "cpu"}),
+            "tracking": params.tracking.model_copy(update={"enabled": False}),
+        }
+    )
+    for variant in quick.variants:
+        files = RunFiles.of(root / "runs", variant, SEED)
+        train_run(quick, variant, SEED, data, files.root)
+        write_json(files.test_json, evaluate_run(files, data, quick.train, quick.runtime))
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    raw["data"].update(url=str(archive_path), md5=archive_md5)
+    raw["prepare"]["subset"] = {"train": 2, "val": 1, "test": 1}
+    raw["train"]["epochs"] = 1
+    raw["runtime"]["device"] = "cpu"
+    raw["seeds"] = [SEED]
+    raw["tracking"]["enabled"] = False
+    return {"raw": raw, "prepared": prepared, "runs": root / "runs", "archive": archive_path, "md5": archive_md5}
+
+
+@pytest.fixture(scope="module")
+def http_server_module(archive_path, tmp_path_factory):
+    """A plain web server on 127.0.0.1 (not MLflow): serves a folder, 404 on anything else."""
+    import functools
+    import threading
+    from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+
+    class Quiet(SimpleHTTPRequestHandler):
+        def log_message(self, *args) -> None:
+            pass
+
+    folder = tmp_path_factory.mktemp("served")
+    server = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Quiet, directory=str(folder)))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+    thread.join()
+
+
+def _leftovers(root: Path) -> list[str]:
+    """Temporary files and staging folders of our writers (`.<name>.<random>[.part]`) anywhere under `root`."""
+    found = []
+    for path in root.rglob(".*"):
+        if path.name.endswith(".part") or (path.is_dir() and path.name.count(".") >= 2):
+            found.append(str(path.relative_to(root)))
+    return found
+
+
+def test_there_are_at_least_forty_cases():
+    assert len(CASES) >= 40
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_bad_input_ends_in_one_clear_error_and_leaves_nothing_half_written(
+    name, fixtures, http_server_module, tmp_path
+):
+    spec = CASES[name]
+    root = tmp_path / "ws"
+    root.mkdir()
+    shutil.copytree(ROOT / "reference", root / "reference")
+    ws = Workspace(
+        root,
+        json.loads(json.dumps(fixtures["raw"])),
+        fixtures["prepared"],
+        fixtures["runs"],
+        fixtures["archive"],
+        env={"NOT_MLFLOW_URL": http_server_module, "ARCHIVE_MD5": fixtures["md5"]},
+    )
+    ws.write_params()
+    with ws.stack:
+        command = spec.make(ws)
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_"))}
+        env.update({k: v for k, v in ws.env.items() if k.startswith("MLFLOW_")})
+        result = subprocess.run(
+            command, cwd=root, env=env, capture_output=True, text=True, timeout=600, preexec_fn=ws.preexec
+        )
+        errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+        print(f"{name}: {errors}")
+        culprit = spec.culprit(ws) if callable(spec.culprit) else spec.culprit
+        detail = f"{name}: exit {result.returncode}\n{result.stderr[-3000:]}"
+        assert result.returncode == 1, detail
+        assert "Traceback" not in result.stderr, detail
+        assert len(errors) == 1, detail
+        message = result.stderr[result.stderr.index("error:") :]
+        assert culprit in message, detail
+        assert _leftovers(root) == [], detail
+        for path in spec.absent:
+            assert not (root / path).exists(), f"{name}: {path} was written\n{detail}"
+    assert not (root / "pwned").exists()
