@@ -592,6 +592,12 @@ def _(ws):
     return _download(ws, str(ws.archive), ws.env["ARCHIVE_MD5"])
 
 
+@case("output-full-disk-prepare", "cannot write the prepared data to", absent=("prepared-out",))
+def _(ws):
+    ws.preexec = _file_size_limit(100_000)  # 200 training images alone are 614 kB
+    return _prepare(ws, ws.archive)
+
+
 @case("output-full-disk-train", "best.pt", absent=("out/train.json", "out/checkpoints/best.pt"))
 def _(ws):
     ws.preexec = _file_size_limit(100_000)  # VGG-08's weights alone are 240 kB

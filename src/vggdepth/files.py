@@ -89,6 +89,7 @@ def atomic_dir(dest: str | Path) -> Iterator[Path]:
     try:
         dest.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
+        os.chmod(staging, 0o777 & ~_UMASK)  # mkdtemp makes 0700 folders; the output gets the usual permissions
     except OSError as exc:
         raise _cannot_write(dest, exc) from None
     try:
