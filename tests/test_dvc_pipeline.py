@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import subprocess
 import sys
@@ -16,10 +17,14 @@ from tests.conftest import ROOT
 DVC = str(Path(sys.executable).parent / "dvc")
 
 
-def _run(*args: str, cwd: Path) -> str:
+def _env() -> dict:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("DVC_", "MLFLOW_"))}
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"  # stages call `python`: this one
-    result = subprocess.run(args, cwd=cwd, capture_output=True, text=True, env=env)
+    return env
+
+
+def _run(*args: str, cwd: Path) -> str:
+    result = subprocess.run(args, cwd=cwd, capture_output=True, text=True, env=_env())
     assert result.returncode == 0, f"{' '.join(args)} failed:\n{result.stdout}\n{result.stderr}"
     return result.stdout
 
@@ -82,3 +87,89 @@ def test_push_to_a_remote_and_pull_into_a_fresh_clone(tiny_repo, tmp_path):
         assert _md5(fresh / path) == _md5(tiny_repo / path), path
     status = _run(DVC, "status", "train@VGG-08-0", cwd=fresh)
     assert "up to date" in status
+
+
+@pytest.fixture(scope="module")
+def tracked_repo(tmp_path_factory, archive_path, archive_md5) -> Path:
+    """Like `tiny_repo`, with tracking on: the embedded MLflow store under the repository's mlruns/."""
+    repo = tmp_path_factory.mktemp("dvc-tracked") / "repo"
+    _run("git", "clone", "--quiet", str(ROOT), str(repo), cwd=repo.parent)
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params["data"].update(url=str(archive_path), md5=archive_md5)
+    params["prepare"]["subset"] = {"train": 2, "val": 1, "test": 1}
+    params["train"]["epochs"] = 2
+    params["runtime"]["device"] = "cpu"
+    params["seeds"] = [0]
+    params["tracking"]["system_metrics"] = False
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    for name in ("dvc.yaml", "pipeline", "src"):
+        _run("cp", "-r", str(ROOT / name), str(repo), cwd=repo)
+    _run("git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "--quiet", "-am", "tracked", cwd=repo)
+    return repo
+
+
+def _outputs(repo: Path) -> dict[str, bytes]:
+    run = repo / "runs" / "VGG-08-s0"
+    files = [run / "epochs.csv", run / "gradients.csv", run / "train.json", run / "test.json"]
+    return {str(p.relative_to(repo)): p.read_bytes() for p in [*files, *sorted((run / "checkpoints").iterdir())]}
+
+
+def _edit_params(repo: Path, edit) -> None:
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    edit(params)
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+def _mlflow_runs(repo: Path) -> list:
+    from mlflow import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{repo / 'mlruns' / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("vggdepth").experiment_id
+    runs = client.search_runs([experiment], "attributes.run_name = 'VGG-08-s0'")
+    return [
+        (r.info.status, sorted(m.step for m in client.get_metric_history(r.info.run_id, "train_loss"))) for r in runs
+    ]
+
+
+@pytest.mark.slow
+def test_rerun_for_any_reason_keeps_the_finished_run(tracked_repo):
+    repo = tracked_repo
+    _run(DVC, "repro", "evaluate@VGG-08-0", cwd=repo)
+    first = _outputs(repo)
+    assert _mlflow_runs(repo) == [("FINISHED", [0, 1])]
+
+    # Settings that cannot change a result are not a reason to re-run anything.
+    _edit_params(repo, lambda p: p["runtime"].update(threads=1, eval_batch_size=7, progress_every=3))
+    _edit_params(repo, lambda p: p["tracking"].update(log_model=False, request_timeout_s=3))
+    assert "up to date" in _run(DVC, "status", "train@VGG-08-0", "evaluate@VGG-08-0", cwd=repo)
+
+    # Forced: DVC deletes the outputs, the stage restores them from the finished run's checkpoint. Another
+    # evaluation batch size sums the test loss in another order: equal to float rounding, not to the bit.
+    _run(DVC, "repro", "--force", "train@VGG-08-0", cwd=repo)
+    _run(DVC, "repro", "--force", "evaluate@VGG-08-0", cwd=repo)
+    forced = _outputs(repo)
+    test_json = "runs/VGG-08-s0/test.json"
+    assert {k: v for k, v in forced.items() if k != test_json} == {k: v for k, v in first.items() if k != test_json}
+    again, before = json.loads(forced[test_json]), json.loads(first[test_json])
+    for kind in ("best", "final"):
+        assert again[kind]["test_acc"] == before[kind]["test_acc"]
+        assert again[kind]["test_loss"] == pytest.approx(before[kind]["test_loss"], rel=1e-6)
+    _edit_params(repo, lambda p: p["runtime"].update(eval_batch_size=500))
+    _run(DVC, "repro", "--force", "evaluate@VGG-08-0", cwd=repo)
+    assert _outputs(repo) == first
+
+    # An edited output: the stage runs again and writes the original back.
+    (repo / "runs" / "VGG-08-s0" / "epochs.csv").write_text("epoch\n0\n")
+    _run(DVC, "repro", "train@VGG-08-0", cwd=repo)
+    assert _outputs(repo) == first
+
+    # A run that failed on invalid params, then fixed.
+    _edit_params(repo, lambda p: p["variants"]["VGG-08"].update(batch_size=0))
+    failed = subprocess.run([DVC, "repro", "train@VGG-08-0"], cwd=repo, capture_output=True, text=True, env=_env())
+    assert failed.returncode != 0
+    assert "variants.VGG-08.batch_size: input should be greater than 0" in failed.stdout + failed.stderr
+    _edit_params(repo, lambda p: p["variants"]["VGG-08"].update(batch_size=100))
+    _run(DVC, "repro", "evaluate@VGG-08-0", cwd=repo)
+    assert _outputs(repo) == first
+
+    assert _mlflow_runs(repo) == [("FINISHED", [0, 1])]  # one run, still finished, every epoch once
