@@ -156,6 +156,7 @@ class Case:
 
 
 CASES: dict[str, Case] = {}
+REPORT_ABSENT = ("report",)
 
 
 def case(name: str, culprit, absent: tuple[str, ...] = ("out/train.json",)):
@@ -468,6 +469,21 @@ def _(ws):
     return ws.tracking(_store(ws.root)).evaluate(run)
 
 
+@case("tracking-store-refuses-the-test-metrics", "refused the test metrics", absent=("runs/VGG-08-s0/test.json",))
+def _(ws):
+    run = ws.run_folder()
+    run.test_json.unlink()
+    state = torch.load(run.last, weights_only=True)  # a run id this store has never seen (another store's)
+    state["extra"] = {"mlflow_run_id": "0123456789abcdef0123456789abcdef"}
+    torch.save(state, run.last)
+    return ws.tracking(_store(ws.root)).evaluate(run)
+
+
+@case("tracking-report-of-untracked-runs", "names no MLflow run", absent=REPORT_ABSENT)
+def _(ws):
+    return ws.tracking(_store(ws.root)).report(ws.all_runs())
+
+
 # ---- report and guard inputs ---------------------------------------------------------------------------------
 
 
@@ -475,9 +491,6 @@ def _damaged_report(ws: Workspace, damage: Callable[[Path], None]) -> list[str]:
     runs = ws.all_runs()
     damage(runs)
     return ws.report(runs)
-
-
-REPORT_ABSENT = ("report",)
 
 
 @case("report-epochs-not-numbers", "epochs.csv, line 2: not a number", absent=REPORT_ABSENT)

@@ -41,7 +41,8 @@ def tiny_repo(tmp_path_factory, archive_path, archive_md5) -> Path:
     params = yaml.safe_load((ROOT / "params.yaml").read_text())  # this checkout's params, committed or not
     params["data"].update(url=str(archive_path), md5=archive_md5)
     params["prepare"]["subset"] = {"train": 2, "val": 1, "test": 1}
-    params["train"].update(epochs=1, device="cpu")
+    params["train"]["epochs"] = 1
+    params["runtime"]["device"] = "cpu"
     params["seeds"] = [0]
     params["tracking"]["enabled"] = False
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
