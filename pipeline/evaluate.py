@@ -9,6 +9,7 @@ from vggdepth.cli import entry_point
 from vggdepth.config import load_params
 from vggdepth.data import load_prepared
 from vggdepth.engine import RunFiles
+from vggdepth.errors import VggdepthError
 from vggdepth.evaluation import evaluate_run
 from vggdepth.files import clean_leftovers, ensure_writable, write_json
 from vggdepth.tracking import log_evaluation, open_store
@@ -22,6 +23,8 @@ def main(
 ) -> None:
     p = load_params(params)
     files = RunFiles(run)
+    if not files.checkpoints.is_dir():
+        raise VggdepthError(f"{files.checkpoints} does not exist: train the run first (the train stage)")
     clean_leftovers(files.test_json)
     ensure_writable(files.root)
     store = open_store(p)  # before any work: an unreachable tracking server stops the stage here

@@ -386,6 +386,14 @@ class _Payload:
         return (os.system, (f"touch {self.marker}",))
 
 
+@case("checkpoint-best-as-last", "cannot resume a run: it has no optimizer", absent=())
+def _(ws):
+    run = _finished_run_at_out(ws)
+    run.train_json.unlink()
+    shutil.copy(run.best, run.last)  # a hand-made "repair"
+    return ws.train()
+
+
 @case("checkpoint-not-ours", "is not a vggdepth checkpoint", absent=("runs/VGG-08-s0/test.json",))
 def _(ws):
     run = ws.run_folder()
@@ -394,7 +402,7 @@ def _(ws):
     return ws.evaluate(run)
 
 
-@case("checkpoint-missing-for-evaluate", "no checkpoint at", absent=("runs/VGG-08-s0/test.json",))
+@case("checkpoint-missing-for-evaluate", "does not exist: train the run first", absent=("runs/VGG-08-s0/test.json",))
 def _(ws):
     run = ws.run_folder()
     run.test_json.unlink()

@@ -164,3 +164,25 @@ def test_leftovers_of_a_killed_checkpoint_write_are_removed(run_params, tiny_dat
     train_run(run_params, VARIANT, 0, tiny_data, files.root)
 
     assert not any(path.exists() for path in leftovers)
+
+
+def test_other_training_code_trains_the_run_afresh(run_params, tiny_data, tmp_path, monkeypatch):
+    import vggdepth.engine as engine
+
+    files = RunFiles(tmp_path / "run")
+    train_run(run_params, VARIANT, 0, tiny_data, files.root)
+    monkeypatch.setattr(engine, "_code_digest", lambda: "other code")
+
+    trainer = train_run(run_params, VARIANT, 0, tiny_data, files.root)
+
+    assert trainer.run.start_epoch == 0  # not a restore of results the old code computed
+
+
+def test_checkpoint_without_resume_state_counts_as_damaged(run_params, tiny_data, tmp_path):
+    files = RunFiles(tmp_path / "run")
+    train_run(_with_epochs(run_params, 3), VARIANT, 0, tiny_data, files.root)
+    files.last.write_bytes(files.best.read_bytes())  # weights only: no optimiser, no random states
+
+    trainer = train_run(_with_epochs(run_params, 3), VARIANT, 0, tiny_data, files.root)
+
+    assert trainer.run.start_epoch == 2  # fell back to previous.pt

@@ -167,11 +167,22 @@ def _mid_epoch(root: Path) -> Callable[[subprocess.Popen], None]:
 
 
 def _during_checkpoint_write(root: Path) -> Callable[[subprocess.Popen], None]:
+    """Stop the stage the moment it starts writing last.pt after epoch 1 or 2 (when previous.pt exists) and keep
+    it stopped if the write is still unfinished; the kill then lands inside the write."""
+    folder = root / "runs" / "BN-VGG-38-s0" / "checkpoints"
+
     def moment(process):
-        watch = Watch(root / "runs" / "BN-VGG-38-s0" / "checkpoints", IN_CREATE)
-        watch.wait(lambda name: name.startswith(".last.pt."))  # end of epoch 0
-        watch.wait(lambda name: name.startswith(".last.pt."))  # end of epoch 1: last.pt is previous.pt by now
+        watch = Watch(folder, IN_CREATE)
+        watch.wait(lambda name: name.startswith(".last.pt."))  # end of epoch 0: nothing to fall back to yet
+        for _ in range(2):
+            watch.wait(lambda name: name.startswith(".last.pt."))
+            process.send_signal(signal.SIGSTOP)
+            if list(folder.glob(".last.pt.*.part")):
+                watch.close()
+                return
+            process.send_signal(signal.SIGCONT)  # the write won the race: try at the next epoch
         watch.close()
+        raise AssertionError("no checkpoint write could be caught unfinished")
 
     return moment
 

@@ -1,5 +1,5 @@
-"""dvc.yaml stays true to the code: each stage depends on exactly the modules its entry point runs, and on
-exactly the params sections that can change its outputs."""
+"""dvc.yaml stays true to the code: each stage depends on exactly the modules its entry point runs, and on no
+params section that cannot change a result (`runtime`, `tracking`)."""
 
 from __future__ import annotations
 

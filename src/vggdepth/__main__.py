@@ -47,7 +47,8 @@ def guard(
     summary: Annotated[Path, typer.Option(help="the report stage's summary")] = Path("report/summary.json"),
     params: Annotated[Path, typer.Option(help="parameters file")] = Path("params.yaml"),
 ) -> None:
-    """Check the study's claim on a pipeline run: exit 1 when VGG-38 left chance or BN-VGG-38 did not beat it."""
+    """Check the study's claim on a pipeline run (`report.guard`): entry-layer gradients vanish in VGG-38 and not in
+    VGG-08 or BN-VGG-38; VGG-38 stays at chance and both beat it by `accuracy_margin`. Exit 1 when a check fails."""
     try:
         lines = check_guard(load_params(params), json.loads(summary.read_text()))
     except (OSError, ValueError, KeyError) as exc:

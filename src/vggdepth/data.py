@@ -208,6 +208,8 @@ def load_prepared(out_dir: str | Path) -> PreparedData:
         raise PrepareError(f"{stats_path} lacks {', '.join(missing)}; {remedy}")
     if not (_floats(stats["mean"], 3) and _floats(stats["std"], 3) and all(v > 0 for v in stats["std"])):
         raise PrepareError(f"{stats_path}: mean and std must be 3 numbers each (std > 0); {remedy}")
+    if not isinstance(stats["sizes"], dict) or not isinstance(stats["classes"], list) or not stats["classes"]:
+        raise PrepareError(f"{stats_path}: sizes must be a mapping and classes a list of names; {remedy}")
     classes = stats["classes"]
     splits = {}
     for name in SPLITS:

@@ -50,6 +50,10 @@ class CheckpointError(TrainingError):
     """A checkpoint cannot be read: damaged, truncated, or not a checkpoint this version can load safely."""
 
 
+class UnsafeCheckpointError(CheckpointError):
+    """A checkpoint asks for code to run when loaded: refused, never skipped past silently."""
+
+
 @dataclass(frozen=True)
 class EpochRecord:
     """What one epoch measured: train loss/accuracy are means over its batches (train mode, augmented)."""
@@ -166,11 +170,23 @@ def make_scheduler(optimizer: torch.optim.Optimizer, variant: Variant, lr_min: f
     return torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(optimizer, T_0=variant.period, eta_min=lr_min)
 
 
+# The modules whose code decides what a run computes: a change to any of them makes a new run, not a resumed one.
+_RESULT_CODE = ("engine.py", "models.py", "batches.py", "gradients.py")
+
+
+def _code_digest() -> str:
+    digest = hashlib.sha256()
+    for name in _RESULT_CODE:
+        digest.update((Path(__file__).parent / name).read_bytes())
+    return digest.hexdigest()[:16]
+
+
 def run_fingerprint(model: ModelConfig, train: TrainConfig, variant: Variant, seed: int, data: dict) -> str:
     """Identity of what a run computes; a checkpoint is resumed only under the same fingerprint. Made of the
-    sections that change results (`runtime` is not one of them); `train.epochs` is left out because a longer
-    run continues a shorter one."""
+    sections that change results (`runtime` is not one of them) and of the training code (`_RESULT_CODE`);
+    `train.epochs` is left out because a longer run continues a shorter one."""
     payload = {
+        "code": _code_digest(),
         "model": model.model_dump(),
         "train": train.model_dump(exclude={"epochs"}),
         "variant": variant.model_dump(),
@@ -202,7 +218,7 @@ def _set_rng_state(state: dict, generator: torch.Generator) -> None:
     version, internal, gauss = state["python"]
     random.setstate((version, tuple(internal), gauss))
     name, keys, position, has_gauss, cached = state["numpy"]
-    np.random.set_state((name, keys.numpy().astype(np.uint32), position, has_gauss, cached))
+    np.random.set_state((name, keys.cpu().numpy().astype(np.uint32), position, has_gauss, cached))
     torch.set_rng_state(state["torch"].cpu())
     if state["cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
@@ -221,6 +237,8 @@ def save_checkpoint(path: Path, state: dict) -> None:
 
 
 _CHECKPOINT_KEYS = ("format", "fingerprint", "variant", "seed", "epoch", "model", "model_config", "variant_config")
+# What `last.pt` holds beyond the weights, to resume a run exactly.
+_RESUME_KEYS = ("optimizer", "scheduler", "rng", "history", "gradients", "best", "best_model", "trained_on")
 
 
 def load_checkpoint(path: Path, device: torch.device | str = "cpu") -> dict:
@@ -233,8 +251,14 @@ def load_checkpoint(path: Path, device: torch.device | str = "cpu") -> dict:
         raise CheckpointError(f"no checkpoint at {path}") from None
     except Exception as exc:  # torch raises UnpicklingError, RuntimeError, EOFError, ... for a damaged file
         unsafe = re.search(r"GLOBAL (\S+)", str(exc))  # weights_only refused to import something
+        if unsafe and unsafe.group(1).startswith("numpy"):
+            raise UnsafeCheckpointError(
+                f"{path} pickles NumPy objects ({unsafe.group(1)}): it is a checkpoint of an older vggdepth (format "
+                f"1), which this version does not unpickle because that could run code. It was not loaded. Retrain "
+                f"the run (remove {path.parent}) or load it with the version that wrote it"
+            ) from None
         if unsafe:
-            raise CheckpointError(
+            raise UnsafeCheckpointError(
                 f"{path} asks for {unsafe.group(1)}, which a checkpoint never needs (it is not a checkpoint of "
                 "this version, or it was tampered with); it was not loaded, so nothing in it ran. Remove it "
                 "and re-run training to make a new one"
@@ -276,9 +300,9 @@ class Trainer:
     ):
         self.model_cfg, self.cfg, self.runtime, self.variant, self.seed = model, train, runtime, variant, seed
         self.files, self.callbacks = files, list(callbacks)
+        self.device = resolve_device(runtime.device)
         # Before any work: a run that cannot write its outputs should fail now, not after its first epoch.
         ensure_writable(files.checkpoints)
-        self.device = resolve_device(runtime.device)
         if runtime.threads:
             torch.set_num_threads(runtime.threads)
         if self.device.type == "cuda":
@@ -333,9 +357,12 @@ class Trainer:
                 continue
             try:
                 state = load_checkpoint(path, self.device)
+                lacking = [k for k in _RESUME_KEYS if k not in state]
+                if lacking:
+                    raise CheckpointError(f"{path} cannot resume a run: it has no {', '.join(lacking)}")
+            except UnsafeCheckpointError:
+                raise  # not merely damaged: never skip past it silently
             except CheckpointError as exc:
-                if "nothing in it ran" in str(exc):  # unsafe, not merely damaged: never skip past it silently
-                    raise
                 damaged.append((path, exc))
                 continue
             for bad, exc in damaged:
@@ -369,7 +396,15 @@ class Trainer:
         self.net.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
-        _set_rng_state(state["rng"], self.generator)
+        if state["epoch"] < self.cfg.epochs:  # random states matter only to epochs still to train
+            if torch.device(state["trained_on"]).type != self.device.type:
+                raise TrainingError(
+                    f"{source} was trained on {state['trained_on']} up to epoch {state['epoch']}; its random "
+                    f"states cannot continue on {self.device}. Set runtime.device to "
+                    f"{torch.device(state['trained_on']).type} to finish it, or move {self.files.checkpoints} "
+                    "away to train it here from the start"
+                )
+            _set_rng_state(state["rng"], self.generator)
         self.history.extend(EpochRecord(**r) for r in state["history"])
         self.gradients.extend(GradientRow(**r) for r in state["gradients"])
         self.best = state["best"]
@@ -390,9 +425,9 @@ class Trainer:
             best = load_checkpoint(self.files.best, "cpu")
             if best["fingerprint"] != state["fingerprint"] or best["epoch"] != expected:
                 problem = f"holds epoch {best['epoch'] - 1}, not the best epoch {self.best['epoch']}"
+        except UnsafeCheckpointError:
+            raise
         except CheckpointError as exc:
-            if "nothing in it ran" in str(exc):
-                raise
             problem = str(exc)
         if problem:
             log.warning("%s: %s; rewriting it from %s", self.files.best, problem, self.files.last.name)
@@ -463,12 +498,12 @@ class Trainer:
         try:
             for epoch in range(self.run.start_epoch, self.cfg.epochs):
                 self._epoch(epoch)
+            summary = self.summary()
+            write_json(self.files.train_json, summary)
         except BaseException as error:  # KeyboardInterrupt included: watchers learn the run was stopped
             for cb in self.callbacks:
                 cb.on_run_error(self.run, error)
             raise
-        summary = self.summary()
-        write_json(self.files.train_json, summary)
         for cb in self.callbacks:
             cb.on_run_end(self.run, summary)
         return summary

@@ -95,8 +95,8 @@ def _server_problem(uri: str, timeout_s: float) -> str | None:
         ) as response:
             json.loads(response.read())
     except urllib.error.HTTPError as exc:
-        try:  # MLflow answers an unknown experiment with 404 and a JSON error code
-            if exc.code == 404 and json.loads(exc.read()).get("error_code"):
+        try:  # MLflow answers an unknown experiment (404) or a request without credentials (401, 403) in JSON
+            if exc.code in (401, 403, 404) and json.loads(exc.read()).get("error_code"):
                 return None
         except (ValueError, AttributeError, OSError):
             pass
@@ -112,7 +112,7 @@ def check_reachable(uri: str, timeout_s: float) -> None:
     """Fail at once, naming the URI, when the store's scheme is unknown or a tracking server does not answer as
     an MLflow server (within `timeout_s`)."""
     scheme = urllib.parse.urlsplit(uri).scheme.split("+")[0]
-    if scheme not in KNOWN_SCHEMES:
+    if scheme and scheme not in KNOWN_SCHEMES:  # no scheme: a local folder, which MLflow takes as a file store
         raise TrackingError(
             f"{URI_ENV}={uri}: unknown tracking store scheme {scheme!r}; use an MLflow server (http(s)://), a "
             f"database (sqlite:///, postgresql://, ...), or unset {URI_ENV} for the embedded store under mlruns/"
@@ -368,7 +368,7 @@ def log_run_artifacts(
 
 def _finished(run: RunInfo) -> bool:
     """Whether this process trains nothing: the run was complete in its checkpoint."""
-    return bool(run.history) and run.start_epoch == len(run.history)
+    return run.start_epoch >= run.config["train"]["epochs"]
 
 
 def _title(run: RunInfo) -> str:
@@ -437,6 +437,9 @@ class MlflowCallback(Callback):
                 _short(exc),
                 run.files.root,
             )
+        if _finished(run) and not artefacts:  # a finished run stays finished: `sync` sends what it lacks
+            self._close(run, "FINISHED")
+            return
         self._close(run, "FINISHED" if artefacts and not self.pending else "FAILED")
 
     def on_run_error(self, run: RunInfo, error: BaseException) -> None:
