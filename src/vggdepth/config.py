@@ -102,8 +102,8 @@ class TrainConfig(_Section):
 
 
 class RuntimeConfig(_Section):
-    """How a run is executed: none of it changes what a run computes beyond float rounding (another evaluation
-    batch size sums losses in another order), so no stage depends on it and a checkpoint made under other
+    """How a run is executed: it changes what a run computes only through float rounding (another thread count or
+    evaluation batch size sums in another order), so no stage depends on it and a checkpoint made under other
     values is resumed."""
 
     device: Annotated[str, Field(pattern=r"^(auto|cpu|cuda(:\d+)?)$")]
