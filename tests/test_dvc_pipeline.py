@@ -33,23 +33,29 @@ def _md5(path: Path) -> str:
     return hashlib.md5(path.read_bytes(), usedforsecurity=False).hexdigest()
 
 
-@pytest.fixture(scope="module")
-def tiny_repo(tmp_path_factory, archive_path, archive_md5) -> Path:
-    """A clone of this repository whose params make VGG-08 train one epoch on 200 real images, untracked."""
-    repo = tmp_path_factory.mktemp("dvc") / "repo"
-    _run("git", "clone", "--quiet", str(ROOT), str(repo), cwd=repo.parent)
-    params = yaml.safe_load((ROOT / "params.yaml").read_text())  # this checkout's params, committed or not
+def _tiny_clone(folder: Path, archive_path: Path, archive_md5: str, *, epochs: int, tracking: bool) -> Path:
+    """A clone of this repository (with this checkout's pipeline and params, committed or not) whose params
+    train on 200 real images for `epochs` epochs, one seed, on the CPU; tracked in its own mlruns/ or not."""
+    repo = folder / "repo"
+    _run("git", "clone", "--quiet", str(ROOT), str(repo), cwd=folder)
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
     params["data"].update(url=str(archive_path), md5=archive_md5)
     params["prepare"]["subset"] = {"train": 2, "val": 1, "test": 1}
-    params["train"]["epochs"] = 1
+    params["train"]["epochs"] = epochs
     params["runtime"]["device"] = "cpu"
     params["seeds"] = [0]
-    params["tracking"]["enabled"] = False
+    params["tracking"].update(enabled=tracking, system_metrics=False)
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    for name in ("dvc.yaml", "pipeline", "src"):  # this checkout's pipeline, committed or not
+    for name in ("dvc.yaml", "pipeline", "src"):
         _run("cp", "-r", str(ROOT / name), str(repo), cwd=repo)
     _run("git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "--quiet", "-am", "tiny", cwd=repo)
     return repo
+
+
+@pytest.fixture(scope="module")
+def tiny_repo(tmp_path_factory, archive_path, archive_md5) -> Path:
+    """VGG-08 trains one epoch, untracked."""
+    return _tiny_clone(tmp_path_factory.mktemp("dvc"), archive_path, archive_md5, epochs=1, tracking=False)
 
 
 @pytest.mark.slow
@@ -92,21 +98,8 @@ def test_push_to_a_remote_and_pull_into_a_fresh_clone(tiny_repo, tmp_path):
 
 @pytest.fixture(scope="module")
 def tracked_repo(tmp_path_factory, archive_path, archive_md5) -> Path:
-    """Like `tiny_repo`, with tracking on: the embedded MLflow store under the repository's mlruns/."""
-    repo = tmp_path_factory.mktemp("dvc-tracked") / "repo"
-    _run("git", "clone", "--quiet", str(ROOT), str(repo), cwd=repo.parent)
-    params = yaml.safe_load((ROOT / "params.yaml").read_text())
-    params["data"].update(url=str(archive_path), md5=archive_md5)
-    params["prepare"]["subset"] = {"train": 2, "val": 1, "test": 1}
-    params["train"]["epochs"] = 2
-    params["runtime"]["device"] = "cpu"
-    params["seeds"] = [0]
-    params["tracking"]["system_metrics"] = False
-    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    for name in ("dvc.yaml", "pipeline", "src"):
-        _run("cp", "-r", str(ROOT / name), str(repo), cwd=repo)
-    _run("git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "--quiet", "-am", "tracked", cwd=repo)
-    return repo
+    """Two epochs, tracked in the embedded MLflow store under the repository's mlruns/."""
+    return _tiny_clone(tmp_path_factory.mktemp("dvc-tracked"), archive_path, archive_md5, epochs=2, tracking=True)
 
 
 def _outputs(repo: Path) -> dict[str, bytes]:
