@@ -186,3 +186,17 @@ def test_checkpoint_without_resume_state_counts_as_damaged(run_params, tiny_data
     trainer = train_run(_with_epochs(run_params, 3), VARIANT, 0, tiny_data, files.root)
 
     assert trainer.run.start_epoch == 2  # fell back to previous.pt
+
+
+def test_checkpoints_of_other_settings_are_kept_and_come_back_with_them(run_params, tiny_data, tmp_path):
+    files = RunFiles(tmp_path / "run")
+    train_run(run_params, VARIANT, 0, tiny_data, files.root)
+    first = _bytes(files)
+    other = run_params.model_copy(update={"train": run_params.train.model_copy(update={"weight_decay": 1e-4})})
+
+    assert train_run(other, VARIANT, 0, tiny_data, files.root).run.start_epoch == 0  # other settings: trained
+    assert len(list((files.checkpoints / "superseded").iterdir())) == 1  # the first run, set aside
+    back = train_run(run_params, VARIANT, 0, tiny_data, files.root)
+
+    assert back.run.start_epoch == 2  # the first settings again: restored, not retrained
+    assert _bytes(files) == first

@@ -13,6 +13,7 @@ import math
 import os
 import random
 import re
+import shutil
 import sys
 import time
 from dataclasses import asdict, astuple, dataclass, field
@@ -34,6 +35,8 @@ from vggdepth.models import VGG, count_parameters
 
 log = logging.getLogger(__name__)
 
+SUPERSEDED = "superseded"  # checkpoints/superseded/<fingerprint>/: runs of other settings, kept to come back to
+KEEP_SUPERSEDED = 2
 # 2: loadable with torch.load(weights_only=True) (random states as plain values), best weights inside last.pt.
 CHECKPOINT_FORMAT = 2
 
@@ -377,16 +380,23 @@ class Trainer:
         return None
 
     def _restore(self) -> None:
-        """Continue from the last checkpoint when it belongs to this very run; otherwise start afresh."""
+        """Continue from the last checkpoint when it belongs to this very run. Checkpoints of other settings, data
+        or code are set aside (not deleted), and brought back when those settings return."""
         state = self._resume_state()
+        if state is not None and state["fingerprint"] != self.run.fingerprint:
+            aside = self._set_aside(state["fingerprint"])
+            log.warning("the checkpoints were made by other settings, data or training code: kept in %s", aside)
+            state = None
+        earlier = self.files.checkpoints / SUPERSEDED / self.run.fingerprint
+        if state is None and (earlier / self.files.last.name).exists():
+            for path in earlier.iterdir():
+                os.replace(path, self.files.checkpoints / path.name)
+            earlier.rmdir()
+            log.warning("brought back the checkpoints made earlier with these settings from %s", earlier)
+            state = self._resume_state()
         if state is None:
             return
         source = self.files.last if self.files.last.exists() else self.files.previous
-        if state["fingerprint"] != self.run.fingerprint:
-            log.warning("%s was made by other settings or data: starting this run afresh", source)
-            for path in (self.files.last, self.files.previous, self.files.best):
-                path.unlink(missing_ok=True)
-            return
         if state["epoch"] > self.cfg.epochs:
             raise TrainingError(
                 f"{source} holds this run trained for {state['epoch']} epochs, more than train.epochs="
@@ -416,6 +426,19 @@ class Trainer:
         if source == self.files.previous:  # last.pt was missing: make the state we resume from the last one again
             save_checkpoint(self.files.last, state)
         log.info("resuming %s from epoch %d of %d", source, state["epoch"], self.cfg.epochs)
+
+    def _set_aside(self, fingerprint: str) -> Path:
+        """Move this folder's checkpoints to `superseded/<fingerprint>/`, keeping the newest few such sets."""
+        aside = self.files.checkpoints / SUPERSEDED / fingerprint
+        shutil.rmtree(aside, ignore_errors=True)
+        aside.mkdir(parents=True)
+        for path in (self.files.last, self.files.previous, self.files.best):
+            if path.exists():
+                os.replace(path, aside / path.name)
+        older = sorted(aside.parent.iterdir(), key=lambda p: p.stat().st_mtime, reverse=True)[KEEP_SUPERSEDED:]
+        for folder in older:
+            shutil.rmtree(folder, ignore_errors=True)
+        return aside
 
     def _check_best(self, state: dict) -> None:
         """best.pt must hold the best epoch's weights; rebuild it from last.pt when it is missing or damaged."""
