@@ -11,7 +11,7 @@ from vggdepth.data import load_prepared
 from vggdepth.engine import RunFiles
 from vggdepth.errors import VggdepthError
 from vggdepth.evaluation import evaluate_run
-from vggdepth.files import clean_leftovers, ensure_writable, write_json
+from vggdepth.files import ready_to_write, write_json
 from vggdepth.tracking import log_evaluation, open_store
 
 
@@ -25,8 +25,7 @@ def main(
     files = RunFiles(run)
     if not files.checkpoints.is_dir():
         raise VggdepthError(f"{files.checkpoints} does not exist: train the run first (the train stage)")
-    clean_leftovers(files.test_json)
-    ensure_writable(files.root)
+    ready_to_write(files.test_json)
     store = open_store(p)  # before any work: an unreachable tracking server stops the stage here
     result = evaluate_run(files, load_prepared(data), p.train, p.runtime)
     log_evaluation(store, files, result)  # first: a stage that fails here leaves no test.json behind

@@ -8,7 +8,7 @@ import typer
 
 from vggdepth.cli import entry_point
 from vggdepth.config import load_params
-from vggdepth.files import clean_leftovers, ensure_writable
+from vggdepth.files import ready_to_write
 from vggdepth.report import build_report
 from vggdepth.tracking import log_report, open_store
 
@@ -20,8 +20,7 @@ def main(
     params: Annotated[Path, typer.Option(help="parameters file")] = Path("params.yaml"),
 ) -> None:
     p = load_params(params)
-    clean_leftovers(out)
-    ensure_writable(out.parent)
+    ready_to_write(out)
     store = open_store(p)  # before any work: an unreachable tracking server stops the stage here
     publish = None if store is None else (lambda staging: log_report(store, p, staging, runs))
     build_report(p, runs, out, project=params.parent, publish=publish)

@@ -15,7 +15,7 @@ from sklearn.model_selection import train_test_split
 from vggdepth.config import PrepareConfig
 from vggdepth.download import md5sum
 from vggdepth.errors import VggdepthError
-from vggdepth.files import atomic_dir, clean_leftovers, ensure_writable
+from vggdepth.files import atomic_dir, ready_to_write
 
 log = logging.getLogger(__name__)
 
@@ -144,9 +144,7 @@ def channel_stats(images: np.ndarray) -> tuple[list[float], list[float]]:
 def prepare(archive: str | Path, out_dir: str | Path, cfg: PrepareConfig) -> dict:
     """Write train/val/test `.npz` arrays and `stats.json` to `out_dir`, atomically; return the stats."""
     archive, out_dir = Path(archive), Path(out_dir)
-    for leftover in clean_leftovers(out_dir):
-        log.warning("removed %s, left by a prepare stage that was killed while writing", leftover)
-    ensure_writable(out_dir.parent)
+    ready_to_write(out_dir)
     official_train, test, classes = read_archive(archive)
     train, val = split_train_val(official_train, cfg.val_size, cfg.split_seed)
     # Normalisation comes from the whole training split, so reduced runs normalise exactly as full ones do.

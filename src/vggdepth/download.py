@@ -17,7 +17,7 @@ from typing import BinaryIO
 from tqdm import tqdm
 
 from vggdepth.errors import VggdepthError
-from vggdepth.files import atomic_path, clean_leftovers, ensure_writable
+from vggdepth.files import atomic_path, ready_to_write
 
 log = logging.getLogger(__name__)
 
@@ -43,10 +43,7 @@ def fetch_archive(url: str, md5: str, dest: str | Path, *, timeout_s: float = 60
     The bytes go to a temporary file beside `dest` that is renamed only once complete and verified:
     on any failure `dest` is left as it was and no partial file remains.
     """
-    dest = Path(dest)
-    for leftover in clean_leftovers(dest):
-        log.warning("removed %s, left by a download that was killed", leftover)
-    ensure_writable(dest.parent)
+    ready_to_write(dest)
     digest = hashlib.md5(usedforsecurity=False)
     received = 0
     started = time.perf_counter()

@@ -346,14 +346,13 @@ class Trainer:
 
     # ---- resume -------------------------------------------------------------------------------------------
 
-    def _resume_state(self) -> dict | None:
-        """The newest readable checkpoint of this run folder: `last.pt`, else `previous.pt` when `last.pt` is
-        missing or damaged (a kill between the two writes, a truncated copy). None when there is none."""
+    def _resume_state(self) -> tuple[dict | None, Path | None]:
+        """The newest readable checkpoint of this run folder and its path: `last.pt`, else `previous.pt` when
+        `last.pt` is missing or damaged (a kill between the two writes, a truncated copy); (None, None) when there
+        is none."""
         files = self.files
-        for leftover in clean_leftovers(files.last) + clean_leftovers(files.previous) + clean_leftovers(files.best):
-            log.warning("removed %s, left by a run that was killed while writing it", leftover)
-        for output in files.outputs:
-            clean_leftovers(output)
+        for path in (files.last, files.previous, files.best, *files.outputs):
+            clean_leftovers(path)
         damaged = []
         for path in (files.last, files.previous):
             if not path.exists():
@@ -371,18 +370,18 @@ class Trainer:
             for bad, exc in damaged:
                 log.warning("%s; resuming from %s (end of epoch %d) instead", exc, path, state["epoch"] - 1)
                 bad.unlink(missing_ok=True)
-            return state
+            return state, path
         if damaged:
             raise CheckpointError(
                 f"{damaged[0][1]} and there is no earlier good checkpoint to fall back to. To train this run "
                 f"from scratch, remove the folder: rm -r {files.checkpoints}"
             )
-        return None
+        return None, None
 
     def _restore(self) -> None:
         """Continue from the last checkpoint when it belongs to this very run. Checkpoints of other settings, data
         or code are set aside (not deleted), and brought back when those settings return."""
-        state = self._resume_state()
+        state, source = self._resume_state()
         if state is not None and state["fingerprint"] != self.run.fingerprint:
             aside = self._set_aside(state["fingerprint"])
             log.warning("the checkpoints were made by other settings, data or training code: kept in %s", aside)
@@ -393,10 +392,9 @@ class Trainer:
                 os.replace(path, self.files.checkpoints / path.name)
             earlier.rmdir()
             log.warning("brought back the checkpoints made earlier with these settings from %s", earlier)
-            state = self._resume_state()
+            state, source = self._resume_state()
         if state is None:
             return
-        source = self.files.last if self.files.last.exists() else self.files.previous
         if state["epoch"] > self.cfg.epochs:
             raise TrainingError(
                 f"{source} holds this run trained for {state['epoch']} epochs, more than train.epochs="
@@ -454,7 +452,7 @@ class Trainer:
             problem = str(exc)
         if problem:
             log.warning("%s: %s; rewriting it from %s", self.files.best, problem, self.files.last.name)
-            save_checkpoint(self.files.best, self._weights(self.best["epoch"] + 1, self.best_model))
+            save_checkpoint(self.files.best, self._weights(expected, self.best_model))
 
     # ---- one epoch ----------------------------------------------------------------------------------------
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -12,6 +13,8 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from vggdepth.errors import VggdepthError
+
+log = logging.getLogger(__name__)
 
 _UMASK = os.umask(0o022)
 os.umask(_UMASK)  # read once: mkstemp creates 0600 files, outputs should get the usual permissions
@@ -42,8 +45,8 @@ def ensure_writable(folder: str | Path) -> Path:
 
 
 def clean_leftovers(dest: str | Path) -> list[Path]:
-    """Remove what a killed writer of `dest` left beside it (`.<name>.*.part` files, `.<name>.*` staging folders);
-    return what was removed. Called when a stage starts, before it writes `dest` again."""
+    """Remove what a killed writer of `dest` left beside it (`.<name>.*.part` files, `.<name>.*` staging folders),
+    saying so; return what was removed. Called when a stage starts, before it writes `dest` again."""
     dest = Path(dest)
     if not dest.parent.is_dir():
         return []
@@ -55,8 +58,15 @@ def clean_leftovers(dest: str | Path) -> list[Path]:
             leftover.unlink(missing_ok=True)
         else:
             continue
+        log.warning("removed %s, left by a writer of %s that was killed", leftover, dest)
         removed.append(leftover)
     return removed
+
+
+def ready_to_write(dest: str | Path) -> Path:
+    """Before a stage's work: clear what a killed writer of `dest` left, and prove `dest`'s folder writable."""
+    clean_leftovers(dest)
+    return ensure_writable(Path(dest).parent)
 
 
 @contextmanager

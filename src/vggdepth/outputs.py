@@ -7,6 +7,7 @@ import csv
 import json
 import math
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 from vggdepth.config import Params
@@ -116,6 +117,11 @@ class RunOutputs:
         return self.epochs[-1]
 
     def gradients(self) -> list[GradientRow]:
+        """The run's gradient table, read once (the summary and the figures both need it)."""
+        return self._gradient_rows
+
+    @cached_property
+    def _gradient_rows(self) -> list[GradientRow]:
         return read_gradients(self.files.gradients_csv)
 
 
