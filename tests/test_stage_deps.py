@@ -1,5 +1,5 @@
 """dvc.yaml stays true to the code: each stage depends on exactly the modules its entry point runs, and on no
-params section that cannot change a result (`runtime`, `tracking`)."""
+params section that cannot change a result (`runtime`, `grid`, `tracking`)."""
 
 from __future__ import annotations
 
@@ -73,4 +73,4 @@ def test_no_stage_depends_on_settings_that_cannot_change_a_result():
     for name, stage in _stages().items():
         for param in stage.get("params", []):
             section = param.split(".")[0]
-            assert section not in ("runtime", "tracking"), f"stage {name} depends on {param}"
+            assert section not in ("runtime", "tracking", "grid"), f"stage {name} depends on {param}"

@@ -31,6 +31,22 @@ def sync(
 
 @app.command()
 @entry_point
+def plan(
+    runs: Annotated[Path, typer.Option(help="folder holding every run's outputs")] = Path("runs"),
+    data: Annotated[Path, typer.Option(help="prepared data folder")] = Path("data/prepared"),
+    params: Annotated[Path, typer.Option(help="parameters file")] = Path("params.yaml"),
+    probe: Annotated[bool, typer.Option(help="time a few training steps of each network here")] = True,
+) -> None:
+    """Before long work: the runs the grid stage would train, how it packs them on this machine (or the cluster
+    at $RAY_ADDRESS), and about how long they take, from a short throughput probe. Changes nothing."""
+    from vggdepth.data import load_prepared
+    from vggdepth.grid import plan as grid_plan
+
+    typer.echo("\n".join(grid_plan(load_params(params), load_prepared(data), runs, probe=probe)))
+
+
+@app.command()
+@entry_point
 def report(
     runs: Annotated[Path, typer.Option(help="folder holding every run's outputs")] = Path("runs"),
     params: Annotated[Path, typer.Option(help="parameters file")] = Path("params.yaml"),

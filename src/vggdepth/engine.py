@@ -14,6 +14,7 @@ import os
 import random
 import re
 import shutil
+import socket
 import sys
 import time
 from dataclasses import asdict, astuple, dataclass, field
@@ -135,6 +136,7 @@ class RunInfo:
     parameters: int
     files: RunFiles
     start_epoch: int  # 0, or the number of epochs restored from the last checkpoint
+    node: str  # where it trains (`this_node`), or where its newest epoch was trained when restored
     extra: dict = field(default_factory=dict)  # kept in checkpoints: a callback may store its own state here
     history: list[EpochRecord] = field(default_factory=list)  # every epoch so far, restored ones included
     gradients: list[GradientRow] = field(default_factory=list)
@@ -285,6 +287,83 @@ def _first_line(exc: BaseException) -> str:
     return text.splitlines()[0][:300] if text else type(exc).__name__
 
 
+def resume_state(files: RunFiles, device: torch.device | str = "cpu") -> tuple[dict | None, Path | None]:
+    """The newest readable checkpoint of a run folder and its path: `last.pt`, else `previous.pt` when `last.pt`
+    is missing or damaged (a kill between the two writes, a truncated copy); (None, None) when there is none.
+    Clears what a killed writer left and removes a damaged `last.pt` it falls back past."""
+    for path in (files.last, files.previous, files.best, *files.outputs):
+        clean_leftovers(path)
+    damaged = []
+    for path in (files.last, files.previous):
+        if not path.exists():
+            continue
+        try:
+            state = load_checkpoint(path, device)
+            lacking = [k for k in _RESUME_KEYS if k not in state]
+            if lacking:
+                raise CheckpointError(f"{path} cannot resume a run: it has no {', '.join(lacking)}")
+        except UnsafeCheckpointError:
+            raise  # not merely damaged: never skip past it silently
+        except CheckpointError as exc:
+            damaged.append((path, exc))
+            continue
+        for bad, exc in damaged:
+            log.warning("%s; resuming from %s (end of epoch %d) instead", exc, path, state["epoch"] - 1)
+            bad.unlink(missing_ok=True)
+        return state, path
+    if damaged:
+        raise CheckpointError(
+            f"{damaged[0][1]} and there is no earlier good checkpoint to fall back to. To train this run "
+            f"from scratch, remove the folder: rm -r {files.checkpoints}"
+        )
+    return None, None
+
+
+def arrange_checkpoints(
+    files: RunFiles, fingerprint: str, device: torch.device | str = "cpu"
+) -> tuple[dict | None, Path | None]:
+    """Make `files.checkpoints` hold the checkpoints of the run `fingerprint` names, and return the newest one
+    (`resume_state`), or (None, None) when there is none. Checkpoints of other settings, data or code are set
+    aside in `superseded/<their fingerprint>/` (not deleted), and brought back when those settings return."""
+    state, source = resume_state(files, device)
+    if state is not None and state["fingerprint"] != fingerprint:
+        aside = _set_aside(files, state["fingerprint"])
+        log.warning("the checkpoints were made by other settings, data or training code: kept in %s", aside)
+        state = None
+    earlier = files.checkpoints / SUPERSEDED / fingerprint
+    if state is None and (earlier / files.last.name).exists():
+        for path in earlier.iterdir():
+            os.replace(path, files.checkpoints / path.name)
+        earlier.rmdir()
+        log.warning("brought back the checkpoints made earlier with these settings from %s", earlier)
+        state, source = resume_state(files, device)
+    return state, source
+
+
+def _set_aside(files: RunFiles, fingerprint: str) -> Path:
+    """Move a run folder's checkpoints to `superseded/<fingerprint>/`, keeping the newest few such sets."""
+    aside = files.checkpoints / SUPERSEDED / fingerprint
+    shutil.rmtree(aside, ignore_errors=True)
+    aside.mkdir(parents=True)
+    for path in (files.last, files.previous, files.best):
+        if path.exists():
+            os.replace(path, aside / path.name)
+    older = sorted(aside.parent.iterdir(), key=lambda p: p.stat().st_mtime, reverse=True)[KEEP_SUPERSEDED:]
+    for folder in older:
+        shutil.rmtree(folder, ignore_errors=True)
+    return aside
+
+
+def this_node() -> str:
+    """Where this process runs: the host name, and the Ray node inside a Ray worker (several nodes may share a
+    host); kept with every checkpoint, so a run's outputs say where its newest epoch was trained."""
+    host = socket.gethostname()
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():
+        return f"{host} (ray node {ray.get_runtime_context().get_node_id()[:12]})"
+    return host
+
+
 class Trainer:
     """Trains one (variant, seed) on prepared data, writing its outputs to `files`."""
 
@@ -326,6 +405,7 @@ class Trainer:
         self.best = {"epoch": -1, "val_acc": -1.0, "val_loss": math.inf}
         self.best_model: dict | None = None  # the best epoch's weights, kept in last.pt so best.pt can be rebuilt
         self.trained_on = str(self.device)  # the device of the newest epoch, restored with a finished run
+        self.node = this_node()  # where the newest epoch was trained, restored likewise
         self.run = RunInfo(
             variant=variant_name,
             seed=seed,
@@ -341,58 +421,15 @@ class Trainer:
             parameters=count_parameters(self.net),
             files=files,
             start_epoch=0,
+            node=self.node,
         )
         self.history, self.gradients = self.run.history, self.run.gradients
 
     # ---- resume -------------------------------------------------------------------------------------------
 
-    def _resume_state(self) -> tuple[dict | None, Path | None]:
-        """The newest readable checkpoint of this run folder and its path: `last.pt`, else `previous.pt` when
-        `last.pt` is missing or damaged (a kill between the two writes, a truncated copy); (None, None) when there
-        is none."""
-        files = self.files
-        for path in (files.last, files.previous, files.best, *files.outputs):
-            clean_leftovers(path)
-        damaged = []
-        for path in (files.last, files.previous):
-            if not path.exists():
-                continue
-            try:
-                state = load_checkpoint(path, self.device)
-                lacking = [k for k in _RESUME_KEYS if k not in state]
-                if lacking:
-                    raise CheckpointError(f"{path} cannot resume a run: it has no {', '.join(lacking)}")
-            except UnsafeCheckpointError:
-                raise  # not merely damaged: never skip past it silently
-            except CheckpointError as exc:
-                damaged.append((path, exc))
-                continue
-            for bad, exc in damaged:
-                log.warning("%s; resuming from %s (end of epoch %d) instead", exc, path, state["epoch"] - 1)
-                bad.unlink(missing_ok=True)
-            return state, path
-        if damaged:
-            raise CheckpointError(
-                f"{damaged[0][1]} and there is no earlier good checkpoint to fall back to. To train this run "
-                f"from scratch, remove the folder: rm -r {files.checkpoints}"
-            )
-        return None, None
-
     def _restore(self) -> None:
-        """Continue from the last checkpoint when it belongs to this very run. Checkpoints of other settings, data
-        or code are set aside (not deleted), and brought back when those settings return."""
-        state, source = self._resume_state()
-        if state is not None and state["fingerprint"] != self.run.fingerprint:
-            aside = self._set_aside(state["fingerprint"])
-            log.warning("the checkpoints were made by other settings, data or training code: kept in %s", aside)
-            state = None
-        earlier = self.files.checkpoints / SUPERSEDED / self.run.fingerprint
-        if state is None and (earlier / self.files.last.name).exists():
-            for path in earlier.iterdir():
-                os.replace(path, self.files.checkpoints / path.name)
-            earlier.rmdir()
-            log.warning("brought back the checkpoints made earlier with these settings from %s", earlier)
-            state, source = self._resume_state()
+        """Continue from the last checkpoint when it belongs to this very run (`arrange_checkpoints`)."""
+        state, source = arrange_checkpoints(self.files, self.run.fingerprint, self.device)
         if state is None:
             return
         if state["epoch"] > self.cfg.epochs:
@@ -418,25 +455,13 @@ class Trainer:
         self.best = state["best"]
         self.best_model = state["best_model"]
         self.trained_on = state["trained_on"]
+        self.node = self.run.node = state.get("node", self.node)  # older checkpoints recorded no node
         self.run.start_epoch = state["epoch"]
         self.run.extra = state.get("extra", {})
         self._check_best(state)
         if source == self.files.previous:  # last.pt was missing: make the state we resume from the last one again
             save_checkpoint(self.files.last, state)
         log.info("resuming %s from epoch %d of %d", source, state["epoch"], self.cfg.epochs)
-
-    def _set_aside(self, fingerprint: str) -> Path:
-        """Move this folder's checkpoints to `superseded/<fingerprint>/`, keeping the newest few such sets."""
-        aside = self.files.checkpoints / SUPERSEDED / fingerprint
-        shutil.rmtree(aside, ignore_errors=True)
-        aside.mkdir(parents=True)
-        for path in (self.files.last, self.files.previous, self.files.best):
-            if path.exists():
-                os.replace(path, aside / path.name)
-        older = sorted(aside.parent.iterdir(), key=lambda p: p.stat().st_mtime, reverse=True)[KEEP_SUPERSEDED:]
-        for folder in older:
-            shutil.rmtree(folder, ignore_errors=True)
-        return aside
 
     def _check_best(self, state: dict) -> None:
         """best.pt must hold the best epoch's weights; rebuild it from last.pt when it is missing or damaged."""
@@ -532,6 +557,7 @@ class Trainer:
     def _epoch(self, epoch: int) -> None:
         started = time.perf_counter()
         self.trained_on = str(self.device)
+        self.node = self.run.node = this_node()
         lr = self.optimizer.param_groups[0]["lr"]
         desc = f"{self.run.variant} s{self.seed} epoch {epoch + 1}/{self.cfg.epochs}"
         steps = math.ceil(len(self.train_data) / self.variant.batch_size)
@@ -583,6 +609,7 @@ class Trainer:
                 "best": self.best,
                 "best_model": self.best_model,
                 "trained_on": self.trained_on,
+                "node": self.node,
                 "extra": self.run.extra,
             },
         )
@@ -630,6 +657,7 @@ class Trainer:
             "seconds": train_seconds,
             "images_per_second": len(self.train_data) * len(self.history) / train_seconds,
             "device": self.trained_on,
+            "node": self.node,
         }
 
 

@@ -36,6 +36,7 @@ log = logging.getLogger(__name__)
 URI_ENV = "MLFLOW_TRACKING_URI"
 PARENT_KEY_TAG = "vggdepth.pipeline"
 KIND_TAG = "vggdepth.kind"
+NODE_TAG = "node"  # where the run's newest epoch was trained (engine.this_node)
 RUN_ID_KEY = "mlflow_run_id"  # where a run's id is kept in its checkpoints, so a resumed run continues it
 GRADIENT_METRICS = {
     "mean_abs": "grad_mean_abs",
@@ -389,8 +390,12 @@ class MlflowCallback(Callback):
     """Sends a training run to MLflow. If the server goes away mid-run, training goes on: epochs are queued,
     sent when it answers again, and whatever is still unsent at the end is reported by epoch."""
 
-    def __init__(self, store: Store, context: PipelineContext, stage: str, data_dir: Path):
+    def __init__(
+        self, store: Store, context: PipelineContext, stage: str, data_dir: Path, *, system_metrics: bool = True
+    ):
         self.store, self.context, self.stage, self.data_dir = store, context, stage, data_dir
+        # Sampled in this process: only meaningful where the run trains (the grid turns it off for other nodes).
+        self.system_metrics = system_metrics and store.cfg.system_metrics
         self.client = store.client
         self.run_id = ""
         self.pending: list[tuple[int, list]] = []
@@ -408,8 +413,10 @@ class MlflowCallback(Callback):
                 self._log_inputs(run)
             # A resumed run: epochs restored from its checkpoint that MLflow has not seen (killed before logging them).
             self.pending = _pending_epochs(run.history, run.gradients, self.store.logged_epochs(self.run_id))
+            if not _finished(run):
+                self.client.set_tag(self.run_id, NODE_TAG, run.node)
         self._flush()
-        if self.store.cfg.system_metrics and not _finished(run):
+        if self.system_metrics and not _finished(run):
             from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
             self.monitor = SystemMetricsMonitor(self.run_id, resume_logging=not created, tracking_uri=self.store.uri)
@@ -422,6 +429,10 @@ class MlflowCallback(Callback):
 
     def on_run_end(self, run: RunInfo, summary: dict) -> None:
         self._flush()
+        try:
+            self.client.set_tag(self.run_id, NODE_TAG, summary["node"])
+        except Exception as exc:
+            log.error("could not record the node of MLflow run %s: %s", self.run_id, _short(exc))
         try:
             if _finished(run):  # nothing trained: the outputs were restored; send only what MLflow lacks
                 complete_run_artifacts(self.store, self.run_id, run.files, run.gradients, _title(run))

@@ -1,0 +1,705 @@
+"""The grid: every (variant, seed) run of the study whose checkpoints are not finished, trained concurrently on Ray.
+
+One driver (the `grid` stage, or `python -m vggdepth grid`) plans the runs, starts Ray (a local instance bound to
+127.0.0.1, or an existing cluster) and submits one task per run. A task trains in a temporary folder of whatever
+node it lands on: the prepared data reaches it through Ray's object store, and after every epoch its new
+checkpoints and tables travel back to a `Recorder` actor pinned to the driver's node, which writes them into
+`runs/<variant>-s<seed>/` (each file through a temporary name) and sends the epoch to MLflow. So worker nodes need
+neither the repository, the DVC cache nor the tracking store, and the driver's folder always holds every run up
+to its last finished epoch: a killed driver, re-run, resumes each run from there.
+
+The per-run `train@<variant>-<seed>` stages that DVC runs next find their runs finished and only restore the
+outputs from the checkpoints, which is how DVC records them (and how a single run is still trained alone).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import sys
+import tempfile
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from vggdepth.config import Params
+from vggdepth.data import PreparedData
+from vggdepth.engine import (
+    SUPERSEDED,
+    Callback,
+    CheckpointError,
+    EpochRecord,
+    RunFiles,
+    RunInfo,
+    arrange_checkpoints,
+    load_checkpoint,
+    run_fingerprint,
+    train_run,
+)
+from vggdepth.errors import VggdepthError
+from vggdepth.files import write_json
+from vggdepth.gradients import GradientRow
+
+log = logging.getLogger(__name__)
+
+ADDRESS_ENV = "RAY_ADDRESS"
+AUTO_RUNS_PER_GPU = 4
+# A run's files, in the order the recorder writes them: a driver killed between two writes leaves a state the
+# next run resumes from (a best.pt newer than last.pt is rebuilt from last.pt; see engine.Trainer._check_best).
+MIRRORED = (
+    "checkpoints/best.pt",
+    "checkpoints/previous.pt",
+    "checkpoints/last.pt",
+    "epochs.csv",
+    "gradients.csv",
+    "train.json",
+)
+PROGRESS_EVERY_S = 60  # without a terminal: one progress line at most this often
+
+
+class GridError(VggdepthError):
+    """The grid cannot run, or some of its runs failed."""
+
+
+# ---- which runs ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class PlannedRun:
+    """One (variant, seed) of the grid and how far its checkpoints already are."""
+
+    variant: str
+    seed: int
+    files: RunFiles
+    done: int  # epochs in its checkpoints under the current settings
+    epochs: int  # train.epochs
+    problem: str = ""  # why its checkpoints cannot be used (a damaged or unsafe file): it fails without training
+
+    @property
+    def name(self) -> str:
+        return self.files.root.name
+
+    @property
+    def stale(self) -> bool:
+        return self.done != self.epochs or bool(self.problem)
+
+
+def plan_runs(params: Params, runs: Path, data_stats: dict, *, arrange: bool = True) -> list[PlannedRun]:
+    """Every (variant, seed), in params order, with the epochs its checkpoints hold under the current settings.
+    `arrange`: set checkpoints of other settings aside and bring earlier ones of these settings back, as training
+    would (engine.arrange_checkpoints), so the folders are ready for the runs to continue; else only look."""
+    planned = []
+    for variant, cfg in params.variants.items():
+        for seed in params.seeds:
+            files = RunFiles.of(runs, variant, seed)
+            fingerprint = run_fingerprint(params.model, params.train, cfg, seed, data_stats)
+            done, problem = 0, ""
+            if files.checkpoints.exists():
+                try:
+                    done = _arranged_epochs(files, fingerprint) if arrange else _epochs_in(files, fingerprint)
+                except CheckpointError as exc:
+                    problem = str(exc)
+            planned.append(PlannedRun(variant, seed, files, done, params.train.epochs, problem))
+    return planned
+
+
+def _arranged_epochs(files: RunFiles, fingerprint: str) -> int:
+    state, _ = arrange_checkpoints(files, fingerprint)
+    return state["epoch"] if state is not None else 0
+
+
+def _epochs_in(files: RunFiles, fingerprint: str) -> int:
+    """Epochs of the run `fingerprint` names in a run folder, changing nothing in it."""
+    earlier = files.checkpoints / SUPERSEDED / fingerprint
+    for path in (files.last, files.previous, earlier / files.last.name, earlier / files.previous.name):
+        try:
+            state = load_checkpoint(path)
+        except CheckpointError:
+            continue
+        if state["fingerprint"] == fingerprint:
+            return state["epoch"]
+    return 0
+
+
+# ---- how runs share the machine -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Packing:
+    """How many runs train at once and what each one gets."""
+
+    device: str  # "cpu" or "cuda"
+    threads: int  # torch threads of each run
+    cpus: float  # Ray CPUs of each run
+    gpus: float  # Ray GPUs of each run (a fraction: several runs share a device)
+    slots: int  # runs at once
+
+    def describe(self) -> str:
+        if self.device == "cuda":
+            return f"{self.slots} runs at once, {round(1 / self.gpus)} per GPU, {self.threads} CPU thread each"
+        return f"{self.slots} runs at once on the CPU, {self.threads} torch thread(s) each"
+
+
+def choose_packing(params: Params, cpus: float, gpus: float, node_cpus: float, runs: int) -> Packing:
+    """CPU: `grid.threads_per_run`, or auto: one thread per run and one run per core (measured fastest:
+    README "Concurrency"), every core shared out when fewer runs than cores remain, never more threads than the
+    smallest node has. GPU (when the cluster has one and runtime.device allows): `grid.runs_per_gpu` runs per
+    device, one CPU thread each."""
+    grid, runtime = params.grid, params.runtime
+    if gpus >= 1 and runtime.device != "cpu":
+        per_gpu = AUTO_RUNS_PER_GPU if grid.runs_per_gpu == "auto" else grid.runs_per_gpu
+        return Packing("cuda", 1, 1, 1 / per_gpu, int(gpus) * per_gpu)
+    if runtime.device.startswith("cuda"):
+        raise GridError(f"runtime.device is {runtime.device!r} but the Ray cluster has no GPU; use 'auto' or 'cpu'")
+    if grid.threads_per_run == "auto":
+        threads = max(1, min(int(node_cpus), int(cpus) // max(1, runs)))
+    else:
+        threads = grid.threads_per_run
+        if threads > node_cpus:
+            raise GridError(
+                f"grid.threads_per_run is {threads} but the largest Ray node has {node_cpus:g} CPUs: no run could "
+                "start; lower it or set it to auto"
+            )
+    return Packing("cpu", threads, threads, 0, max(1, int(cpus) // threads))
+
+
+# ---- a short throughput probe -------------------------------------------------------------------------------
+
+
+def probe_throughput(params: Params, planned: list[PlannedRun], packing: Packing, steps: int = 2) -> dict:
+    """Training images per second of one run of each network and batch size among `planned`, on this machine
+    with the packing's thread count (random pixels: the speed depends on shapes, not content). {(blocks,
+    batch_norm, batch_size): (the first variant of that shape, images/s)}"""
+    from vggdepth.models import VGG
+
+    device = torch.device(packing.device if packing.device == "cpu" or torch.cuda.is_available() else "cpu")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(packing.threads)
+    speeds = {}
+    try:
+        for run in planned:
+            cfg = params.variants[run.variant]
+            key = (cfg.blocks_per_stage, cfg.batch_norm, cfg.batch_size)
+            if key in speeds:
+                continue
+            net = VGG(params.model, cfg).to(device, memory_format=torch.channels_last)
+            optimizer = torch.optim.Adam(net.parameters(), lr=cfg.lr)
+            x = torch.randn(cfg.batch_size, 3, 32, 32, device=device).contiguous(memory_format=torch.channels_last)
+            y = torch.randint(0, params.model.num_classes, (cfg.batch_size,), device=device)
+            autocast = device.type == "cuda" and params.train.bf16
+            elapsed = 0.0
+            for step in range(steps + 1):  # the first step warms up (allocations, kernel choice)
+                started = time.perf_counter()
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+                    loss = torch.nn.functional.cross_entropy(net(x).float(), y)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                loss.item()
+                if step:
+                    elapsed += time.perf_counter() - started
+            speeds[key] = (run.variant, cfg.batch_size * steps / elapsed)
+    finally:
+        torch.set_num_threads(threads)
+    return speeds
+
+
+def estimate_seconds(params: Params, planned: list[PlannedRun], speeds: dict, packing: Packing, sizes: dict) -> float:
+    """Wall time of the stale runs: each run's remaining images over its probed speed (validation counted at a
+    third of a training image), spread over the packing's slots (never less than the longest run)."""
+    per_run = []
+    for run in planned:
+        if not run.stale or run.problem:
+            continue
+        cfg = params.variants[run.variant]
+        _, speed = speeds[(cfg.blocks_per_stage, cfg.batch_norm, cfg.batch_size)]
+        per_run.append((run.epochs - run.done) * (sizes["train"] + sizes["val"] / 3) / speed)
+    if not per_run:
+        return 0.0
+    return max(sum(per_run) / min(packing.slots, len(per_run)), max(per_run))
+
+
+def duration(seconds: float) -> str:
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 5400:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} hours"
+
+
+def plan_lines(planned: list[PlannedRun], packing: Packing, speeds: dict, estimate: float, where: str) -> list[str]:
+    stale = [r for r in planned if r.stale]
+    lines = [f"grid: {len(stale)} of {len(planned)} runs to train on {where}: {packing.describe()}"]
+    for run in planned:
+        if run.problem:
+            lines.append(f"  {run.name:<24} cannot start: {run.problem}")
+        elif run.stale:
+            start = f", resumes after epoch {run.done}" if run.done else ""
+            lines.append(f"  {run.name:<24} {run.epochs - run.done} epochs{start}")
+    if speeds:
+        probed = ", ".join(f"{name} {speed:.0f} img/s" for name, speed in speeds.values())
+        lines.append(f"  probe ({packing.threads} thread(s) per run): {probed}")
+    if stale and speeds:
+        lines.append(f"  estimated wall time: about {duration(estimate)}")
+    return lines
+
+
+# ---- Ray ----------------------------------------------------------------------------------------------------
+
+
+def ray_address(params: Params) -> str | None:
+    """The cluster to use: $RAY_ADDRESS, else `grid.address`; None for a local instance."""
+    address = os.environ.get(ADDRESS_ENV) or params.grid.address
+    if address in ("local", ""):
+        return None
+    if address.startswith("ray://"):
+        raise GridError(
+            f"{address}: the grid needs the driver on a node of the cluster (its recorder writes runs/ on the "
+            "driver's disk), which Ray Client (ray://) does not give. Join this machine to the cluster with `ray "
+            "start --address=<head>:6379` and set RAY_ADDRESS to that host:port (or 'auto')"
+        )
+    return address
+
+
+def _loopback_only() -> None:
+    """Make a local Ray instance bind every process to 127.0.0.1 (Ray picks the primary address by default),
+    and never report usage over the network. Read when Ray is imported: call before that."""
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # with it off, Ray's node address is the loopback one
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+
+def _is_loopback(address: str) -> bool:
+    """Whether a cluster address is on this machine's loopback interface (a test or single-host cluster)."""
+    import ipaddress
+
+    host = address.rsplit(":", 1)[0].strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def start_ray(params: Params, address: str | None):
+    """`ray.init` on a local instance (127.0.0.1 only) or the given cluster; returns the ray module."""
+    if address is None or _is_loopback(address):
+        _loopback_only()
+    import ray
+
+    if ray.is_initialized():
+        return ray
+    options = {"include_dashboard": False, "log_to_driver": False, "logging_level": logging.ERROR}
+    try:
+        if address is None:
+            ray.init(address="local", _node_ip_address="127.0.0.1", **options)
+        else:
+            package = Path(__file__).resolve().parent
+            ray.init(address=address, runtime_env={"py_modules": [str(package)]}, **options)
+    except Exception as exc:
+        text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        hint = ""
+        if "token" in text.lower() or "auth" in text.lower():
+            hint = (
+                "; the cluster uses token authentication: set RAY_AUTH_TOKEN (or RAY_AUTH_TOKEN_PATH) to its "
+                "token, as written in ~/.ray/auth_token on its head node"
+            )
+        where = "a local Ray instance" if address is None else f"the Ray cluster at {address}"
+        raise GridError(f"cannot start {where}: {text}{hint}") from None
+    return ray
+
+
+def cluster_resources(ray) -> tuple[float, float, float]:
+    """(CPUs, GPUs, CPUs of the largest node) of the cluster's live nodes."""
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    cpus = sum(n["Resources"].get("CPU", 0) for n in nodes)
+    gpus = sum(n["Resources"].get("GPU", 0) for n in nodes)
+    largest = max((n["Resources"].get("CPU", 0) for n in nodes), default=0)
+    return cpus, gpus, largest
+
+
+def local_resources() -> tuple[float, float, float]:
+    """(CPUs, GPUs, CPUs of the largest node) of this machine, as a local Ray instance would see them."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return cpus, torch.cuda.device_count(), cpus
+
+
+def plan(params: Params, data: PreparedData, runs: Path, *, probe: bool = True) -> list[str]:
+    """What the grid would do now, changing nothing: the stale runs, their packing and (probed on this machine)
+    about how long they take."""
+    planned = plan_runs(params, runs, data.stats, arrange=False)
+    stale = [r for r in planned if r.stale]
+    address = ray_address(params)
+    if address is None:
+        resources = local_resources()
+    else:
+        ray = start_ray(params, address)
+        try:
+            resources = cluster_resources(ray)
+        finally:
+            ray.shutdown()
+    packing = choose_packing(params, *resources, len(stale))
+    speeds = probe_throughput(params, stale, packing) if probe and stale else {}
+    estimate = estimate_seconds(params, planned, speeds, packing, data.stats["sizes"]) if speeds else 0.0
+    return plan_lines(planned, packing, speeds, estimate, _where(address))
+
+
+def _where(address: str | None) -> str:
+    return "this machine (Ray on 127.0.0.1)" if address is None else f"the Ray cluster at {address}"
+
+
+# ---- the worker side ----------------------------------------------------------------------------------------
+
+
+class Relay(Callback):
+    """On the worker: sends each epoch's new files, and the run's events, to the recorder on the driver's node.
+    Every call waits for the recorder, so the driver's folder holds an epoch before the next one starts."""
+
+    def __init__(self, recorder, name: str, files: RunFiles, node_id: str):
+        self.recorder, self.name, self.files, self.node_id = recorder, name, files, node_id
+        self.sent: dict[str, tuple] = {}
+        self._changed()  # the files it started from came from the driver's folder: nothing to send back
+
+    def _changed(self) -> dict[str, bytes]:
+        changed = {}
+        for relative in MIRRORED:
+            path = self.files.root / relative
+            try:
+                stat = path.stat()
+            except FileNotFoundError:
+                continue
+            signature = (stat.st_ino, stat.st_size, stat.st_mtime_ns)
+            if self.sent.get(relative) != signature:
+                changed[relative] = path.read_bytes()
+                self.sent[relative] = signature
+        return changed
+
+    def _call(self, method: str, *args):
+        import ray
+
+        return ray.get(getattr(self.recorder, method).remote(self.name, self._changed(), *args))
+
+    def on_run_start(self, run: RunInfo) -> None:
+        run.extra.update(self._call("run_start", run, self.node_id))
+
+    def on_epoch_end(self, run: RunInfo, record: EpochRecord, gradients: list[GradientRow]) -> None:
+        self._call("epoch_end", record, gradients)
+
+    def on_run_end(self, run: RunInfo, summary: dict) -> None:
+        self._call("run_end", summary)
+
+    def on_run_error(self, run: RunInfo, error: BaseException) -> None:
+        self._call("run_error", str(error) or type(error).__name__, isinstance(error, KeyboardInterrupt))
+
+
+def train_task(
+    params: Params, variant: str, seed: int, data: PreparedData, start: dict[str, bytes], recorder, packing: Packing
+) -> dict:
+    """One run, on whatever node Ray chose: the checkpoints it resumes from (`start`) and the data arrive as
+    arguments; it trains in a temporary folder and relays every epoch to the recorder. Returns its summary."""
+    import ray
+
+    name = f"{variant}-s{seed}"
+    runtime = params.runtime.model_copy(update={"threads": packing.threads, "device": packing.device})
+    with tempfile.TemporaryDirectory(prefix=f"vggdepth-{name}-{os.getpid()}-") as tmp:
+        files = RunFiles(Path(tmp) / name)
+        for relative, blob in start.items():
+            path = files.root / relative
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(blob)
+        relay = Relay(recorder, name, files, ray.get_runtime_context().get_node_id())
+        with warnings.catch_warnings():  # the object store's arrays are read-only; training never writes to them
+            warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+            trainer = train_run(
+                params.model_copy(update={"runtime": runtime}), variant, seed, data, files.root, [relay]
+            )
+        return trainer.summary()
+
+
+# ---- the driver's node --------------------------------------------------------------------------------------
+
+
+class Recorder:
+    """On the driver's node (a Ray actor): writes what the runs relay into `runs/`, sends it to MLflow (the one
+    writer of the tracking store during a grid), and keeps the progress the driver shows."""
+
+    def __init__(self, params: Params, runs: str, data_dir: str, uri: str | None, root: str, context, node_id: str):
+        self.messages: list[str] = []  # warnings and errors, shown by the driver (worker output is not)
+        handler = logging.Handler(logging.WARNING)
+        handler.emit = lambda record: self.messages.append(f"{record.levelname} {record.name}: {record.getMessage()}")
+        logging.getLogger("vggdepth").addHandler(handler)
+        self.params, self.runs, self.data_dir, self.node_id = params, Path(runs), Path(data_dir), node_id
+        self.context = context
+        self.store = None
+        if uri is not None:
+            from vggdepth.tracking import Store
+
+            self.store = Store(params.tracking, uri=uri, root=Path(root))
+        self.open: dict[str, tuple[RunInfo, Callback | None]] = {}
+        self.progress: dict[str, dict] = {}
+
+    def _write(self, name: str, changed: dict[str, bytes]) -> None:
+        root = self.runs / name
+        for relative in MIRRORED:
+            if relative in changed:
+                from vggdepth.files import atomic_path
+
+                with atomic_path(root / relative) as tmp:
+                    tmp.write_bytes(changed[relative])
+
+    def run_start(self, name: str, changed: dict[str, bytes], run: RunInfo, node_id: str) -> dict:
+        self._write(name, changed)
+        run.files = RunFiles(self.runs / name)
+        callback = None
+        if self.store is not None:
+            from vggdepth.tracking import MlflowCallback
+
+            callback = MlflowCallback(
+                self.store,
+                self.context,
+                f"train@{run.variant}-{run.seed}",
+                self.data_dir,
+                system_metrics=node_id == self.node_id,  # it samples this machine: right only for runs on it
+            )
+            callback.on_run_start(run)
+        self.open[name] = (run, callback)
+        self.progress[name] = {"done": run.start_epoch, "trained": 0, "seconds": 0.0, "node": run.node}
+        return run.extra
+
+    def epoch_end(self, name: str, changed: dict[str, bytes], record: EpochRecord, gradients: list) -> None:
+        self._write(name, changed)
+        run, callback = self.open[name]
+        run.history.append(record)
+        run.gradients.extend(gradients)
+        progress = self.progress[name]
+        progress.update(done=record.epoch + 1, trained=progress["trained"] + 1)
+        progress["seconds"] += record.seconds
+        if callback is not None:
+            callback.on_epoch_end(run, record, gradients)
+
+    def run_end(self, name: str, changed: dict[str, bytes], summary: dict) -> None:
+        self._write(name, changed)
+        run, callback = self.open.pop(name)
+        self.progress[name]["node"] = summary["node"]
+        if callback is not None:
+            callback.on_run_end(run, summary)
+
+    def run_error(self, name: str, changed: dict[str, bytes], message: str, interrupted: bool) -> None:
+        self._write(name, changed)
+        self.lost(name, message, interrupted)
+
+    def lost(self, name: str, message: str, interrupted: bool = False) -> None:
+        """A run that ended without finishing (an error, or its worker died): close its MLflow run."""
+        run, callback = self.open.pop(name, (None, None))
+        if callback is not None:
+            error = KeyboardInterrupt() if interrupted else GridError(message)
+            callback.on_run_error(run, error)
+
+    def state(self) -> tuple[dict, list[str]]:
+        """Each run's progress, and the warnings logged since the last call."""
+        messages, self.messages = self.messages, []
+        return self.progress, messages
+
+
+# ---- the driver ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class GridResult:
+    trained: dict[str, dict] = field(default_factory=dict)  # run name -> summary
+    failed: dict[str, str] = field(default_factory=dict)  # run name -> why
+    seconds: float = 0.0
+
+
+def _reason(exc: BaseException) -> str:
+    """The one line a user needs from a failed Ray task: the run's own error, or how its worker was lost."""
+    import ray
+
+    if isinstance(exc, ray.exceptions.RayTaskError):
+        cause = exc.cause if getattr(exc, "cause", None) is not None else exc
+        text = str(cause).strip().splitlines()
+        if isinstance(cause, VggdepthError) and text:
+            return text[0]
+        return f"{type(cause).__name__}: {text[-1] if text else ''}".strip()
+    if isinstance(exc, ray.exceptions.WorkerCrashedError | ray.exceptions.NodeDiedError):
+        return "its worker process died (killed, or out of memory); resumes from its last epoch when re-run"
+    return f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
+
+
+class _Progress:
+    """One grid progress line (a bar on a terminal): runs finished, epochs done, images/s, ETA."""
+
+    def __init__(self, planned: list[PlannedRun], images_per_epoch: int):
+        self.total_runs = len(planned)
+        self.total_epochs = sum(r.epochs - r.done for r in planned)
+        self.images_per_epoch = images_per_epoch
+        self.started = time.monotonic()
+        self.interactive = sys.stderr.isatty()
+        self.last_line = self.started
+        self.bar = tqdm(total=self.total_epochs, unit="epoch", desc="grid", disable=not self.interactive)
+
+    def update(self, state: dict, finished: int) -> None:
+        epochs = sum(p["trained"] for p in state.values())
+        elapsed = time.monotonic() - self.started
+        speed = epochs * self.images_per_epoch / elapsed if elapsed > 0 else 0.0
+        left = (self.total_epochs - epochs) * self.images_per_epoch / speed if speed > 0 else math.inf
+        eta = duration(left) if math.isfinite(left) else "?"
+        text = f"runs {finished}/{self.total_runs} | {speed:.0f} img/s | ETA {eta}"
+        if self.interactive:
+            self.bar.update(epochs - self.bar.n)
+            self.bar.set_postfix_str(text)
+        elif time.monotonic() - self.last_line >= PROGRESS_EVERY_S:
+            self.last_line = time.monotonic()
+            print(f"grid: epochs {epochs}/{self.total_epochs} | {text}", file=sys.stderr, flush=True)
+
+    def say(self, line: str) -> None:
+        if self.interactive:
+            self.bar.write(line, file=sys.stderr)
+        else:
+            print(line, file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def run_grid(
+    params: Params, data: PreparedData, data_dir: Path, runs: Path, *, probe: bool = True
+) -> tuple[GridResult, list[PlannedRun], Packing]:
+    """Train every stale run of the grid concurrently; returns what trained, what failed and the plan."""
+    runs = runs.resolve()
+    planned = plan_runs(params, runs, data.stats)
+    stale = [r for r in planned if r.stale]
+    result = GridResult()
+    address = ray_address(params)
+    if not stale:
+        say = "grid: every run is trained to train.epochs; nothing to do"
+        print(say, file=sys.stderr, flush=True)
+        return result, planned, Packing("cpu", 0, 0, 0, 0)
+
+    store = context = None
+    if params.tracking.enabled:  # before Ray: an unusable store stops the grid at once; experiment and parent
+        from vggdepth.tracking import PipelineContext, open_store  # run exist before concurrent writers start
+
+        store = open_store(params)
+        context = PipelineContext.detect(params)
+        store.parent_run(context)
+
+    ray = start_ray(params, address)
+    try:
+        cpus, gpus, node_cpus = cluster_resources(ray)
+        packing = choose_packing(params, cpus, gpus, node_cpus, len(stale))
+        speeds = probe_throughput(params, stale, packing) if probe else {}
+        estimate = estimate_seconds(params, planned, speeds, packing, data.stats["sizes"]) if speeds else 0.0
+        for line in plan_lines(planned, packing, speeds, estimate, _where(address)):
+            print(line, file=sys.stderr, flush=True)
+        result = _launch(ray, params, data, data_dir, runs, stale, packing, store, context)
+    finally:
+        ray.shutdown()
+    return result, planned, packing
+
+
+def _launch(ray, params, data, data_dir, runs, stale, packing, store, context) -> GridResult:
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    started = time.monotonic()
+    node_id = ray.get_runtime_context().get_node_id()
+    recorder = (
+        ray.remote(Recorder)
+        .options(num_cpus=0, scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False))
+        .remote(
+            params,
+            str(runs),
+            str(data_dir.resolve()),
+            store.uri if store is not None else None,
+            str(store.root) if store is not None else "",
+            context,
+            node_id,
+        )
+    )
+    try:  # the recorder opens the tracking store in its own process: its failure is the grid's, said once
+        ray.get(recorder.state.remote())
+    except ray.exceptions.RayActorError as exc:
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+        raise GridError(f"the grid's recorder could not start on this node: {lines[-1] if lines else exc}") from None
+    task = ray.remote(train_task)
+    resources = {"max_retries": 0, "num_cpus": packing.cpus, "num_gpus": packing.gpus}  # a failed run is reported
+    data_ref = ray.put(data)
+    result = GridResult()
+    pending = {}
+    for run in stale:
+        if run.problem:
+            result.failed[run.name] = run.problem
+            continue
+        start = {
+            rel: (run.files.root / rel).read_bytes()
+            for rel in MIRRORED
+            if rel.startswith("checkpoints/") and (run.files.root / rel).exists()
+        }
+        ref = task.options(name=run.name, **resources).remote(
+            params, run.variant, run.seed, data_ref, start, recorder, packing
+        )
+        pending[ref] = run
+    progress = _Progress([r for r in stale if not r.problem], len(data.train))
+    for name, why in result.failed.items():
+        progress.say(f"grid: {name} FAILED: {why}")
+    try:
+        while pending:
+            done, _ = ray.wait(list(pending), num_returns=1, timeout=2.0)
+            for ref in done:
+                run = pending.pop(ref)
+                try:
+                    summary = ray.get(ref)
+                except Exception as exc:
+                    result.failed[run.name] = _reason(exc)
+                    ray.get(recorder.lost.remote(run.name, result.failed[run.name]))
+                    progress.say(f"grid: {run.name} FAILED: {result.failed[run.name]}")
+                    continue
+                result.trained[run.name] = summary
+                progress.say(
+                    f"grid: {run.name} done: val acc {summary['val_acc']:.4f} (best {summary['best_val_acc']:.4f} "
+                    f"at epoch {summary['best_epoch']}), {summary['images_per_second']:.0f} img/s on "
+                    f"{summary['node']}"
+                )
+            state, messages = ray.get(recorder.state.remote())
+            for message in messages:
+                progress.say(message)
+            progress.update(state, len(result.trained) + len(result.failed))
+    finally:
+        progress.close()
+    result.seconds = time.monotonic() - started
+    return result
+
+
+def grid_record(result: GridResult, planned: list[PlannedRun], packing: Packing, images_per_epoch: int) -> dict:
+    """What `runs/grid.json` keeps of a grid: its packing, its speed, and per run what trained where."""
+    trained_images = sum(images_per_epoch * (r.epochs - r.done) for r in planned if r.name in result.trained)
+    return {
+        "packing": packing.describe() if result.trained else "nothing to train",
+        "seconds": round(result.seconds, 1),
+        "images_per_second": round(trained_images / result.seconds, 1) if result.seconds else 0.0,
+        "runs": {
+            r.name: (
+                {"trained_epochs": r.epochs - r.done, "node": result.trained[r.name]["node"]}
+                if r.name in result.trained
+                else {"trained_epochs": 0, "node": None}
+            )
+            for r in planned
+        },
+    }
+
+
+def finish(result: GridResult, planned: list[PlannedRun], packing: Packing, out: Path, images: int) -> None:
+    """Write `out` (runs/grid.json) when every run trained; else name the failed runs and write nothing."""
+    if result.failed:
+        names = ", ".join(sorted(result.failed))
+        trained = f"; {len(result.trained)} other run(s) finished and are kept" if result.trained else ""
+        raise GridError(
+            f"{len(result.failed)} of {sum(r.stale for r in planned)} runs failed: {names}{trained}. Re-running "
+            "trains only what is unfinished, resuming from each run's last epoch"
+        )
+    write_json(out, grid_record(result, planned, packing, images))

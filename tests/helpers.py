@@ -1,0 +1,68 @@
+"""What several test modules share: waiting for a file with inotify, and comparing two runs' outputs."""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import json
+import os
+import select
+import struct
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from vggdepth.engine import RunFiles, load_checkpoint
+
+IN_CREATE, IN_MOVED_TO = 0x100, 0x80
+_libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+
+
+class Watch:
+    """inotify on one folder: wait for a file or folder whose name passes a test to appear in it."""
+
+    def __init__(self, folder: Path, mask: int = IN_CREATE | IN_MOVED_TO):
+        folder.mkdir(parents=True, exist_ok=True)
+        self.fd = _libc.inotify_init1(os.O_NONBLOCK | os.O_CLOEXEC)
+        assert self.fd >= 0 and _libc.inotify_add_watch(self.fd, str(folder).encode(), mask) >= 0
+
+    def wait(self, wanted: Callable[[str], bool], timeout_s: float = 120) -> str:
+        deadline = time.monotonic() + timeout_s
+        while (left := deadline - time.monotonic()) > 0:
+            if not select.select([self.fd], [], [], left)[0]:
+                break
+            data, offset = os.read(self.fd, 1 << 16), 0
+            while offset < len(data):
+                _, _, _, length = struct.unpack_from("iIII", data, offset)
+                name = data[offset + 16 : offset + 16 + length].rstrip(b"\0").decode()
+                offset += 16 + length
+                if wanted(name):
+                    return name
+        raise AssertionError("the awaited file never appeared")
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
+def timeless_csv(path: Path) -> list[list[str]]:
+    rows = [line.split(",") for line in path.read_text().splitlines()]
+    drop = rows[0].index("seconds") if "seconds" in rows[0] else -1
+    return [[v for i, v in enumerate(r) if i != drop] for r in rows]
+
+
+def timeless_json(path: Path, ignore: tuple[str, ...] = ()) -> dict:
+    return {k: v for k, v in json.loads(path.read_text()).items() if k not in ("seconds", "images_per_second", *ignore)}
+
+
+def same_run(a: RunFiles, b: RunFiles, ignore: tuple[str, ...] = ()) -> None:
+    """The same metrics, gradient table, summary (timings and `ignore` aside) and weights, bit for bit."""
+    assert timeless_csv(a.epochs_csv) == timeless_csv(b.epochs_csv)
+    assert a.gradients_csv.read_text() == b.gradients_csv.read_text()
+    assert timeless_json(a.train_json, ignore) == timeless_json(b.train_json, ignore)
+    for checkpoint in ("best", "last"):
+        left, right = load_checkpoint(getattr(a, checkpoint)), load_checkpoint(getattr(b, checkpoint))
+        assert left["epoch"] == right["epoch"]
+        for name, tensor in left["model"].items():
+            assert torch.equal(tensor, right["model"][name]), (checkpoint, name)

@@ -1,0 +1,351 @@
+"""The grid on real Ray: runs trained concurrently equal runs trained alone, bit for bit; every run is tracked
+once; a failed run does not stop the others; a killed driver resumes; a two-node cluster on 127.0.0.1 runs it."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from mlflow import MlflowClient
+
+from tests.conftest import ROOT, prepare_subset
+from tests.helpers import same_run
+from vggdepth.engine import RunFiles, load_checkpoint, save_checkpoint
+
+pytestmark = pytest.mark.slow
+
+VARIANTS = ("VGG-08", "VGG-38", "BN-VGG-38")
+NOT_COMPARED = ("node",)  # where a run trained: a Ray node in the grid, this host when alone
+
+
+def narrow(raw: dict, variants: dict) -> dict:
+    """params with only `variants` (and what refers to them kept valid)."""
+    raw["variants"] = variants
+    raw["report"]["final_variant"] = list(variants)[-1]
+    raw["report"]["figures"] = {}
+    raw["report"]["reference"]["curves"] = {}
+    raw["report"]["guard"].update(vanishing="VGG-38", learning=[v for v in variants if v not in ("VGG-38", "NAN")])
+    return raw
+
+
+@pytest.fixture(scope="module")
+def project(archive_path, archive_md5, params, tmp_path_factory) -> Path:
+    """Three variants, one seed, 200/100/100 real images, 2 epochs, one thread per run; tracked in root/mlruns."""
+    root = tmp_path_factory.mktemp("grid") / "p"
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    raw["data"].update(url=str(archive_path), md5=archive_md5)
+    raw["prepare"]["subset"] = {"train": 2, "val": 1, "test": 1}
+    raw["train"]["epochs"] = 2
+    raw["runtime"].update(device="cpu")
+    raw["grid"].update(threads_per_run=1)
+    raw["seeds"] = [0]
+    raw["tracking"].update(enabled=True, system_metrics=False, log_model=False)
+    root.mkdir(parents=True)
+    write_params(root, narrow(raw, {v: raw["variants"][v] for v in VARIANTS}))
+    prepare_subset(archive_path, root / "data" / "prepared", params, train=2, val=1, test=1)
+    return root
+
+
+def write_params(root: Path, raw: dict) -> None:
+    (root / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+
+
+def read_params(root: Path) -> dict:
+    return yaml.safe_load((root / "params.yaml").read_text())
+
+
+def copy(project: Path, dest: Path) -> Path:
+    shutil.copytree(project, dest, ignore=shutil.ignore_patterns("runs", "mlruns"))
+    return dest
+
+
+def env(root: Path, **extra: str) -> dict:
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_", "RAY_"))}
+    return {**clean, "DVC_ROOT": str(root), **extra}  # the embedded MLflow store goes under root/mlruns
+
+
+def grid_command(root: Path) -> list[str]:
+    return [sys.executable, str(ROOT / "pipeline" / "grid.py"), "--params", str(root / "params.yaml")]
+
+
+def run_grid(root: Path, **extra: str) -> subprocess.CompletedProcess:
+    return subprocess.run(grid_command(root), cwd=root, env=env(root, **extra), capture_output=True, text=True)
+
+
+def tracked(uri: str, experiment: str = "vggdepth") -> dict[str, dict]:
+    """Every training run in the store by name: status, parent, epochs of train_loss and of one gradient metric."""
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name(experiment)
+    found: dict[str, dict] = {}
+    for run in client.search_runs([experiment.experiment_id]):
+        if run.data.tags.get("vggdepth.kind") != "training":
+            continue
+        assert run.info.run_name not in found, f"{run.info.run_name} is in MLflow twice"
+        found[run.info.run_name] = {
+            "status": run.info.status,
+            "parent": run.data.tags.get("mlflow.parentRunId"),
+            "node": run.data.tags.get("node", ""),
+            "steps": [m.step for m in client.get_metric_history(run.info.run_id, "train_loss")],
+            "grad_steps": [m.step for m in client.get_metric_history(run.info.run_id, "grad_mean_abs/entry.conv")],
+            "interval": (run.info.start_time, run.info.end_time),
+        }
+    return found
+
+
+def embedded(root: Path) -> str:
+    return f"sqlite:///{root / 'mlruns' / 'mlflow.db'}"
+
+
+def train_stage(root: Path, variant: str) -> None:
+    """The train stage of (variant, seed 0), as DVC runs it."""
+    command = [sys.executable, str(ROOT / "pipeline" / "train.py"), "--variant", variant, "--seed", "0"]
+    command += ["--out", f"runs/{variant}-s0", "--params", str(root / "params.yaml")]
+    result = subprocess.run(command, cwd=root, env=env(root), capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
+@pytest.fixture(scope="module")
+def grid_run(project, tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
+    root = copy(project, tmp_path_factory.mktemp("grid-run") / "p")
+    result = run_grid(root)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return root, result
+
+
+@pytest.fixture(scope="module")
+def alone(project, tmp_path_factory) -> Path:
+    """Each run trained by itself, one after another, by the train stage with one thread, untracked."""
+    root = copy(project, tmp_path_factory.mktemp("alone") / "p")
+    raw = read_params(root)
+    raw["runtime"]["threads"] = 1
+    raw["tracking"]["enabled"] = False
+    write_params(root, raw)
+    for variant in VARIANTS:
+        train_stage(root, variant)
+    return root
+
+
+def test_runs_trained_concurrently_equal_runs_trained_alone(grid_run, alone):
+    root, result = grid_run
+    assert "grid: 3 of 3 runs to train on this machine" in result.stderr
+    assert "estimated wall time: about" in result.stderr
+    for variant in VARIANTS:
+        assert f"grid: {variant}-s0 done: val acc" in result.stderr
+        same_run(RunFiles.of(root / "runs", variant, 0), RunFiles.of(alone / "runs", variant, 0), NOT_COMPARED)
+    record = json.loads((root / "runs" / "grid.json").read_text())
+    assert record["packing"] == "2 runs at once on the CPU, 1 torch thread(s) each"
+    assert {name: r["trained_epochs"] for name, r in record["runs"].items()} == {f"{v}-s0": 2 for v in VARIANTS}
+    for variant in VARIANTS:
+        summary = json.loads(RunFiles.of(root / "runs", variant, 0).train_json.read_text())
+        assert summary["node"] == record["runs"][f"{variant}-s0"]["node"]
+        assert "(ray node " in summary["node"]
+
+
+def test_every_run_is_tracked_once_under_one_parent_with_every_epoch(grid_run):
+    root, _ = grid_run
+    runs = tracked(embedded(root))
+    assert set(runs) == {f"{v}-s0" for v in VARIANTS}
+    assert len({r["parent"] for r in runs.values()}) == 1
+    for name, run in runs.items():
+        assert run["status"] == "FINISHED", name
+        assert run["steps"] == [0, 1] and run["grad_steps"] == [0, 1], name
+        assert "(ray node " in run["node"], name
+    # Trained at the same time: on two cores, two of the three runs overlapped.
+    intervals = sorted(r["interval"] for r in runs.values())
+    assert any(later[0] < earlier[1] for earlier, later in itertools.pairwise(intervals))
+
+
+def test_train_stages_after_the_grid_restore_and_a_second_grid_does_nothing(grid_run, tmp_path):
+    root, _ = grid_run
+    before = {v: (RunFiles.of(root / "runs", v, 0).last.read_bytes()) for v in VARIANTS}
+    snapshot = copy(root, tmp_path / "snapshot")
+    shutil.copytree(root / "runs", snapshot / "runs")
+    for variant in VARIANTS:  # what DVC runs next: the train stage, on a run the grid finished
+        files = RunFiles.of(root / "runs", variant, 0)
+        for output in files.outputs:
+            output.unlink()  # DVC removes a stage's outputs before running it
+        train_stage(root, variant)
+        same_run(files, RunFiles.of(snapshot / "runs", variant, 0))
+        assert files.last.read_bytes() == before[variant]
+    runs = tracked(embedded(root))
+    assert len(runs) == 3 and all(r["status"] == "FINISHED" and r["steps"] == [0, 1] for r in runs.values())
+
+    again = run_grid(root)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "every run is trained to train.epochs; nothing to do" in again.stderr
+
+
+def _worker_of(run: str) -> int:
+    """The pid of the Ray worker training `run` (its temporary folder is named after the run and its pid)."""
+    import tempfile
+
+    for folder in sorted(Path(tempfile.gettempdir()).glob(f"vggdepth-{run}-*-*"), key=os.path.getmtime)[::-1]:
+        pid = int(folder.name.removeprefix(f"vggdepth-{run}-").split("-")[0])
+        try:
+            if Path(f"/proc/{pid}/cmdline").read_bytes().startswith(b"ray::"):
+                return pid
+        except OSError:
+            continue
+    raise AssertionError(f"no Ray worker is training {run}")
+
+
+def _wait_for(path: Path, process: subprocess.Popen, timeout_s: float = 300) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not path.exists():
+        assert process.poll() is None, f"the grid ended before {path} appeared: {process.stderr.read()[-3000:]}"
+        assert time.monotonic() < deadline, f"{path} never appeared"
+        time.sleep(0.05)
+
+
+def test_failed_runs_do_not_stop_the_others_and_are_named(project, grid_run, tmp_path):
+    """NaN loss (VGG-08 at lr 1e30), an exception inside training (a checkpoint of CUDA random states, on a
+    CPU), a worker killed with SIGKILL (VGG-38): VGG-08 still finishes; the stage exits 1 naming the three."""
+    root = copy(project, tmp_path / "p")
+    raw = read_params(root)
+    raw["variants"]["NAN"] = {**raw["variants"]["VGG-08"], "lr": 1.0e30}
+    write_params(root, raw)
+    state = load_checkpoint(RunFiles.of(grid_run[0] / "runs", "BN-VGG-38", 0).previous)  # after epoch 1 of 2
+    state["trained_on"] = "cuda:0"
+    save_checkpoint(RunFiles.of(root / "runs", "BN-VGG-38", 0).last, state)
+
+    process = subprocess.Popen(
+        grid_command(root), cwd=root, env=env(root), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        _wait_for(RunFiles.of(root / "runs", "VGG-38", 0).epochs_csv, process)  # epoch 1 of 2 is in
+        os.kill(_worker_of("VGG-38-s0"), signal.SIGKILL)
+        stderr = process.communicate(timeout=600)[1]
+    finally:
+        process.kill()
+    assert process.returncode == 1, stderr[-3000:]
+    error = [line for line in stderr.splitlines() if line.startswith("error:")]
+    assert error == [
+        "error: 3 of 4 runs failed: BN-VGG-38-s0, NAN-s0, VGG-38-s0; 1 other run(s) finished and are kept. "
+        "Re-running trains only what is unfinished, resuming from each run's last epoch"
+    ], stderr[-3000:]
+    assert "grid: NAN-s0 FAILED: NAN seed 0: the training loss became NaN or infinite" in stderr
+    assert "grid: BN-VGG-38-s0 FAILED: " in stderr and "random states cannot continue on cpu" in stderr
+    assert "grid: VGG-38-s0 FAILED: its worker process died" in stderr
+    assert "Traceback" not in stderr
+    assert not (root / "runs" / "grid.json").exists()
+    assert not list(root.rglob("*.part"))
+    same_run(RunFiles.of(root / "runs", "VGG-08", 0), RunFiles.of(grid_run[0] / "runs", "VGG-08", 0), NOT_COMPARED)
+    runs = tracked(embedded(root))
+    # BN-VGG-38 failed while loading its checkpoint, before its MLflow run would start (as in the train stage).
+    assert {n: r["status"] for n, r in runs.items()} == {
+        "VGG-08-s0": "FINISHED",
+        "VGG-38-s0": "FAILED",
+        "NAN-s0": "FAILED",
+    }
+    assert runs["VGG-38-s0"]["steps"] == [0]
+
+    # Re-run: the killed run resumes after its first epoch and ends as if undisturbed; the others fail again.
+    again = run_grid(root)
+    assert again.returncode == 1
+    assert "VGG-38-s0                1 epochs, resumes after epoch 1" in again.stderr
+    assert "error: 2 of 3 runs failed: BN-VGG-38-s0, NAN-s0" in again.stderr
+    same_run(RunFiles.of(root / "runs", "VGG-38", 0), RunFiles.of(grid_run[0] / "runs", "VGG-38", 0), NOT_COMPARED)
+    runs = tracked(embedded(root))
+    assert runs["VGG-38-s0"]["steps"] == [0, 1] and runs["VGG-38-s0"]["status"] == "FINISHED"
+
+
+def test_killed_driver_resumes_every_run_and_ends_as_undisturbed(project, grid_run, tmp_path):
+    root = copy(project, tmp_path / "p")
+    process = subprocess.Popen(
+        grid_command(root),
+        cwd=root,
+        env=env(root, VGGDEPTH_TEST_DRIVER="driver"),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        for variant in ("VGG-08", "VGG-38"):  # the first two runs have an epoch in the driver's folder
+            _wait_for(RunFiles.of(root / "runs", variant, 0).epochs_csv, process)
+        process.send_signal(signal.SIGKILL)
+    finally:
+        process.wait(timeout=60)
+        process.stderr.close()
+    assert process.returncode == -signal.SIGKILL
+    resumed_from = {v: load_checkpoint(RunFiles.of(root / "runs", v, 0).last)["epoch"] for v in ("VGG-08", "VGG-38")}
+
+    again = run_grid(root)
+    assert again.returncode == 0, again.stderr[-3000:]
+    for variant, epoch in resumed_from.items():
+        if epoch < 2:
+            assert f"{variant}-s0                {2 - epoch} epochs, resumes after epoch {epoch}" in again.stderr
+    for variant in VARIANTS:
+        same_run(RunFiles.of(root / "runs", variant, 0), RunFiles.of(grid_run[0] / "runs", variant, 0), NOT_COMPARED)
+    runs = tracked(embedded(root))
+    assert set(runs) == {f"{v}-s0" for v in VARIANTS}
+    assert all(r["status"] == "FINISHED" and r["steps"] == [0, 1] for r in runs.values())
+    assert not list(root.rglob("*.part"))
+
+    # The killed driver's Ray processes go with it (Ray's agents check their raylet and leave within minutes).
+    deadline = time.monotonic() + 180
+    while (left := _ray_processes_of_driver()) and time.monotonic() < deadline:
+        time.sleep(2)
+    assert not left, f"Ray processes of the killed driver are still running: {left}"
+
+
+def _ray_processes_of_driver() -> list[int]:
+    found = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            environ = (proc / "environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"VGGDEPTH_TEST_DRIVER=driver" in environ:
+            found.append(int(proc.name))
+    return found
+
+
+@pytest.fixture
+def two_node_cluster(monkeypatch):
+    """A real Ray cluster of two 1-CPU nodes on 127.0.0.1 (Ray's own multi-node test harness)."""
+    monkeypatch.setenv("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # bind to 127.0.0.1, not the primary address
+    monkeypatch.setenv("RAY_USAGE_STATS_ENABLED", "0")
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(
+        initialize_head=True,
+        head_node_args={"num_cpus": 1, "node_ip_address": "127.0.0.1", "include_dashboard": False},
+    )
+    try:
+        cluster.add_node(num_cpus=1, node_ip_address="127.0.0.1")
+        cluster.wait_for_nodes()
+        yield cluster
+    finally:
+        cluster.shutdown()
+
+
+def test_grid_runs_on_a_two_node_cluster_and_tracks_through_a_server(
+    project, grid_run, two_node_cluster, mlflow_server, tmp_path
+):
+    root = copy(project, tmp_path / "p")
+    raw = read_params(root)
+    raw["tracking"]["experiment"] = f"grid-cluster-{tmp_path.name}"  # the server is shared with other tests
+    write_params(root, raw)
+    result = run_grid(root, RAY_ADDRESS=two_node_cluster.address, MLFLOW_TRACKING_URI=mlflow_server.uri)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"on the Ray cluster at {two_node_cluster.address}: 2 runs at once" in result.stderr
+    nodes = {r["node"] for r in json.loads((root / "runs" / "grid.json").read_text())["runs"].values()}
+    assert len(nodes) == 2, f"the runs did not land on both nodes: {nodes}"
+    for variant in VARIANTS:
+        same_run(RunFiles.of(root / "runs", variant, 0), RunFiles.of(grid_run[0] / "runs", variant, 0), NOT_COMPARED)
+    runs = tracked(mlflow_server.uri, raw["tracking"]["experiment"])
+    assert set(runs) == {f"{v}-s0" for v in VARIANTS}
+    assert all(r["status"] == "FINISHED" and r["steps"] == [0, 1] for r in runs.values())
+    assert {r["node"] for r in runs.values()} == nodes
+    assert not (root / "mlruns").exists()  # everything went to the server
