@@ -187,6 +187,8 @@ PARAMS_CASES = {
     "guard-thresholds-crossed": ("report.guard.vanishing_below", 1.0, "report.guard: vanishing_below (1.0)"),
     "guard-unknown-variant": ("report.guard.learning", ["VGG-99"], "report.guard.learning: unknown variant"),
     "betas-out-of-range": ("train.betas", [0.9, 1.5], "train.betas.1: input should be less than 1"),
+    "grid-threads-zero": ("grid.threads_per_run", 0, "grid.threads_per_run: a positive whole number or 'auto' (got 0)"),
+    "grid-runs-per-gpu-word": ("grid.runs_per_gpu", "many", "grid.runs_per_gpu: a positive whole number or 'auto'"),
 }
 for _name, (_key, _value, _message) in PARAMS_CASES.items():
     case(f"params-{_name}", _message)(lambda ws, k=_key, v=_value: ws.set(k, v) and ws.train())
@@ -228,6 +230,34 @@ def _(ws):
     if torch.cuda.is_available():
         return ws.set("runtime.device", "cuda:9").train()
     return ws.set("runtime.device", "cuda").train()
+
+
+GRID_ABSENT = ("runs-out/grid.json",)
+
+
+def _grid(ws: Workspace) -> list[str]:
+    out = ws.root / "runs-out"
+    return ws.stage("grid", "--runs", str(out), "--out", str(out / "grid.json"), "--data", str(ws.prepared))
+
+
+@case("grid-ray-client-address", "Ray Client (ray://) does not give", absent=GRID_ABSENT)
+def _(ws):
+    return _grid(ws.set("grid.address", "ray://127.0.0.1:10001"))
+
+
+@case("grid-no-cluster-at-address", "no Ray cluster answers at 127.0.0.1:", absent=GRID_ABSENT)
+def _(ws):
+    ws.env["RAY_ADDRESS"] = f"127.0.0.1:{free_port()}"
+    return _grid(ws)
+
+
+@case(
+    "grid-more-threads-than-a-node-has",
+    "grid.threads_per_run is 512 but the largest Ray node has",
+    absent=GRID_ABSENT,
+)
+def _(ws):
+    return _grid(ws.set("grid.threads_per_run", 512))
 
 
 # ---- archives ----------------------------------------------------------------------------------------------
@@ -716,8 +746,8 @@ def test_bad_input_ends_in_one_clear_error_and_leaves_nothing_half_written(
     ws.write_params()
     with ws.stack:
         command = spec.make(ws)
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_"))}
-        env.update({k: v for k, v in ws.env.items() if k.startswith("MLFLOW_")})
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_", "RAY_"))}
+        env.update({k: v for k, v in ws.env.items() if k.startswith(("MLFLOW_", "RAY_"))})
         result = subprocess.run(
             command, cwd=root, env=env, capture_output=True, text=True, timeout=600, preexec_fn=ws.preexec
         )

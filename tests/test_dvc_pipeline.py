@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -167,3 +168,51 @@ def test_rerun_for_any_reason_keeps_the_finished_run(tracked_repo):
     assert _outputs(repo) == first
 
     assert _mlflow_runs(repo) == [("FINISHED", [0, 1])]  # one run, still finished, every epoch once
+
+
+def _stages_run(output: str) -> list[str]:
+    return re.findall(r"Running stage '([^']+)'", output)
+
+
+def _grid_trained(repo: Path) -> dict[str, int]:
+    runs = json.loads((repo / "runs" / "grid.json").read_text())["runs"]
+    return {name: run["trained_epochs"] for name, run in runs.items()}
+
+
+@pytest.mark.slow
+def test_repro_trains_the_grid_concurrently_and_dvc_stays_the_source_of_truth(tmp_path, archive_path, archive_md5):
+    """Every variant, one seed, one epoch: `dvc repro` trains the runs in the grid stage (on Ray), the train
+    stages record them; DVC then knows every output, and changes retrain exactly what they touch. (Tracking in the
+    grid: tests/test_grid.py.)"""
+    repo = _tiny_clone(tmp_path, archive_path, archive_md5, epochs=1, tracking=False)
+    variants = list(yaml.safe_load((repo / "params.yaml").read_text())["variants"])
+    first = _run(DVC, "repro", cwd=repo)
+    stages = _stages_run(first)
+    assert stages.index("grid") < min(stages.index(f"train@{v}-0") for v in variants)
+    assert _grid_trained(repo) == {f"{v}-s0": 1 for v in variants}
+    for variant in variants:
+        assert "(ray node " in json.loads((repo / "runs" / f"{variant}-s0" / "train.json").read_text())["node"]
+    assert "Data and pipelines are up to date" in _run(DVC, "status", cwd=repo)
+    assert _stages_run(_run(DVC, "repro", cwd=repo)) == []
+
+    # One variant's params: the grid trains its run alone; the other train stages do not run.
+    checkpoints = {v: (repo / "runs" / f"{v}-s0" / "checkpoints" / "last.pt").read_bytes() for v in variants}
+    _edit_params(repo, lambda p: p["variants"]["VGG-08"].update(lr=2.0e-3))
+    stages = _stages_run(_run(DVC, "repro", cwd=repo))
+    assert [s for s in stages if s.startswith(("grid", "train@"))] == ["grid", "train@VGG-08-0"]
+    assert _grid_trained(repo) == {f"{v}-s0": int(v == "VGG-08") for v in variants}
+    for variant in variants[1:]:
+        assert (repo / "runs" / f"{variant}-s0" / "checkpoints" / "last.pt").read_bytes() == checkpoints[variant]
+    assert "Data and pipelines are up to date" in _run(DVC, "status", cwd=repo)
+
+    # One run by name: trained by its own stage, in-process, without the grid.
+    _edit_params(repo, lambda p: p["variants"]["VGG-38"].update(lr=2.0e-3))
+    stages = _stages_run(_run(DVC, "repro", "train@VGG-38-0", cwd=repo))
+    assert stages == ["train@VGG-38-0"]
+    assert "ray node" not in json.loads((repo / "runs" / "VGG-38-s0" / "train.json").read_text())["node"]
+
+    # An experiment with a changed parameter goes through the grid too (VGG-38 is already trained, by its stage).
+    _run("git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "--quiet", "-am", "lr", cwd=repo)
+    _run(DVC, "exp", "run", "-S", "variants.BN-VGG-38.lr=0.002", cwd=repo)
+    assert _grid_trained(repo) == {f"{v}-s0": int(v == "BN-VGG-38") for v in variants}
+    assert "Data and pipelines are up to date" in _run(DVC, "status", cwd=repo)

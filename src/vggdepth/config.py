@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from vggdepth.errors import VggdepthError
 
@@ -124,6 +124,13 @@ class GridConfig(_Section):
     address: Annotated[str, Field(min_length=1)]
     threads_per_run: PositiveInt | Auto  # CPU: torch threads (and Ray CPUs) of each run
     runs_per_gpu: PositiveInt | Auto  # GPU: runs sharing one device (fractional GPUs)
+
+    @field_validator("threads_per_run", "runs_per_gpu", mode="before")
+    @classmethod
+    def _positive_or_auto(cls, value: Any, info: ValidationInfo) -> Any:
+        if value == "auto" or (type(value) is int and value > 0):
+            return value
+        raise ValueError(f"grid.{info.field_name}: a positive whole number or 'auto' (got {value!r})")
 
 
 class Variant(_Section):

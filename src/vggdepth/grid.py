@@ -286,8 +286,26 @@ def _is_loopback(address: str) -> bool:
         return False
 
 
+def _check_answers(address: str, timeout_s: float = 10) -> None:
+    """Fail at once when nothing listens at a cluster address (Ray itself retries for minutes)."""
+    import socket
+
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        raise GridError(f"Ray cluster address {address!r}: expected host:port (e.g. 10.0.0.5:6379) or 'auto'")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s).close()
+    except OSError as exc:
+        raise GridError(
+            f"no Ray cluster answers at {address} ({exc.strerror or exc}): start it (`ray start --head`), or "
+            f"unset {ADDRESS_ENV} and set grid.address: local to train on this machine"
+        ) from None
+
+
 def start_ray(params: Params, address: str | None):
     """`ray.init` on a local instance (127.0.0.1 only) or the given cluster; returns the ray module."""
+    if address is not None and address != "auto":
+        _check_answers(address)
     if address is None or _is_loopback(address):
         _loopback_only()
     import ray
