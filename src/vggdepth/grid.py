@@ -1,12 +1,13 @@
 """The grid: every (variant, seed) run of the study whose checkpoints are not finished, trained concurrently on Ray.
 
-One driver (the `grid` stage, or `python -m vggdepth grid`) plans the runs, starts Ray (a local instance bound to
-127.0.0.1, or an existing cluster) and submits one task per run. A task trains in a temporary folder of whatever
-node it lands on: the prepared data reaches it through Ray's object store, and after every epoch its new
-checkpoints and tables travel back to a `Recorder` actor pinned to the driver's node, which writes them into
-`runs/<variant>-s<seed>/` (each file through a temporary name) and sends the epoch to MLflow. So worker nodes need
-neither the repository, the DVC cache nor the tracking store, and the driver's folder always holds every run up
-to its last finished epoch: a killed driver, re-run, resumes each run from there.
+One driver (the `grid` stage) plans the runs, starts Ray (a local instance bound to 127.0.0.1, or an existing
+cluster) and one `GridWorker` actor per slot of the packing; each worker trains runs one after another, in a
+temporary folder of whatever node it lives on. The prepared data reaches it through Ray's object store, and after
+every epoch its new checkpoints and tables travel back to a `Recorder` actor pinned to the driver's node, which
+writes them into `runs/<variant>-s<seed>/` (each file through a temporary name) and sends the epoch to MLflow. So
+worker nodes need neither the repository, the DVC cache nor the tracking store, and the driver's folder always
+holds every run up to its last finished epoch: a killed driver, re-run, resumes each run from there.
+`python -m vggdepth plan` shows what a grid would do, changing nothing.
 
 The per-run `train@<variant>-<seed>` stages that DVC runs next find their runs finished and only restore the
 outputs from the checkpoints, which is how DVC records them (and how a single run is still trained alone).
@@ -415,28 +416,34 @@ class Relay(Callback):
         self._call("run_error", str(error) or type(error).__name__, isinstance(error, KeyboardInterrupt))
 
 
-def train_task(
-    params: Params, variant: str, seed: int, data: PreparedData, start: dict[str, bytes], recorder, packing: Packing
-) -> dict:
-    """One run, on whatever node Ray chose: the checkpoints it resumes from (`start`) and the data arrive as
-    arguments; it trains in a temporary folder and relays every epoch to the recorder. Returns its summary."""
-    import ray
+class GridWorker:
+    """One slot of the grid (a Ray actor holding the packing's CPUs, or GPU share, for the whole grid): trains
+    the runs the driver gives it, one after another. Long-lived on purpose: Ray lends a task's CPUs to the next
+    task while the task waits on `ray.get`, and a task per run starts a process per run (importing torch) while
+    others train; both put more runs than cores on the machine (measured: 3 on 2 cores, each 40% slower)."""
 
-    name = f"{variant}-s{seed}"
-    runtime = params.runtime.model_copy(update={"threads": packing.threads, "device": packing.device})
-    with tempfile.TemporaryDirectory(prefix=f"vggdepth-{name}-{os.getpid()}-") as tmp:
-        files = RunFiles(Path(tmp) / name)
-        for relative, blob in start.items():
-            path = files.root / relative
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_bytes(blob)
-        relay = Relay(recorder, name, files, ray.get_runtime_context().get_node_id())
-        with warnings.catch_warnings():  # the object store's arrays are read-only; training never writes to them
-            warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
-            trainer = train_run(
-                params.model_copy(update={"runtime": runtime}), variant, seed, data, files.root, [relay]
-            )
-        return trainer.summary()
+    def train(
+        self, params: Params, variant: str, seed: int, data: PreparedData, start: dict[str, bytes], recorder, packing
+    ) -> dict:
+        """One run: the checkpoints it resumes from (`start`) and the data arrive as arguments; it trains in a
+        temporary folder and relays every epoch to the recorder. Returns its summary."""
+        import ray
+
+        name = f"{variant}-s{seed}"
+        runtime = params.runtime.model_copy(update={"threads": packing.threads, "device": packing.device})
+        with tempfile.TemporaryDirectory(prefix=f"vggdepth-{name}-{os.getpid()}-") as tmp:
+            files = RunFiles(Path(tmp) / name)
+            for relative, blob in start.items():
+                path = files.root / relative
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_bytes(blob)
+            relay = Relay(recorder, name, files, ray.get_runtime_context().get_node_id())
+            with warnings.catch_warnings():  # the object store's arrays are read-only; training never writes them
+                warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+                trainer = train_run(
+                    params.model_copy(update={"runtime": runtime}), variant, seed, data, files.root, [relay]
+                )
+            return trainer.summary()
 
 
 # ---- the driver's node --------------------------------------------------------------------------------------
@@ -544,7 +551,7 @@ def _reason(exc: BaseException) -> str:
         if isinstance(cause, VggdepthError) and text:
             return text[0]
         return f"{type(cause).__name__}: {text[-1] if text else ''}".strip()
-    if isinstance(exc, ray.exceptions.WorkerCrashedError | ray.exceptions.NodeDiedError):
+    if isinstance(exc, ray.exceptions.RayActorError | ray.exceptions.WorkerCrashedError | ray.exceptions.NodeDiedError):
         return "its worker process died (killed, or out of memory); resumes from its last epoch when re-run"
     return f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
 
@@ -644,45 +651,57 @@ def _launch(ray, params, data, data_dir, runs, stale, packing, store, context) -
     except ray.exceptions.RayActorError as exc:
         lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
         raise GridError(f"the grid's recorder could not start on this node: {lines[-1] if lines else exc}") from None
-    task = ray.remote(train_task)
-    resources = {"max_retries": 0, "num_cpus": packing.cpus, "num_gpus": packing.gpus}  # a failed run is reported
+    worker_class = ray.remote(GridWorker).options(
+        num_cpus=packing.cpus, num_gpus=packing.gpus, max_restarts=0, max_task_retries=0
+    )
     data_ref = ray.put(data)
     result = GridResult()
-    pending = {}
+    queue = []
     for run in stale:
         if run.problem:
             result.failed[run.name] = run.problem
-            continue
-        start = {
+        else:
+            queue.append(run)
+    progress = _Progress(queue, len(data.train))
+    for name, why in result.failed.items():
+        progress.say(f"grid: {name} FAILED: {why}")
+
+    def start(worker, run: PlannedRun):
+        checkpoints = {
             rel: (run.files.root / rel).read_bytes()
             for rel in MIRRORED
             if rel.startswith("checkpoints/") and (run.files.root / rel).exists()
         }
-        ref = task.options(name=run.name, **resources).remote(
-            params, run.variant, run.seed, data_ref, start, recorder, packing
-        )
-        pending[ref] = run
-    progress = _Progress([r for r in stale if not r.problem], len(data.train))
-    for name, why in result.failed.items():
-        progress.say(f"grid: {name} FAILED: {why}")
+        return worker.train.remote(params, run.variant, run.seed, data_ref, checkpoints, recorder, packing)
+
+    pending = {}  # one run per worker at a time; a worker takes the next run when its run ends
+    for _ in range(min(packing.slots, len(queue))):
+        worker = worker_class.remote()
+        run = queue.pop(0)
+        pending[start(worker, run)] = (worker, run)
     try:
         while pending:
             done, _ = ray.wait(list(pending), num_returns=1, timeout=2.0)
             for ref in done:
-                run = pending.pop(ref)
+                worker, run = pending.pop(ref)
                 try:
                     summary = ray.get(ref)
                 except Exception as exc:
                     result.failed[run.name] = _reason(exc)
                     ray.get(recorder.lost.remote(run.name, result.failed[run.name]))
                     progress.say(f"grid: {run.name} FAILED: {result.failed[run.name]}")
-                    continue
-                result.trained[run.name] = summary
-                progress.say(
-                    f"grid: {run.name} done: val acc {summary['val_acc']:.4f} (best {summary['best_val_acc']:.4f} "
-                    f"at epoch {summary['best_epoch']}), {summary['images_per_second']:.0f} img/s on "
-                    f"{summary['node']}"
-                )
+                    if isinstance(exc, ray.exceptions.RayActorError):  # its process died: the next run gets a new one
+                        worker = worker_class.remote()
+                else:
+                    result.trained[run.name] = summary
+                    progress.say(
+                        f"grid: {run.name} done: val acc {summary['val_acc']:.4f} (best "
+                        f"{summary['best_val_acc']:.4f} at epoch {summary['best_epoch']}), "
+                        f"{summary['images_per_second']:.0f} img/s on {summary['node']}"
+                    )
+                if queue:
+                    following = queue.pop(0)
+                    pending[start(worker, following)] = (worker, following)
             state, messages = ray.get(recorder.state.remote())
             for message in messages:
                 progress.say(message)
