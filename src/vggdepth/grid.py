@@ -147,10 +147,10 @@ class Packing:
 
 
 def choose_packing(params: Params, cpus: float, gpus: float, node_cpus: float, runs: int) -> Packing:
-    """CPU: `grid.threads_per_run`, or auto: one thread per run and one run per core (measured fastest:
-    README "Concurrency"), every core shared out when fewer runs than cores remain, never more threads than the
-    smallest node has. GPU (when the cluster has one and runtime.device allows): `grid.runs_per_gpu` runs per
-    device, one CPU thread each."""
+    """CPU: `grid.threads_per_run`, or auto: one thread per run and one run per core (the most images per
+    second with every core busy: README "Concurrency"), every core shared out when fewer runs than cores are to
+    train, never more threads than the largest node has. GPU (when the cluster has one and runtime.device allows):
+    `grid.runs_per_gpu` runs per device, one CPU thread each."""
     grid, runtime = params.grid, params.runtime
     if gpus >= 1 and runtime.device != "cpu":
         per_gpu = AUTO_RUNS_PER_GPU if grid.runs_per_gpu == "auto" else grid.runs_per_gpu
