@@ -1,4 +1,5 @@
-"""What several test modules share: waiting for a file with inotify, and comparing two runs' outputs."""
+"""What several test modules share: the environment of a stage, waiting for a file with inotify, and comparing two
+runs' outputs."""
 
 from __future__ import annotations
 
@@ -15,6 +16,14 @@ from pathlib import Path
 import torch
 
 from vggdepth.engine import RunFiles, load_checkpoint
+
+
+def project_env(root: Path, **extra: str) -> dict:
+    """The environment of a stage run in the project folder `root`: no tracking server, DVC or Ray cluster of the
+    calling shell; the embedded MLflow store under root/mlruns."""
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_", "RAY_"))}
+    return {**clean, "DVC_ROOT": str(root), **extra}
+
 
 IN_CREATE, IN_MOVED_TO = 0x100, 0x80
 _libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)

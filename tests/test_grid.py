@@ -18,7 +18,7 @@ import yaml
 from mlflow import MlflowClient
 
 from tests.conftest import ROOT, prepare_subset
-from tests.helpers import same_run
+from tests.helpers import project_env, same_run
 from vggdepth.engine import RunFiles, load_checkpoint, save_checkpoint
 
 pytestmark = pytest.mark.slow
@@ -68,17 +68,12 @@ def copy(project: Path, dest: Path) -> Path:
     return dest
 
 
-def env(root: Path, **extra: str) -> dict:
-    clean = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_", "RAY_"))}
-    return {**clean, "DVC_ROOT": str(root), **extra}  # the embedded MLflow store goes under root/mlruns
-
-
 def grid_command(root: Path) -> list[str]:
     return [sys.executable, str(ROOT / "pipeline" / "grid.py"), "--params", str(root / "params.yaml")]
 
 
 def run_grid(root: Path, **extra: str) -> subprocess.CompletedProcess:
-    return subprocess.run(grid_command(root), cwd=root, env=env(root, **extra), capture_output=True, text=True)
+    return subprocess.run(grid_command(root), cwd=root, env=project_env(root, **extra), capture_output=True, text=True)
 
 
 def tracked(uri: str, experiment: str = "vggdepth") -> dict[str, dict]:
@@ -109,7 +104,7 @@ def train_stage(root: Path, variant: str) -> None:
     """The train stage of (variant, seed 0), as DVC runs it."""
     command = [sys.executable, str(ROOT / "pipeline" / "train.py"), "--variant", variant, "--seed", "0"]
     command += ["--out", f"runs/{variant}-s0", "--params", str(root / "params.yaml")]
-    result = subprocess.run(command, cwd=root, env=env(root), capture_output=True, text=True)
+    result = subprocess.run(command, cwd=root, env=project_env(root), capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-3000:]
 
 
@@ -218,7 +213,12 @@ def test_failed_runs_do_not_stop_the_others_and_are_named(project, grid_run, tmp
     save_checkpoint(RunFiles.of(root / "runs", "BN-VGG-38", 0).last, state)
 
     process = subprocess.Popen(
-        grid_command(root), cwd=root, env=env(root), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+        grid_command(root),
+        cwd=root,
+        env=project_env(root),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     try:
         _wait_for(RunFiles.of(root / "runs", "VGG-38", 0).epochs_csv, process)  # epoch 1 of 2 is in
@@ -263,7 +263,7 @@ def test_killed_driver_resumes_every_run_and_ends_as_undisturbed(project, grid_r
     process = subprocess.Popen(
         grid_command(root),
         cwd=root,
-        env=env(root, VGGDEPTH_TEST_DRIVER="driver"),
+        env=project_env(root, VGGDEPTH_TEST_DRIVER="driver"),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         text=True,

@@ -3,7 +3,6 @@ then run again: it must end with the outputs of an undisturbed run and leave not
 
 from __future__ import annotations
 
-import os
 import shutil
 import signal
 import subprocess
@@ -17,7 +16,7 @@ import yaml
 from mlflow import MlflowClient
 
 from tests.conftest import ROOT, prepare_subset
-from tests.helpers import IN_CREATE, Watch, same_run
+from tests.helpers import IN_CREATE, Watch, project_env, same_run
 from vggdepth.engine import RunFiles
 
 pytestmark = pytest.mark.slow
@@ -49,17 +48,14 @@ def _copy(project: Path, dest: Path, tracking: bool = False) -> Path:
     return dest
 
 
-def _env(root: Path) -> dict:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_"))}
-    return {**env, "DVC_ROOT": str(root)}  # the embedded MLflow store goes under root/mlruns
-
-
 def _command(root: Path, stage: str, *args: str) -> list[str]:
     return [sys.executable, str(ROOT / "pipeline" / f"{stage}.py"), *args, "--params", str(root / "params.yaml")]
 
 
 def _run(root: Path, stage: str, *args: str) -> subprocess.CompletedProcess:
-    result = subprocess.run(_command(root, stage, *args), cwd=root, env=_env(root), capture_output=True, text=True)
+    result = subprocess.run(
+        _command(root, stage, *args), cwd=root, env=project_env(root), capture_output=True, text=True
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     return result
 
@@ -67,7 +63,7 @@ def _run(root: Path, stage: str, *args: str) -> subprocess.CompletedProcess:
 def _kill_when(root: Path, stage: str, args: tuple[str, ...], moment: Callable[[subprocess.Popen], None]) -> None:
     """Start a stage, wait for `moment`, SIGKILL it, and check it really died there."""
     process = subprocess.Popen(
-        _command(root, stage, *args), cwd=root, env=_env(root), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+        _command(root, stage, *args), cwd=root, env=project_env(root), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
     )
     try:
         moment(process)

@@ -119,8 +119,8 @@ class GridConfig(_Section):
     """How the grid of (variant, seed) runs is spread over Ray: like `runtime`, it changes results only through
     float rounding (the thread count of each run), so no stage depends on it."""
 
-    # local: a Ray instance on this machine, bound to 127.0.0.1; else the address of a running cluster
-    # (host:port or ray://host:port). $RAY_ADDRESS, when set, wins over this value.
+    # local: a Ray instance on this machine, bound to 127.0.0.1; else the address of a running cluster this
+    # machine is a node of (host:port, or auto). $RAY_ADDRESS, when set, wins over this value.
     address: Annotated[str, Field(min_length=1)]
     threads_per_run: PositiveInt | Auto  # CPU: torch threads (and Ray CPUs) of each run
     runs_per_gpu: PositiveInt | Auto  # GPU: runs sharing one device (fractional GPUs)

@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from vggdepth.config import Params
+from vggdepth.config import Params, Variant
 from vggdepth.data import PreparedData
 from vggdepth.engine import (
     SUPERSEDED,
@@ -43,7 +43,7 @@ from vggdepth.engine import (
     train_run,
 )
 from vggdepth.errors import VggdepthError
-from vggdepth.files import write_json
+from vggdepth.files import atomic_path, write_json
 from vggdepth.gradients import GradientRow
 
 log = logging.getLogger(__name__)
@@ -172,6 +172,11 @@ def choose_packing(params: Params, cpus: float, gpus: float, node_cpus: float, r
 # ---- a short throughput probe -------------------------------------------------------------------------------
 
 
+def _shape(variant: Variant) -> tuple:
+    """What a run's speed depends on: its network and batch size (not its learning rate or schedule)."""
+    return variant.blocks_per_stage, variant.batch_norm, variant.batch_size
+
+
 def probe_throughput(params: Params, planned: list[PlannedRun], packing: Packing, steps: int = 2) -> dict:
     """Training images per second of one run of each network and batch size among `planned`, on this machine
     with the packing's thread count (random pixels: the speed depends on shapes, not content). {(blocks,
@@ -185,7 +190,7 @@ def probe_throughput(params: Params, planned: list[PlannedRun], packing: Packing
     try:
         for run in planned:
             cfg = params.variants[run.variant]
-            key = (cfg.blocks_per_stage, cfg.batch_norm, cfg.batch_size)
+            key = _shape(cfg)
             if key in speeds:
                 continue
             net = VGG(params.model, cfg).to(device, memory_format=torch.channels_last)
@@ -217,8 +222,7 @@ def estimate_seconds(params: Params, planned: list[PlannedRun], speeds: dict, pa
     for run in planned:
         if not run.stale or run.problem:
             continue
-        cfg = params.variants[run.variant]
-        _, speed = speeds[(cfg.blocks_per_stage, cfg.batch_norm, cfg.batch_size)]
+        _, speed = speeds[_shape(params.variants[run.variant])]
         per_run.append((run.epochs - run.done) * (sizes["train"] + sizes["val"] / 3) / speed)
     if not per_run:
         return 0.0
@@ -303,7 +307,7 @@ def _check_answers(address: str, timeout_s: float = 10) -> None:
         ) from None
 
 
-def start_ray(params: Params, address: str | None):
+def start_ray(address: str | None):
     """`ray.init` on a local instance (127.0.0.1 only) or the given cluster; returns the ray module."""
     if address is not None and address != "auto":
         _check_answers(address)
@@ -352,20 +356,28 @@ def plan(params: Params, data: PreparedData, runs: Path, *, probe: bool = True) 
     """What the grid would do now, changing nothing: the stale runs, their packing and (probed on this machine)
     about how long they take."""
     planned = plan_runs(params, runs, data.stats, arrange=False)
-    stale = [r for r in planned if r.stale]
     address = ray_address(params)
     if address is None:
         resources = local_resources()
     else:
-        ray = start_ray(params, address)
+        ray = start_ray(address)
         try:
             resources = cluster_resources(ray)
         finally:
             ray.shutdown()
+    return packing_and_plan(params, data, planned, resources, address, probe=probe)[1]
+
+
+def packing_and_plan(
+    params: Params, data: PreparedData, planned: list[PlannedRun], resources: tuple, address: str | None, *, probe: bool
+) -> tuple[Packing, list[str]]:
+    """The packing of the stale runs on `resources` (CPUs, GPUs, CPUs of the largest node), and the plan's lines,
+    with an estimate from a throughput probe when `probe`."""
+    stale = [r for r in planned if r.stale]
     packing = choose_packing(params, *resources, len(stale))
     speeds = probe_throughput(params, stale, packing) if probe and stale else {}
     estimate = estimate_seconds(params, planned, speeds, packing, data.stats["sizes"]) if speeds else 0.0
-    return plan_lines(planned, packing, speeds, estimate, _where(address))
+    return packing, plan_lines(planned, packing, speeds, estimate, _where(address))
 
 
 def _where(address: str | None) -> str:
@@ -458,7 +470,7 @@ class Recorder:
         handler = logging.Handler(logging.WARNING)
         handler.emit = lambda record: self.messages.append(f"{record.levelname} {record.name}: {record.getMessage()}")
         logging.getLogger("vggdepth").addHandler(handler)
-        self.params, self.runs, self.data_dir, self.node_id = params, Path(runs), Path(data_dir), node_id
+        self.runs, self.data_dir, self.node_id = Path(runs), Path(data_dir), node_id
         self.context = context
         self.store = None
         if uri is not None:
@@ -466,14 +478,12 @@ class Recorder:
 
             self.store = Store(params.tracking, uri=uri, root=Path(root))
         self.open: dict[str, tuple[RunInfo, Callback | None]] = {}
-        self.progress: dict[str, dict] = {}
+        self.trained: dict[str, int] = {}  # epochs each run trained in this grid
 
     def _write(self, name: str, changed: dict[str, bytes]) -> None:
         root = self.runs / name
         for relative in MIRRORED:
             if relative in changed:
-                from vggdepth.files import atomic_path
-
                 with atomic_path(root / relative) as tmp:
                     tmp.write_bytes(changed[relative])
 
@@ -493,7 +503,7 @@ class Recorder:
             )
             callback.on_run_start(run)
         self.open[name] = (run, callback)
-        self.progress[name] = {"done": run.start_epoch, "trained": 0, "seconds": 0.0, "node": run.node}
+        self.trained[name] = 0
         return run.extra
 
     def epoch_end(self, name: str, changed: dict[str, bytes], record: EpochRecord, gradients: list) -> None:
@@ -501,16 +511,13 @@ class Recorder:
         run, callback = self.open[name]
         run.history.append(record)
         run.gradients.extend(gradients)
-        progress = self.progress[name]
-        progress.update(done=record.epoch + 1, trained=progress["trained"] + 1)
-        progress["seconds"] += record.seconds
+        self.trained[name] += 1
         if callback is not None:
             callback.on_epoch_end(run, record, gradients)
 
     def run_end(self, name: str, changed: dict[str, bytes], summary: dict) -> None:
         self._write(name, changed)
         run, callback = self.open.pop(name)
-        self.progress[name]["node"] = summary["node"]
         if callback is not None:
             callback.on_run_end(run, summary)
 
@@ -525,10 +532,10 @@ class Recorder:
             error = KeyboardInterrupt() if interrupted else GridError(message)
             callback.on_run_error(run, error)
 
-    def state(self) -> tuple[dict, list[str]]:
-        """Each run's progress, and the warnings logged since the last call."""
+    def state(self) -> tuple[int, list[str]]:
+        """Epochs trained in this grid, all runs together, and the warnings logged since the last call."""
         messages, self.messages = self.messages, []
-        return self.progress, messages
+        return sum(self.trained.values()), messages
 
 
 # ---- the driver ---------------------------------------------------------------------------------------------
@@ -568,8 +575,7 @@ class _Progress:
         self.last_line = self.started
         self.bar = tqdm(total=self.total_epochs, unit="epoch", desc="grid", disable=not self.interactive)
 
-    def update(self, state: dict, finished: int) -> None:
-        epochs = sum(p["trained"] for p in state.values())
+    def update(self, epochs: int, finished: int) -> None:
         elapsed = time.monotonic() - self.started
         speed = epochs * self.images_per_epoch / elapsed if elapsed > 0 else 0.0
         left = (self.total_epochs - epochs) * self.images_per_epoch / speed if speed > 0 else math.inf
@@ -614,13 +620,10 @@ def run_grid(
         context = PipelineContext.detect(params)
         store.parent_run(context)
 
-    ray = start_ray(params, address)
+    ray = start_ray(address)
     try:
-        cpus, gpus, node_cpus = cluster_resources(ray)
-        packing = choose_packing(params, cpus, gpus, node_cpus, len(stale))
-        speeds = probe_throughput(params, stale, packing) if probe else {}
-        estimate = estimate_seconds(params, planned, speeds, packing, data.stats["sizes"]) if speeds else 0.0
-        for line in plan_lines(planned, packing, speeds, estimate, _where(address)):
+        packing, lines = packing_and_plan(params, data, planned, cluster_resources(ray), address, probe=probe)
+        for line in lines:
             print(line, file=sys.stderr, flush=True)
         result = _launch(ray, params, data, data_dir, runs, stale, packing, store, context)
     finally:
@@ -702,10 +705,10 @@ def _launch(ray, params, data, data_dir, runs, stale, packing, store, context) -
                 if queue:
                     following = queue.pop(0)
                     pending[start(worker, following)] = (worker, following)
-            state, messages = ray.get(recorder.state.remote())
+            epochs, messages = ray.get(recorder.state.remote())
             for message in messages:
                 progress.say(message)
-            progress.update(state, len(result.trained) + len(result.failed))
+            progress.update(epochs, len(result.trained) + len(result.failed))
     finally:
         progress.close()
     result.seconds = time.monotonic() - started
