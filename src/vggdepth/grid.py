@@ -51,7 +51,8 @@ log = logging.getLogger(__name__)
 ADDRESS_ENV = "RAY_ADDRESS"
 AUTO_RUNS_PER_GPU = 4
 # A run's files, in the order the recorder writes them: a driver killed between two writes leaves a state the
-# next run resumes from (a best.pt newer than last.pt is rebuilt from last.pt; see engine.Trainer._check_best).
+# next run resumes from (a best.pt newer than last.pt is rebuilt from last.pt, see engine.Trainer._check_best; a
+# missing last.pt falls back to previous.pt, see engine.resume_state).
 MIRRORED = (
     "checkpoints/best.pt",
     "checkpoints/previous.pt",
@@ -60,6 +61,7 @@ MIRRORED = (
     "gradients.csv",
     "train.json",
 )
+PREVIOUS, LAST = "checkpoints/previous.pt", "checkpoints/last.pt"
 PROGRESS_EVERY_S = 60  # without a terminal: one progress line at most this often
 
 
@@ -396,8 +398,10 @@ class Relay(Callback):
         self.sent: dict[str, tuple] = {}
         self._changed()  # the files it started from came from the driver's folder: nothing to send back
 
-    def _changed(self) -> dict[str, bytes]:
-        changed = {}
+    def _changed(self) -> dict[str, bytes | None]:
+        """The files changed since the last call, by content; None for a `previous.pt` that is the `last.pt`
+        already sent, renamed (the trainer keeps its last checkpoint so): the recorder renames its copy too."""
+        changed: dict[str, bytes | None] = {}
         for relative in MIRRORED:
             path = self.files.root / relative
             try:
@@ -406,7 +410,8 @@ class Relay(Callback):
                 continue
             signature = (stat.st_ino, stat.st_size, stat.st_mtime_ns)
             if self.sent.get(relative) != signature:
-                changed[relative] = path.read_bytes()
+                renamed = relative == PREVIOUS and signature == self.sent.get(LAST)  # LAST comes later in MIRRORED
+                changed[relative] = None if renamed else path.read_bytes()
                 self.sent[relative] = signature
         return changed
 
@@ -480,12 +485,16 @@ class Recorder:
         self.open: dict[str, tuple[RunInfo, Callback | None]] = {}
         self.trained: dict[str, int] = {}  # epochs each run trained in this grid
 
-    def _write(self, name: str, changed: dict[str, bytes]) -> None:
+    def _write(self, name: str, changed: dict[str, bytes | None]) -> None:
         root = self.runs / name
         for relative in MIRRORED:
-            if relative in changed:
-                with atomic_path(root / relative) as tmp:
-                    tmp.write_bytes(changed[relative])
+            if relative not in changed:
+                continue
+            if changed[relative] is None:  # the last checkpoint became the previous one (Relay._changed)
+                os.replace(root / LAST, root / relative)
+                continue
+            with atomic_path(root / relative) as tmp:
+                tmp.write_bytes(changed[relative])
 
     def run_start(self, name: str, changed: dict[str, bytes], run: RunInfo, node_id: str) -> dict:
         self._write(name, changed)
