@@ -15,9 +15,11 @@ outputs from the checkpoints, which is how DVC records them (and how a single ru
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
+import subprocess
 import sys
 import tempfile
 import time
@@ -145,13 +147,17 @@ class Packing:
     def describe(self) -> str:
         if self.device == "cuda":
             return f"{self.slots} runs at once, {round(1 / self.gpus)} per GPU, {self.threads} CPU thread each"
+        if self.slots == 1:
+            return f"1 run at a time on the CPU, {self.threads} torch thread(s)"
         return f"{self.slots} runs at once on the CPU, {self.threads} torch thread(s) each"
 
 
-def choose_packing(params: Params, cpus: float, gpus: float, node_cpus: float, runs: int) -> Packing:
-    """CPU: `grid.threads_per_run`, or auto: one thread per run and one run per core (the most images per
-    second with every core busy: README "Concurrency"), every core shared out when fewer runs than cores are to
-    train, never more threads than the largest node has. GPU (when the cluster has one and runtime.device allows):
+def choose_packing(
+    params: Params, cpus: float, gpus: float, node_cpus: float, runs: int, threads: int | None = None
+) -> Packing:
+    """CPU: `grid.threads_per_run`; or `threads` when auto and the probe chose (`choose_threads`); or else one
+    thread per run and one run per core, every core shared out when fewer runs than cores are to train, never more
+    threads than the largest node has. GPU (when the cluster has one and runtime.device allows):
     `grid.runs_per_gpu` runs per device, one CPU thread each."""
     grid, runtime = params.grid, params.runtime
     if gpus >= 1 and runtime.device != "cpu":
@@ -159,16 +165,34 @@ def choose_packing(params: Params, cpus: float, gpus: float, node_cpus: float, r
         return Packing("cuda", 1, 1, 1 / per_gpu, int(gpus) * per_gpu)
     if runtime.device.startswith("cuda"):
         raise GridError(f"runtime.device is {runtime.device!r} but the Ray cluster has no GPU; use 'auto' or 'cpu'")
-    if grid.threads_per_run == "auto":
-        threads = max(1, min(int(node_cpus), int(cpus) // max(1, runs)))
-    else:
+    if grid.threads_per_run != "auto":
         threads = grid.threads_per_run
         if threads > node_cpus:
             raise GridError(
                 f"grid.threads_per_run is {threads} but the largest Ray node has {node_cpus:g} CPUs: no run could "
                 "start; lower it or set it to auto"
             )
+    elif threads is None:
+        threads = max(1, min(int(node_cpus), int(cpus) // max(1, runs)))
     return Packing("cpu", threads, threads, 0, max(1, int(cpus) // threads))
+
+
+def thread_choices(cpus: float, node_cpus: float, runs: int) -> list[int]:
+    """The thread counts per run worth probing for `runs` runs: powers of two, every core (one run alone), and
+    the count that shares every core among the runs when they are fewer than the cores."""
+    top = max(1, min(int(node_cpus), int(cpus)))
+    choices = {top, max(1, min(top, int(cpus) // max(1, runs)))}
+    choices.update(2**k for k in range(top.bit_length()) if 2**k <= top)
+    return sorted(choices)
+
+
+def makespan(seconds: list[float], slots: int) -> float:
+    """Wall time of runs lasting `seconds` on `slots` workers, the longest first, each to the worker free first
+    (how the grid hands them out)."""
+    ends = [0.0] * max(1, min(slots, len(seconds)))
+    for length in sorted(seconds, reverse=True):
+        ends[ends.index(min(ends))] += length
+    return max(ends)
 
 
 # ---- a short throughput probe -------------------------------------------------------------------------------
@@ -179,22 +203,17 @@ def _shape(variant: Variant) -> tuple:
     return variant.blocks_per_stage, variant.batch_norm, variant.batch_size
 
 
-def probe_throughput(params: Params, planned: list[PlannedRun], packing: Packing, steps: int = 2) -> dict:
-    """Training images per second of one run of each network and batch size among `planned`, on this machine
-    with the packing's thread count (random pixels: the speed depends on shapes, not content). {(blocks,
-    batch_norm, batch_size): (the first variant of that shape, images/s)}"""
+def _probe_here(params: Params, variants: list[str], device: str, threads: int, steps: int) -> dict:
+    """{variant: images/s} of one run of each listed variant, in this process with `threads` torch threads."""
     from vggdepth.models import VGG
 
-    device = torch.device(packing.device if packing.device == "cpu" or torch.cuda.is_available() else "cpu")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(packing.threads)
+    device = torch.device(device if device == "cpu" or torch.cuda.is_available() else "cpu")
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
     speeds = {}
     try:
-        for run in planned:
-            cfg = params.variants[run.variant]
-            key = _shape(cfg)
-            if key in speeds:
-                continue
+        for name in variants:
+            cfg = params.variants[name]
             net = VGG(params.model, cfg).to(device, memory_format=torch.channels_last)
             optimizer = torch.optim.Adam(net.parameters(), lr=cfg.lr)
             x = torch.randn(cfg.batch_size, 3, 32, 32, device=device).contiguous(memory_format=torch.channels_last)
@@ -211,24 +230,96 @@ def probe_throughput(params: Params, planned: list[PlannedRun], packing: Packing
                 loss.item()
                 if step:
                     elapsed += time.perf_counter() - started
-            speeds[key] = (run.variant, cfg.batch_size * steps / elapsed)
+            speeds[name] = cfg.batch_size * steps / elapsed
     finally:
-        torch.set_num_threads(threads)
+        torch.set_num_threads(before)
     return speeds
 
 
-def estimate_seconds(params: Params, planned: list[PlannedRun], speeds: dict, packing: Packing, sizes: dict) -> float:
-    """Wall time of the stale runs: each run's remaining images over its probed speed (validation counted at a
-    third of a training image), spread over the packing's slots (never less than the longest run)."""
-    per_run = []
+def _probe_child() -> None:
+    """A probe process of `probe_throughput`: its request as JSON in argv, its speeds as JSON on stdout."""
+    request = json.loads(sys.argv[1])
+    params = Params.model_validate(request["params"])
+    speeds = _probe_here(params, request["variants"], request["device"], request["threads"], request["steps"])
+    print(json.dumps(speeds))
+
+
+def probe_throughput(
+    params: Params, planned: list[PlannedRun], device: str, threads: int, copies: int = 1, steps: int = 2
+) -> dict:
+    """Training images per second of one run of each network and batch size among `planned` (random pixels:
+    the speed depends on shapes, not content), with `threads` torch threads, while `copies` runs train at once
+    (separate processes, as the grid's workers are: what they share, memory bandwidth and caches, is measured
+    too). {(blocks, batch_norm, batch_size): (the first variant of that shape, images/s of one run)}"""
+    variants = {}
     for run in planned:
-        if not run.stale or run.problem:
-            continue
-        _, speed = speeds[_shape(params.variants[run.variant])]
-        per_run.append((run.epochs - run.done) * (sizes["train"] + sizes["val"] / 3) / speed)
-    if not per_run:
-        return 0.0
-    return max(sum(per_run) / min(packing.slots, len(per_run)), max(per_run))
+        variants.setdefault(_shape(params.variants[run.variant]), run.variant)
+    names = list(variants.values())
+    if copies <= 1:
+        speeds = _probe_here(params, names, device, threads, steps)
+    else:
+        request = json.dumps(
+            {
+                "params": params.model_dump(mode="json"),
+                "variants": names,
+                "device": device,
+                "threads": threads,
+                "steps": steps,
+            }
+        )
+        env = {
+            **os.environ,
+            "OMP_NUM_THREADS": str(threads),
+            "PYTHONPATH": os.pathsep.join(
+                filter(None, [str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH")])
+            ),
+        }
+        children = [  # all started before any is waited on: they train at once
+            subprocess.Popen(
+                [sys.executable, "-c", "from vggdepth.grid import _probe_child; _probe_child()", request],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+                env=env,
+            )
+            for _ in range(copies)
+        ]
+        answers = []
+        for child in children:
+            out, err = child.communicate()
+            if child.returncode != 0:
+                tail = err.strip().splitlines()[-1] if err.strip() else f"exit status {child.returncode}"
+                raise GridError(f"the throughput probe ({threads} thread(s), {copies} at once) failed: {tail}")
+            answers.append(json.loads(out))
+        speeds = {name: sum(a[name] for a in answers) / len(answers) for name in names}
+    return {key: (name, speeds[name]) for key, name in variants.items()}
+
+
+def run_seconds(params: Params, planned: list[PlannedRun], speeds: dict, sizes: dict) -> dict[str, float]:
+    """{run: seconds} of each stale run that can start: its remaining images over its probed speed (validation
+    counted at a third of a training image)."""
+    seconds = {}
+    for run in planned:
+        if run.stale and not run.problem:
+            _, speed = speeds[_shape(params.variants[run.variant])]
+            seconds[run.name] = (run.epochs - run.done) * (sizes["train"] + sizes["val"] / 3) / speed
+    return seconds
+
+
+@dataclass
+class Trial:
+    """One packing the probe measured: its speeds and the wall time it predicts for the stale runs."""
+
+    packing: Packing
+    speeds: dict
+    seconds: dict[str, float]  # per run
+    estimate: float
+
+
+def measure(params: Params, planned: list[PlannedRun], packing: Packing, sizes: dict, copies: int) -> Trial:
+    speeds = probe_throughput(params, planned, packing.device, packing.threads, copies)
+    seconds = run_seconds(params, planned, speeds, sizes)
+    return Trial(packing, speeds, seconds, makespan(list(seconds.values()), packing.slots))
 
 
 def duration(seconds: float) -> str:
@@ -239,7 +330,7 @@ def duration(seconds: float) -> str:
     return f"{seconds / 3600:.1f} hours"
 
 
-def plan_lines(planned: list[PlannedRun], packing: Packing, speeds: dict, estimate: float, where: str) -> list[str]:
+def plan_lines(planned: list[PlannedRun], packing: Packing, trials: list[Trial], where: str) -> list[str]:
     stale = [r for r in planned if r.stale]
     lines = [f"grid: {len(stale)} of {len(planned)} runs to train on {where}: {packing.describe()}"]
     for run in planned:
@@ -248,10 +339,16 @@ def plan_lines(planned: list[PlannedRun], packing: Packing, speeds: dict, estima
         elif run.stale:
             start = f", resumes after epoch {run.done}" if run.done else ""
             lines.append(f"  {run.name:<24} {run.epochs - run.done} epochs{start}")
-    if speeds:
-        probed = ", ".join(f"{name} {speed:.0f} img/s" for name, speed in speeds.values())
-        lines.append(f"  probe ({packing.threads} thread(s) per run): {probed}")
-    if stale and speeds:
+    for trial in trials:
+        probed = ", ".join(f"{name} {speed:.0f} img/s" for name, speed in trial.speeds.values())
+        at_once = min(trial.packing.slots, len(trial.seconds))
+        chosen = "  <- fastest" if len(trials) > 1 and trial.packing == packing else ""
+        lines.append(
+            f"  probe, {trial.packing.threads} thread(s) per run, {at_once} run(s) at once: {probed}; "
+            f"all runs in about {duration(trial.estimate)}{chosen}"
+        )
+    if trials and stale:
+        estimate = next(t.estimate for t in trials if t.packing == packing)
         lines.append(f"  estimated wall time: about {duration(estimate)}")
     return lines
 
@@ -372,14 +469,30 @@ def plan(params: Params, data: PreparedData, runs: Path, *, probe: bool = True) 
 
 def packing_and_plan(
     params: Params, data: PreparedData, planned: list[PlannedRun], resources: tuple, address: str | None, *, probe: bool
-) -> tuple[Packing, list[str]]:
-    """The packing of the stale runs on `resources` (CPUs, GPUs, CPUs of the largest node), and the plan's lines,
-    with an estimate from a throughput probe when `probe`."""
-    stale = [r for r in planned if r.stale]
-    packing = choose_packing(params, *resources, len(stale))
-    speeds = probe_throughput(params, stale, packing) if probe and stale else {}
-    estimate = estimate_seconds(params, planned, speeds, packing, data.stats["sizes"]) if speeds else 0.0
-    return packing, plan_lines(planned, packing, speeds, estimate, _where(address))
+) -> tuple[Packing, list[str], dict[str, float]]:
+    """The packing of the stale runs on `resources` (CPUs, GPUs, CPUs of the largest node), the plan's lines and
+    each run's predicted seconds (empty without `probe`). On this machine's CPU with `threads_per_run: auto`, the
+    probe measures every packing worth trying (`thread_choices`, as many runs at once as it would train) and the
+    one with the shortest predicted wall time wins: one run per core is the most images per second while every
+    core is busy, more threads per run win when the runs are fewer than the cores or end unevenly. Without a
+    probe, or on a cluster (whose nodes this machine cannot time), one thread per run and one run per core."""
+    stale = [r for r in planned if r.stale and not r.problem]
+    cpus, gpus, node_cpus = resources
+    packing = choose_packing(params, cpus, gpus, node_cpus, len(stale))
+    if not (probe and stale):
+        return packing, plan_lines(planned, packing, [], _where(address)), {}
+    sizes = data.stats["sizes"]
+    local_cpu = packing.device == "cpu" and address is None
+    if local_cpu and params.grid.threads_per_run == "auto":
+        trials = []
+        for threads in thread_choices(cpus, node_cpus, len(stale)):
+            option = choose_packing(params, cpus, gpus, node_cpus, len(stale), threads=threads)
+            trials.append(measure(params, stale, option, sizes, copies=min(option.slots, len(stale))))
+        chosen = min(trials, key=lambda trial: trial.estimate)
+    else:
+        chosen = measure(params, stale, packing, sizes, copies=min(packing.slots, len(stale)) if local_cpu else 1)
+        trials = [chosen]
+    return chosen.packing, plan_lines(planned, chosen.packing, trials, _where(address)), chosen.seconds
 
 
 def _where(address: str | None) -> str:
@@ -631,10 +744,11 @@ def run_grid(
 
     ray = start_ray(address)
     try:
-        packing, lines = packing_and_plan(params, data, planned, cluster_resources(ray), address, probe=probe)
+        packing, lines, seconds = packing_and_plan(params, data, planned, cluster_resources(ray), address, probe=probe)
         for line in lines:
             print(line, file=sys.stderr, flush=True)
-        result = _launch(ray, params, data, data_dir, runs, stale, packing, store, context)
+        longest_first = sorted(stale, key=lambda run: -seconds.get(run.name, 0.0))  # the last to start is short
+        result = _launch(ray, params, data, data_dir, runs, longest_first, packing, store, context)
     finally:
         ray.shutdown()
     return result, planned, packing

@@ -1,0 +1,116 @@
+"""The grid's plan: how it hands runs out (longest first), which packings it compares, and `python -m vggdepth
+plan` on real data: it probes each packing worth trying on this machine, names the fastest, and changes nothing."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.conftest import ROOT
+from tests.helpers import project_env
+from vggdepth.grid import GridError, makespan, plan_runs, probe_throughput, thread_choices
+
+
+def test_makespan_hands_the_longest_runs_out_first():
+    # 3 and 3 start; the 2s go to whichever worker is free first: 3+2+2 | 3+2 -> 7, not the 8 of the given order
+    assert makespan([2, 2, 2, 3, 3], 2) == 7
+    assert makespan([5.0], 4) == 5.0  # one run cannot use a second worker
+    assert makespan([1, 1, 1, 1], 4) == 1
+    assert makespan([4, 1, 1, 1, 1], 2) == 4  # the long run alone on one worker, the four short on the other
+
+
+def test_thread_choices_are_powers_of_two_and_the_share_of_every_core():
+    assert thread_choices(2, 2, 6) == [1, 2]
+    assert thread_choices(16, 16, 18) == [1, 2, 4, 8, 16]
+    assert thread_choices(16, 8, 3) == [1, 2, 4, 5, 8]  # 16 cores over 3 runs: 5 each; no node has more than 8
+    assert thread_choices(1, 1, 4) == [1]
+
+
+@pytest.fixture(scope="module")
+def project(archive_path, archive_md5, params, tmp_path_factory) -> Path:
+    """Two cheap networks of two shapes (VGG-08 at batch 100 and 50), one seed, 2/1/1 real images per class."""
+    from tests.conftest import prepare_subset
+
+    root = tmp_path_factory.mktemp("plan")
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    raw["data"].update(url=str(archive_path), md5=archive_md5)
+    raw["runtime"].update(device="cpu")
+    small = dict(raw["variants"]["VGG-08"])
+    raw["variants"] = {"VGG-08": small, "VGG-08-MBS": {**small, "batch_size": 50}}
+    raw["seeds"] = [0]
+    raw["report"].update(final_variant="VGG-08", figures={})
+    raw["report"]["reference"]["curves"] = {}
+    raw["report"]["guard"].update(vanishing="VGG-08-MBS", learning=["VGG-08"])
+    (root / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    prepare_subset(archive_path, root / "data" / "prepared", params, train=2, val=1, test=1)
+    return root
+
+
+def plan(root: Path, *args: str) -> list[str]:
+    done = subprocess.run(
+        [sys.executable, "-m", "vggdepth", "plan", *args],
+        cwd=root,
+        env=project_env(root),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    return done.stdout.splitlines()
+
+
+PROBE = re.compile(
+    r"  probe, (\d+) thread\(s\) per run, (\d+) run\(s\) at once: VGG-08 (\d+) img/s, VGG-08-MBS (\d+) img/s"
+)
+
+
+def test_plan_probes_each_packing_worth_trying_and_picks_the_fastest(project):
+    cores = len(os.sched_getaffinity(0))
+    lines = plan(project)
+    probes = [(line, PROBE.match(line)) for line in lines if line.startswith("  probe")]
+    assert all(match for _, match in probes), probes
+    assert [int(m[1]) for _, m in probes] == thread_choices(cores, cores, 2)
+    for _, match in probes:  # as many runs at once as the packing would train: the cores over its threads
+        assert int(match[2]) == min(2, cores // int(match[1]))
+        assert int(match[3]) > 0 and int(match[4]) > 0
+    fastest = [match for line, match in probes if line.endswith("<- fastest")]
+    assert len(fastest) == (1 if len(probes) > 1 else 0)
+    threads = int(fastest[0][1]) if fastest else 1
+    assert lines[0].startswith("grid: 2 of 2 runs to train on this machine (Ray on 127.0.0.1): ")
+    assert f"{threads} torch thread(s)" in lines[0]
+    epochs = yaml.safe_load((project / "params.yaml").read_text())["train"]["epochs"]
+    runs = ("VGG-08-s0", "VGG-08-MBS-s0")
+    assert [line.split() for line in lines[1:3]] == [[run, str(epochs), "epochs"] for run in runs]
+    assert lines[-1].startswith("  estimated wall time: about ")
+    assert not (project / "runs").exists()  # a plan changes nothing
+
+
+def test_plan_with_fixed_threads_probes_that_packing_only(project):
+    raw = yaml.safe_load((project / "params.yaml").read_text())
+    raw["grid"]["threads_per_run"] = 1
+    fixed = project.parent / "fixed"
+    fixed.mkdir(exist_ok=True)
+    (fixed / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    data = str(project / "data" / "prepared")
+    lines = plan(fixed, "--data", data)
+    probes = [line for line in lines if line.startswith("  probe")]
+    assert len(probes) == 1 and not probes[0].endswith("<- fastest")
+    match = PROBE.match(probes[0])
+    assert match and match[1] == "1" and int(match[2]) == min(2, len(os.sched_getaffinity(0)))
+    assert not any(line.startswith("  probe") for line in plan(fixed, "--data", data, "--no-probe"))
+
+
+def test_a_failed_probe_process_is_named(project, params, monkeypatch):
+    from vggdepth.data import load_prepared
+
+    data = load_prepared(project / "data" / "prepared")
+    planned = plan_runs(params, project / "runs", data.stats, arrange=False)
+    monkeypatch.setattr(sys, "executable", "/bin/false")  # the probe's processes start and exit 1 at once
+    with pytest.raises(GridError, match=r"the throughput probe \(1 thread\(s\), 2 at once\) failed: exit status 1"):
+        probe_throughput(params, planned, "cpu", 1, copies=2)
