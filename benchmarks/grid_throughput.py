@@ -5,7 +5,8 @@ seed, a few thousand real CIFAR-100 images, one epoch, untracked) trained
   (b) concurrent   by the grid on a local Ray instance, as the grid stage does (grid.threads_per_run auto: the
                    packing its probe predicts fastest; the probe's time is counted, and training alone shown);
   (c) cluster      by the grid on a Ray cluster on 127.0.0.1 (`ray.cluster_utils.Cluster`): one node of one CPU,
-                   then two nodes of one CPU each: the scale-out a team adding machines would see.
+                   then two nodes of one CPU each: the scale-out a team adding machines would see (as the
+                   stage does: one run per CPU, the longest first by the probe's times on this machine).
 
 It prints wall time (from the first run's start to the last run's end, Ray's start-up included) and training
 images per second, with the ratios (b)/(a) and two nodes / one node.
@@ -53,10 +54,10 @@ def sequential(params, data, runs: Path) -> float:
     return time.perf_counter() - started
 
 
-def grid(params, data, data_dir: Path, runs: Path, probe: bool = True):
+def grid(params, data, data_dir: Path, runs: Path):
     """Wall time of the grid stage's work (Ray's start, the plan's probe, training) and its result."""
     started = time.perf_counter()
-    result, _, _ = run_grid(params, data, data_dir, runs, probe=probe)
+    result, _, _ = run_grid(params, data, data_dir, runs)
     if result.failed:
         sys.exit(f"the grid failed: {result.failed}")
     return time.perf_counter() - started, result
@@ -73,7 +74,7 @@ def on_cluster(nodes: int, epochs: int, data, data_dir: Path, runs: Path):
         for _ in range(nodes - 1):
             cluster.add_node(num_cpus=1, node_ip_address="127.0.0.1")
         cluster.wait_for_nodes()
-        return grid(small_params(epochs, cluster.address), data, data_dir, runs, probe=False)
+        return grid(small_params(epochs, cluster.address), data, data_dir, runs)
     finally:
         cluster.shutdown()
 

@@ -75,3 +75,15 @@ def same_run(a: RunFiles, b: RunFiles, ignore: tuple[str, ...] = ()) -> None:
         assert left["epoch"] == right["epoch"]
         for name, tensor in left["model"].items():
             assert torch.equal(tensor, right["model"][name]), (checkpoint, name)
+
+
+def narrow(raw: dict, variants: dict) -> dict:
+    """Raw params with only `variants` ({name: settings}), and what refers to variants kept valid: the figures and
+    reference curves of those variants only, the last one final, VGG-38 the vanishing one of the guard."""
+    raw["variants"] = variants
+    report = raw["report"]
+    report["final_variant"] = list(variants)[-1]
+    report["figures"] = {k: f for k, f in report["figures"].items() if set(f["variants"]) <= set(variants)}
+    report["reference"]["curves"] = {k: c for k, c in report["reference"]["curves"].items() if k in variants}
+    report["guard"].update(vanishing="VGG-38", learning=[v for v in variants if v not in ("VGG-38", "NAN")])
+    return raw

@@ -14,6 +14,7 @@ import pytest
 import yaml
 
 from tests.conftest import ROOT
+from tests.helpers import narrow
 
 DVC = str(Path(sys.executable).parent / "dvc")
 
@@ -34,9 +35,12 @@ def _md5(path: Path) -> str:
     return hashlib.md5(path.read_bytes(), usedforsecurity=False).hexdigest()
 
 
-def _tiny_clone(folder: Path, archive_path: Path, archive_md5: str, *, epochs: int, tracking: bool) -> Path:
+def _tiny_clone(
+    folder: Path, archive_path: Path, archive_md5: str, *, epochs: int, tracking: bool, variants: tuple = ()
+) -> Path:
     """A clone of this repository (with this checkout's pipeline and params, committed or not) whose params
-    train on 200 real images for `epochs` epochs, one seed, on the CPU; tracked in its own mlruns/ or not."""
+    train on 200 real images for `epochs` epochs, one seed, on the CPU; tracked in its own mlruns/ or not; only
+    `variants` when given."""
     repo = folder / "repo"
     _run("git", "clone", "--quiet", str(ROOT), str(repo), cwd=folder)
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
@@ -46,6 +50,8 @@ def _tiny_clone(folder: Path, archive_path: Path, archive_md5: str, *, epochs: i
     params["runtime"]["device"] = "cpu"
     params["seeds"] = [0]
     params["tracking"].update(enabled=tracking, system_metrics=False)
+    if variants:
+        narrow(params, {v: params["variants"][v] for v in variants})
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     for name in ("dvc.yaml", "pipeline", "src"):
         _run("cp", "-r", str(ROOT / name), str(repo), cwd=repo)
@@ -181,10 +187,12 @@ def _grid_trained(repo: Path) -> dict[str, int]:
 
 @pytest.mark.slow
 def test_repro_trains_the_grid_concurrently_and_dvc_stays_the_source_of_truth(tmp_path, archive_path, archive_md5):
-    """Every variant, one seed, one epoch: `dvc repro` trains the runs in the grid stage (on Ray), the train
+    """Three variants, one seed, one epoch: `dvc repro` trains the runs in the grid stage (on Ray), the train
     stages record them; DVC then knows every output, and changes retrain exactly what they touch. (Tracking in the
-    grid: tests/test_grid.py.)"""
-    repo = _tiny_clone(tmp_path, archive_path, archive_md5, epochs=1, tracking=False)
+    grid: tests/test_grid.py; every variant through the grid: the reduced pipeline of .ci/run.)"""
+    repo = _tiny_clone(
+        tmp_path, archive_path, archive_md5, epochs=1, tracking=False, variants=("VGG-08", "VGG-38", "BN-VGG-38")
+    )
     variants = list(yaml.safe_load((repo / "params.yaml").read_text())["variants"])
     first = _run(DVC, "repro", cwd=repo)
     stages = _stages_run(first)

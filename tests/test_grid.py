@@ -18,23 +18,13 @@ import yaml
 from mlflow import MlflowClient
 
 from tests.conftest import ROOT, prepare_subset
-from tests.helpers import project_env, same_run
+from tests.helpers import narrow, project_env, same_run
 from vggdepth.engine import RunFiles, load_checkpoint, save_checkpoint
 
 pytestmark = pytest.mark.slow
 
 VARIANTS = ("VGG-08", "VGG-38", "BN-VGG-38")
 NOT_COMPARED = ("node",)  # where a run trained: a Ray node in the grid, this host when alone
-
-
-def narrow(raw: dict, variants: dict) -> dict:
-    """params with only `variants` (and what refers to them kept valid)."""
-    raw["variants"] = variants
-    raw["report"]["final_variant"] = list(variants)[-1]
-    raw["report"]["figures"] = {}
-    raw["report"]["reference"]["curves"] = {}
-    raw["report"]["guard"].update(vanishing="VGG-38", learning=[v for v in variants if v not in ("VGG-38", "NAN")])
-    return raw
 
 
 @pytest.fixture(scope="module")

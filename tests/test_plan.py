@@ -18,8 +18,8 @@ from vggdepth.grid import GridError, makespan, plan_runs, probe_throughput, thre
 
 
 def test_makespan_hands_the_longest_runs_out_first():
-    # 3 and 3 start; the 2s go to whichever worker is free first: 3+2+2 | 3+2 -> 7, not the 8 of the given order
-    assert makespan([2, 2, 2, 3, 3], 2) == 7
+    assert makespan([1, 1, 2], 2) == 2  # 2 | 1+1; in the given order 1+2 | 1 would take 3
+    assert makespan([2, 2, 2, 3, 3], 2) == 7  # 3+2+2 | 3+2: each run to the worker free first
     assert makespan([5.0], 4) == 5.0  # one run cannot use a second worker
     assert makespan([1, 1, 1, 1], 4) == 1
     assert makespan([4, 1, 1, 1, 1], 2) == 4  # the long run alone on one worker, the four short on the other
@@ -28,19 +28,25 @@ def test_makespan_hands_the_longest_runs_out_first():
 def test_thread_choices_are_powers_of_two_and_the_share_of_every_core():
     assert thread_choices(2, 2, 6) == [1, 2]
     assert thread_choices(16, 16, 18) == [1, 2, 4, 8, 16]
-    assert thread_choices(16, 8, 3) == [1, 2, 4, 5, 8]  # 16 cores over 3 runs: 5 each; no node has more than 8
+    # 16 cores over 3 runs: 5 threads each (1, 2 and 4 would also train 3 at once, leaving cores idle); no node has
+    # more than 8, which trains 2 at once
+    assert thread_choices(16, 8, 3) == [5, 8]
+    assert thread_choices(2, 2, 1) == [2]  # one run: all cores
+    assert thread_choices(6, 6, 6) == [1, 2, 6]  # 4 threads would train 1 run at once, as 6 do
     assert thread_choices(1, 1, 4) == [1]
 
 
 @pytest.fixture(scope="module")
 def project(archive_path, archive_md5, params, tmp_path_factory) -> Path:
-    """Two cheap networks of two shapes (VGG-08 at batch 100 and 50), one seed, 2/1/1 real images per class."""
+    """Two cheap networks of two shapes (VGG-08 at batch 100 and 50), one seed, 3 epochs, 2/1/1 real images per
+    class."""
     from tests.conftest import prepare_subset
 
     root = tmp_path_factory.mktemp("plan")
     raw = yaml.safe_load((ROOT / "params.yaml").read_text())
     raw["data"].update(url=str(archive_path), md5=archive_md5)
     raw["runtime"].update(device="cpu")
+    raw["train"]["epochs"] = 3  # estimates of seconds
     small = dict(raw["variants"]["VGG-08"])
     raw["variants"] = {"VGG-08": small, "VGG-08-MBS": {**small, "batch_size": 50}}
     raw["seeds"] = [0]
@@ -66,7 +72,8 @@ def plan(root: Path, *args: str) -> list[str]:
 
 
 PROBE = re.compile(
-    r"  probe, (\d+) thread\(s\) per run, (\d+) run\(s\) at once: VGG-08 (\d+) img/s, VGG-08-MBS (\d+) img/s"
+    r"  probe, (\d+) thread\(s\) per run x (\d+) run\(s\) at once, img/s per run: VGG-08 (\d+), VGG-08-MBS (\d+)"
+    r"(?:; all runs in about (\d+) s)?"
 )
 
 
@@ -81,13 +88,16 @@ def test_plan_probes_each_packing_worth_trying_and_picks_the_fastest(project):
         assert int(match[3]) > 0 and int(match[4]) > 0
     fastest = [match for line, match in probes if line.endswith("<- fastest")]
     assert len(fastest) == (1 if len(probes) > 1 else 0)
-    threads = int(fastest[0][1]) if fastest else 1
+    if fastest:  # the fastest is the shortest prediction, and the plan's estimate
+        assert int(fastest[0][5]) == min(int(match[5]) for _, match in probes)
+        assert re.fullmatch(rf"  estimated wall time: about {fastest[0][5]} s \(the probe took \d+ s\)", lines[-1])
+    threads = int(fastest[0][1]) if fastest else int(probes[0][1][1])
     assert lines[0].startswith("grid: 2 of 2 runs to train on this machine (Ray on 127.0.0.1): ")
     assert f"{threads} torch thread(s)" in lines[0]
     epochs = yaml.safe_load((project / "params.yaml").read_text())["train"]["epochs"]
     runs = ("VGG-08-s0", "VGG-08-MBS-s0")
     assert [line.split() for line in lines[1:3]] == [[run, str(epochs), "epochs"] for run in runs]
-    assert lines[-1].startswith("  estimated wall time: about ")
+    assert lines[-1].startswith("  estimated wall time: about ")  # the two runs take seconds: shown in seconds
     assert not (project / "runs").exists()  # a plan changes nothing
 
 

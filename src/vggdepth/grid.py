@@ -155,9 +155,9 @@ class Packing:
 def choose_packing(
     params: Params, cpus: float, gpus: float, node_cpus: float, runs: int, threads: int | None = None
 ) -> Packing:
-    """CPU: `grid.threads_per_run`; or `threads` when auto and the probe chose (`choose_threads`); or else one
-    thread per run and one run per core, every core shared out when fewer runs than cores are to train, never more
-    threads than the largest node has. GPU (when the cluster has one and runtime.device allows):
+    """CPU: `grid.threads_per_run`; or, when auto, `threads` as the probe chose (`packing_and_plan`); or else
+    one thread per run and one run per core, every core shared out when fewer runs than cores are to train, never
+    more threads than the largest node has. GPU (when the cluster has one and runtime.device allows):
     `grid.runs_per_gpu` runs per device, one CPU thread each."""
     grid, runtime = params.grid, params.runtime
     if gpus >= 1 and runtime.device != "cpu":
@@ -178,12 +178,16 @@ def choose_packing(
 
 
 def thread_choices(cpus: float, node_cpus: float, runs: int) -> list[int]:
-    """The thread counts per run worth probing for `runs` runs: powers of two, every core (one run alone), and
-    the count that shares every core among the runs when they are fewer than the cores."""
+    """The thread counts per run worth probing for `runs` runs: powers of two, every core, and the count that
+    shares every core among the runs when they are fewer than the cores; of those that train the same number of
+    runs at once, only the largest (fewer threads would leave cores idle)."""
     top = max(1, min(int(node_cpus), int(cpus)))
-    choices = {top, max(1, min(top, int(cpus) // max(1, runs)))}
-    choices.update(2**k for k in range(top.bit_length()) if 2**k <= top)
-    return sorted(choices)
+    candidates = {top, max(1, min(top, int(cpus) // max(1, runs)))}
+    candidates.update(2**k for k in range(top.bit_length()) if 2**k <= top)
+    by_runs_at_once = {}
+    for threads in sorted(candidates):
+        by_runs_at_once[min(int(cpus) // threads, max(1, runs))] = threads
+    return sorted(by_runs_at_once.values())
 
 
 def makespan(seconds: list[float], slots: int) -> float:
@@ -237,9 +241,12 @@ def _probe_here(params: Params, variants: list[str], device: str, threads: int, 
 
 
 def _probe_child() -> None:
-    """A probe process of `probe_throughput`: its request as JSON in argv, its speeds as JSON on stdout."""
+    """A probe process of `probe_throughput`: its request as JSON in argv; says "ready" once torch is loaded, starts
+    on a line on stdin (so that every copy times at once), prints its speeds as JSON."""
     request = json.loads(sys.argv[1])
     params = Params.model_validate(request["params"])
+    print("ready", flush=True)
+    sys.stdin.readline()
     speeds = _probe_here(params, request["variants"], request["device"], request["threads"], request["steps"])
     print(json.dumps(speeds))
 
@@ -274,35 +281,61 @@ def probe_throughput(
                 filter(None, [str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH")])
             ),
         }
-        children = [  # all started before any is waited on: they train at once
-            subprocess.Popen(
-                [sys.executable, "-c", "from vggdepth.grid import _probe_child; _probe_child()", request],
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-                text=True,
-                env=env,
-            )
-            for _ in range(copies)
-        ]
-        answers = []
-        for child in children:
-            out, err = child.communicate()
-            if child.returncode != 0:
-                tail = err.strip().splitlines()[-1] if err.strip() else f"exit status {child.returncode}"
-                raise GridError(f"the throughput probe ({threads} thread(s), {copies} at once) failed: {tail}")
-            answers.append(json.loads(out))
-        speeds = {name: sum(a[name] for a in answers) / len(answers) for name in names}
+        speeds = _probe_processes(request, env, copies, f"the throughput probe ({threads} thread(s), {copies} at once)")
     return {key: (name, speeds[name]) for key, name in variants.items()}
 
 
-def run_seconds(params: Params, planned: list[PlannedRun], speeds: dict, sizes: dict) -> dict[str, float]:
-    """{run: seconds} of each stale run that can start: its remaining images over its probed speed (validation
-    counted at a third of a training image)."""
+def _probe_processes(request: str, env: dict, copies: int, what: str, timeout_s: float = 600) -> dict:
+    """Start `copies` probe processes, let them time together once all are ready, and average their speeds."""
+    children = [
+        subprocess.Popen(
+            [sys.executable, "-c", "from vggdepth.grid import _probe_child; _probe_child()", request],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
+        for _ in range(copies)
+    ]
+    try:
+        for child in children:
+            if child.stdout.readline().strip() != "ready":
+                raise GridError(f"{what} failed: {_tail(child)}")
+        for child in children:  # every copy is loaded: they time at once
+            child.stdin.write("go\n")
+            child.stdin.flush()
+        answers = []
+        for child in children:
+            try:
+                out, _ = child.communicate(timeout=timeout_s)
+                answers.append(json.loads(out.strip().splitlines()[-1]))
+            except subprocess.TimeoutExpired:
+                raise GridError(f"{what} did not finish in {timeout_s:.0f} s") from None
+            except (ValueError, IndexError):
+                raise GridError(f"{what} failed: {_tail(child)}") from None
+    finally:
+        for child in children:
+            if child.poll() is None:
+                child.kill()
+            child.wait()
+    return {name: sum(a[name] for a in answers) / len(answers) for name in answers[0]}
+
+
+def _tail(child: subprocess.Popen) -> str:
+    """The last line a failed probe process wrote to stderr, or its exit status."""
+    child.wait()
+    err = child.stderr.read().strip() if child.stderr else ""
+    return err.splitlines()[-1] if err else f"exit status {child.returncode}"
+
+
+def run_seconds(params: Params, startable: list[PlannedRun], speeds: dict, sizes: dict) -> dict[str, float]:
+    """{run: seconds} of each run: its remaining images over its probed speed (validation counted at a third of a
+    training image)."""
     seconds = {}
-    for run in planned:
-        if run.stale and not run.problem:
-            _, speed = speeds[_shape(params.variants[run.variant])]
-            seconds[run.name] = (run.epochs - run.done) * (sizes["train"] + sizes["val"] / 3) / speed
+    for run in startable:
+        _, speed = speeds[_shape(params.variants[run.variant])]
+        seconds[run.name] = (run.epochs - run.done) * (sizes["train"] + sizes["val"] / 3) / speed
     return seconds
 
 
@@ -311,15 +344,18 @@ class Trial:
     """One packing the probe measured: its speeds and the wall time it predicts for the stale runs."""
 
     packing: Packing
+    copies: int  # runs it trains at once, as many as were timed together
     speeds: dict
     seconds: dict[str, float]  # per run
     estimate: float
 
 
-def measure(params: Params, planned: list[PlannedRun], packing: Packing, sizes: dict, copies: int) -> Trial:
-    speeds = probe_throughput(params, planned, packing.device, packing.threads, copies)
-    seconds = run_seconds(params, planned, speeds, sizes)
-    return Trial(packing, speeds, seconds, makespan(list(seconds.values()), packing.slots))
+def measure(params: Params, startable: list[PlannedRun], packing: Packing, sizes: dict, *, together: bool) -> Trial:
+    """Probe `packing` (as many copies at once as it would train when `together`, else one) and predict."""
+    copies = min(packing.slots, len(startable))
+    speeds = probe_throughput(params, startable, packing.device, packing.threads, copies if together else 1)
+    seconds = run_seconds(params, startable, speeds, sizes)
+    return Trial(packing, copies, speeds, seconds, makespan(list(seconds.values()), packing.slots))
 
 
 def duration(seconds: float) -> str:
@@ -330,9 +366,13 @@ def duration(seconds: float) -> str:
     return f"{seconds / 3600:.1f} hours"
 
 
-def plan_lines(planned: list[PlannedRun], packing: Packing, trials: list[Trial], where: str) -> list[str]:
+def plan_lines(
+    planned: list[PlannedRun], packing: Packing, trials: list[Trial], where: str, probe_seconds: float = 0.0
+) -> list[str]:
     stale = [r for r in planned if r.stale]
-    lines = [f"grid: {len(stale)} of {len(planned)} runs to train on {where}: {packing.describe()}"]
+    startable = [r for r in stale if not r.problem]
+    how = packing.describe() if startable else "none of them can start"
+    lines = [f"grid: {len(stale)} of {len(planned)} runs to train on {where}: {how}"]
     for run in planned:
         if run.problem:
             lines.append(f"  {run.name:<24} cannot start: {run.problem}")
@@ -340,16 +380,18 @@ def plan_lines(planned: list[PlannedRun], packing: Packing, trials: list[Trial],
             start = f", resumes after epoch {run.done}" if run.done else ""
             lines.append(f"  {run.name:<24} {run.epochs - run.done} epochs{start}")
     for trial in trials:
-        probed = ", ".join(f"{name} {speed:.0f} img/s" for name, speed in trial.speeds.values())
-        at_once = min(trial.packing.slots, len(trial.seconds))
-        chosen = "  <- fastest" if len(trials) > 1 and trial.packing == packing else ""
-        lines.append(
-            f"  probe, {trial.packing.threads} thread(s) per run, {at_once} run(s) at once: {probed}; "
-            f"all runs in about {duration(trial.estimate)}{chosen}"
+        probed = ", ".join(f"{name} {speed:.0f}" for name, speed in trial.speeds.values())
+        line = (
+            f"  probe, {trial.packing.threads} thread(s) per run x {trial.copies} run(s) at once, img/s per run: "
+            f"{probed}"
         )
-    if trials and stale:
-        estimate = next(t.estimate for t in trials if t.packing == packing)
-        lines.append(f"  estimated wall time: about {duration(estimate)}")
+        if len(trials) > 1:
+            fastest = "  <- fastest" if trial.packing == packing else ""
+            line += f"; all runs in about {duration(trial.estimate)}{fastest}"
+        lines.append(line)
+    if trials:
+        chosen = next(t for t in trials if t.packing == packing)
+        lines.append(f"  estimated wall time: about {duration(chosen.estimate)} (the probe took {probe_seconds:.0f} s)")
     return lines
 
 
@@ -419,7 +461,8 @@ def start_ray(address: str | None):
     options = {"include_dashboard": False, "log_to_driver": False, "logging_level": logging.ERROR}
     try:
         if address is None:
-            ray.init(address="local", _node_ip_address="127.0.0.1", **options)
+            cpus, gpus, _ = local_resources()  # what the plan packed for, whatever Ray would count itself
+            ray.init(address="local", _node_ip_address="127.0.0.1", num_cpus=int(cpus), num_gpus=int(gpus), **options)
         else:
             package = Path(__file__).resolve().parent
             ray.init(address=address, runtime_env={"py_modules": [str(package)]}, **options)
@@ -475,24 +518,30 @@ def packing_and_plan(
     probe measures every packing worth trying (`thread_choices`, as many runs at once as it would train) and the
     one with the shortest predicted wall time wins: one run per core is the most images per second while every
     core is busy, more threads per run win when the runs are fewer than the cores or end unevenly. Without a
-    probe, or on a cluster (whose nodes this machine cannot time), one thread per run and one run per core."""
-    stale = [r for r in planned if r.stale and not r.problem]
+    probe, or on a cluster (whose nodes this machine cannot time): one thread per run and one run per CPU, the CPUs
+    shared out when the runs are fewer."""
+    startable = [r for r in planned if r.stale and not r.problem]
     cpus, gpus, node_cpus = resources
-    packing = choose_packing(params, cpus, gpus, node_cpus, len(stale))
-    if not (probe and stale):
+    packing = choose_packing(params, cpus, gpus, node_cpus, len(startable))
+    if not (probe and startable):
         return packing, plan_lines(planned, packing, [], _where(address)), {}
+    started = time.monotonic()
     sizes = data.stats["sizes"]
     local_cpu = packing.device == "cpu" and address is None
     if local_cpu and params.grid.threads_per_run == "auto":
-        trials = []
-        for threads in thread_choices(cpus, node_cpus, len(stale)):
-            option = choose_packing(params, cpus, gpus, node_cpus, len(stale), threads=threads)
-            trials.append(measure(params, stale, option, sizes, copies=min(option.slots, len(stale))))
+        trials = [
+            measure(params, startable, option, sizes, together=True)
+            for option in (
+                choose_packing(params, cpus, gpus, node_cpus, len(startable), threads=threads)
+                for threads in thread_choices(cpus, node_cpus, len(startable))
+            )
+        ]
         chosen = min(trials, key=lambda trial: trial.estimate)
     else:
-        chosen = measure(params, stale, packing, sizes, copies=min(packing.slots, len(stale)) if local_cpu else 1)
+        chosen = measure(params, startable, packing, sizes, together=local_cpu)
         trials = [chosen]
-    return chosen.packing, plan_lines(planned, chosen.packing, trials, _where(address)), chosen.seconds
+    lines = plan_lines(planned, chosen.packing, trials, _where(address), time.monotonic() - started)
+    return chosen.packing, lines, chosen.seconds
 
 
 def _where(address: str | None) -> str:
@@ -742,9 +791,14 @@ def run_grid(
         context = PipelineContext.detect(params)
         store.parent_run(context)
 
+    if address is None:  # this machine: probed before Ray's processes start, so they do not slow the probe
+        packing, lines, seconds = packing_and_plan(params, data, planned, local_resources(), address, probe=probe)
     ray = start_ray(address)
     try:
-        packing, lines, seconds = packing_and_plan(params, data, planned, cluster_resources(ray), address, probe=probe)
+        if address is not None:
+            packing, lines, seconds = packing_and_plan(
+                params, data, planned, cluster_resources(ray), address, probe=probe
+            )
         for line in lines:
             print(line, file=sys.stderr, flush=True)
         longest_first = sorted(stale, key=lambda run: -seconds.get(run.name, 0.0))  # the last to start is short
