@@ -306,10 +306,7 @@ class Store:
             self.experiment_id,
             run_name=f"{run.variant}-s{run.seed}",
             tags={
-                "mlflow.parentRunId": parent,
-                KIND_TAG: "training",
-                "variant": run.variant,
-                "seed": str(run.seed),
+                **_training_tags(parent, run.variant, run.seed),
                 "data_md5": run.config["data"]["archive_md5"],
                 "dvc_stage": stage,
                 "vggdepth.fingerprint": run.fingerprint,
@@ -320,6 +317,11 @@ class Store:
 
     def logged_epochs(self, run_id: str) -> set[int]:
         return {m.step for m in self.client.get_metric_history(run_id, "train_loss")}
+
+
+def _training_tags(parent: str, variant: str, seed: int) -> dict[str, str]:
+    """The tags every training run has: its parent, kind, variant and seed."""
+    return {"mlflow.parentRunId": parent, KIND_TAG: "training", "variant": variant, "seed": str(seed)}
 
 
 def _pending_epochs(history: list[EpochRecord], gradients: list[GradientRow], logged: set[int]) -> list[tuple]:
@@ -606,8 +608,11 @@ def log_evaluation(store: Store | None, files: RunFiles, result: dict) -> None:
 
 
 def sync_run(params: Params, files: RunFiles) -> list[str]:
-    """Send what a run's MLflow run lacks (epochs, artefacts, test metrics) from its outputs; say what was sent."""
+    """Send what a run's MLflow run lacks (epochs, artefacts, test metrics) from its outputs; say what was sent.
+    A run folder with tables but no checkpoints (a GPU lease's, see `import_run`) is imported from its tables."""
     store = Store(params.tracking)
+    if not files.last.exists() and files.train_json.exists():
+        return import_run(store, params, files)
     state = load_checkpoint(files.last)
     run_id = _run_id_of(files, state)
     with _store_errors(store.uri, f"take what {files.root} has to send"):
@@ -630,6 +635,95 @@ def _sync(store: Store, files: RunFiles, state: dict, run_id: str) -> list[str]:
     if store.client.get_run(run_id).info.status != "FINISHED" and files.train_json.exists():
         store.client.set_terminated(run_id, "FINISHED")
         sent.append("status FINISHED")
+    return sent
+
+
+LEASE_FILE = "lease.json"  # beside the runs/ folder of a GPU lease's results (benchmarks/gpu_results.py)
+
+
+def import_run(store: Store, params: Params, files: RunFiles) -> list[str]:
+    """A run trained without tracking and brought back as tables (a GPU lease: results/<lease>/runs/<run>/) becomes
+    a finished MLflow run from them: every epoch with its gradient statistics, the test metrics, the tables and the
+    gradient-flow figure (no checkpoints or model: a lease brings none back). Its parent run stands for the lease,
+    tagged with the lease's device, torch version and commit. Importing again sends only what is missing."""
+    from vggdepth.outputs import read_epochs, read_gradients
+
+    lease_path = files.root.parent.parent / LEASE_FILE
+    try:
+        lease = json.loads(lease_path.read_text())
+        summary = json.loads(files.train_json.read_text())
+        variant, seed, epochs = summary["variant"], int(summary["seed"]), int(summary["epochs"])
+    except (OSError, ValueError, KeyError) as exc:
+        raise TrackingError(
+            f"{files.root} has no checkpoints, so it can only be imported as a GPU lease's run, with its "
+            f"train.json and the lease's {lease_path}: {_short(exc)}"
+        ) from None
+    if "params" in lease:  # what the runs trained with, whatever params.yaml says now
+        params = Params.model_validate(lease["params"])
+    else:
+        params = params.model_copy(update={"train": params.train.model_copy(update={"epochs": epochs})})
+    history = [EpochRecord(**row) for row in read_epochs(files.epochs_csv)]
+    gradients = read_gradients(files.gradients_csv)
+    lease_name = lease_path.parent.name
+    context = PipelineContext(
+        key=f"lease:{lease_name}",
+        name=f"GPU lease {lease_name}",
+        tags={
+            "git_commit": str(lease.get("commit", "")),
+            "device": str(lease.get("device", "")),
+            "torch": str(lease.get("torch", "")),
+            "lease_command": str(lease.get("command", ""))[:5000],
+        },
+    )
+    with _store_errors(store.uri, f"import {files.root}"):
+        parent = store.parent_run(context)
+        found = store._find(
+            f"tags.`mlflow.parentRunId` = '{parent}' and tags.variant = '{variant}' and tags.seed = '{seed}'"
+        )
+        sent = []
+        if found is None:
+            config = {
+                "model": params.model.model_dump(),
+                "train": params.train.model_dump(),
+                "variant": params.variant(variant, field="variant").model_dump(),
+                "seed": seed,
+            }
+            run_id = store.client.create_run(
+                store.experiment_id,
+                run_name=f"{variant}-s{seed}",
+                tags={
+                    **_training_tags(parent, variant, seed),
+                    NODE_TAG: str(summary.get("node", "")),
+                    "device": str(summary.get("device", "")),
+                    "vggdepth.source": f"GPU lease {lease_name}",
+                    **context.tags,
+                },
+            ).info.run_id
+            store.client.log_batch(run_id, params=_params(config))
+            sent.append("run")
+        else:
+            run_id = found.info.run_id
+        epochs_sent = _pending_epochs(history, gradients, store.logged_epochs(run_id))
+        for _, metrics in epochs_sent:
+            store.client.log_batch(run_id, metrics=metrics)
+        if epochs_sent:
+            sent.append(f"epochs {epochs_sent[0][0]}-{epochs_sent[-1][0]}")
+        if not store.client.list_artifacts(run_id):
+            for path in (files.epochs_csv, files.gradients_csv, files.train_json):
+                store.client.log_artifact(run_id, str(path))
+            if gradients:
+                from vggdepth.figures import gradient_flow_figure, save_figure
+
+                with tempfile.TemporaryDirectory() as tmp:
+                    figure = gradient_flow_figure(gradients, f"{variant} seed {seed}: gradient flow")
+                    store.client.log_artifact(run_id, str(save_figure(figure, Path(tmp) / "gradient_flow.png")))
+            sent.append("tables")
+        if files.test_json.exists() and not store.client.get_metric_history(run_id, "test_acc_best"):
+            store.client.log_batch(run_id, metrics=_test_metrics(json.loads(files.test_json.read_text())))
+            store.client.log_artifact(run_id, str(files.test_json))
+            sent.append("test metrics")
+        if store.client.get_run(run_id).info.status != "FINISHED":
+            store.client.set_terminated(run_id, "FINISHED")
     return sent
 
 

@@ -1,0 +1,212 @@
+"""The GPU lease, rehearsed on the CPU: the archive split into three parts and sent as three calls would send them,
+reassembled and checked; a missing or damaged part refused; the whole lease end to end (real archive, tiny
+configuration) into results.tar.gz, and back here into results/ with Table 1 rendered from it."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.conftest import ROOT
+from tests.helpers import narrow, project_env
+
+LEASE_FILES = ("benchmarks", "src", "params.yaml", "reference")
+
+
+def checkout(dest: Path) -> Path:
+    """What a lease call carries of the repository: the code, params.yaml and the reference numbers."""
+    dest.mkdir(parents=True)
+    for name in LEASE_FILES:
+        source = ROOT / name
+        if source.is_dir():
+            shutil.copytree(source, dest / name, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+        else:
+            shutil.copy2(source, dest / name)
+    return dest
+
+
+def sh(root: Path, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        ["bash", *args], cwd=root, env={**os.environ, **(env or {})}, capture_output=True, text=True, timeout=1800
+    )
+
+
+def send_in_three_calls(root: Path, stash: Path, last: list[str], env: dict) -> subprocess.CompletedProcess:
+    """Calls 1 and 2 carry one part each and stash it; call 3 carries the last part and runs. Each call's tree holds
+    only the part it carried (and MD5SUMS), as a fresh carry would."""
+    parts = sorted((root / ".lease").glob("part-*"))
+    assert len(parts) == 3
+    held = root / "held"
+    held.mkdir()
+    for part in parts:
+        part.rename(held / part.name)
+    env = {**env, "LEASE_STASH": str(stash)}
+    for part in sorted(held.iterdir())[:2]:
+        (held / part.name).rename(root / ".lease" / part.name)
+        done = sh(root, "benchmarks/gpu_lease.sh", "stash", env=env)
+        assert done.returncode == 0, done.stderr
+        assert f"kept {part.name}" in done.stdout
+        (root / ".lease" / part.name).unlink()
+    third = next(held.iterdir())
+    third.rename(root / ".lease" / third.name)
+    return sh(root, "benchmarks/gpu_lease.sh", "run", *last, env=env)
+
+
+def test_parts_are_reassembled_exactly_and_a_missing_or_damaged_part_is_refused(tmp_path):
+    root = checkout(tmp_path / "repo")
+    archive = tmp_path / "archive.bin"
+    archive.write_bytes(os.urandom(3 * 1024 * 1024 + 7))  # not divisible by 3: the parts differ in size
+    made = sh(root, "benchmarks/lease_prepare.sh", str(archive), env={"LEASE_WHEELS": "0"})
+    assert made.returncode == 0, made.stderr
+    sums = (root / ".lease" / "MD5SUMS").read_text().splitlines()
+    assert [line.split()[1] for line in sums] == ["part-aa", "part-ab", "part-ac", "cifar-100-python.tar.gz"]
+    assert sum(p.stat().st_size for p in (root / ".lease").glob("part-*")) == archive.stat().st_size
+    pristine = {p.name: p.read_bytes() for p in (root / ".lease").glob("part-*")}
+
+    # all three parts: reassembled byte for byte, then handed to Python (here `true`, which does nothing)
+    stash = tmp_path / "stash"
+    done = send_in_three_calls(root, stash, [], {"PYTHON": "true", "OUT": str(tmp_path / "out")})
+    assert done.returncode == 0, done.stderr
+    assert (stash / "cifar-100-python.tar.gz").read_bytes() == archive.read_bytes()
+    assert "archive reassembled and checked" in done.stdout
+
+    # call 2 never arrived: its part is missing, and the run stops before any work
+    shutil.rmtree(stash)
+    (stash).mkdir()
+    for name, blob in pristine.items():
+        (root / ".lease" / name).write_bytes(blob)
+    shutil.rmtree(root / "held")
+    (root / ".lease" / "part-ab").unlink()
+    (root / ".lease" / "part-aa").rename(stash / "part-aa")
+    shutil.copy(root / ".lease" / "MD5SUMS", stash)
+    refused = sh(root, "benchmarks/gpu_lease.sh", "run", env={"LEASE_STASH": str(stash), "PYTHON": "true"})
+    assert refused.returncode == 1
+    assert "a part is missing or damaged" in refused.stderr and "part-ab" in refused.stdout + refused.stderr
+    assert not (stash / "cifar-100-python.tar.gz").exists()
+
+    # a damaged part (one byte changed in transit)
+    (stash / "part-ab").write_bytes(pristine["part-ab"][:-1] + bytes([pristine["part-ab"][-1] ^ 1]))
+    refused = sh(root, "benchmarks/gpu_lease.sh", "run", env={"LEASE_STASH": str(stash), "PYTHON": "true"})
+    assert refused.returncode == 1 and "a part is missing or damaged" in refused.stderr
+
+
+def _lease_module():
+    spec = importlib.util.spec_from_file_location("gpu_lease", ROOT / "benchmarks" / "gpu_lease.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_deadline_stops_a_run_only_when_its_next_epoch_would_overrun():
+    from vggdepth.engine import EpochRecord, RunFiles, RunInfo
+
+    lease = _lease_module()
+    run = RunInfo("VGG-08", 0, {}, "f", "cpu", 1, RunFiles(Path("runs/VGG-08-s0")), 0, "here")
+    deadline = lease.Deadline(time.time() + 60)
+    deadline.on_epoch_end(run, EpochRecord(3, 1.0, 0.5, 1.0, 0.5, 1e-3, 10.0), [])  # 10 s more fits
+    with pytest.raises(lease.TimeUp, match="VGG-08 seed 0: stopped after epoch 3"):
+        deadline.on_epoch_end(run, EpochRecord(3, 1.0, 0.5, 1.0, 0.5, 1e-3, 90.0), [])
+
+
+VARIANTS = ("VGG-08", "VGG-38", "BN-VGG-38")  # the three networks of the throughput table
+
+
+@pytest.mark.slow
+def test_the_lease_end_to_end_on_the_cpu_and_its_results_rendered_here(archive_path, tmp_path):
+    """Three variants x two seeds (the study's six x three, narrowed for time), 2 epochs of 200 images."""
+    root = checkout(tmp_path / "repo")
+    raw = yaml.safe_load((root / "params.yaml").read_text())
+    narrow(raw, {v: raw["variants"][v] for v in VARIANTS})
+    raw["seeds"] = [0, 1]
+    (root / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    made = sh(root, "benchmarks/lease_prepare.sh", str(archive_path), env={"LEASE_WHEELS": "0"})
+    assert made.returncode == 0, made.stderr
+    out = tmp_path / "out"
+    out.mkdir()
+    tiny = ["900", "--device", "cpu", "--per-class", "2", "--epochs", "2", "--bench-steps", "1", "--concurrency", "1,2"]
+    done = send_in_three_calls(
+        root,
+        tmp_path / "stash",
+        [*tiny, "--work", str(tmp_path / "work")],
+        {"PYTHON": sys.executable, "OUT": str(out)},
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+
+    lease = json.loads((out / "lease.json").read_text())
+    assert lease["device"].startswith("CPU") and lease["epochs"] == 2
+    assert [(r["network"], r["runs_at_once"]) for r in lease["throughput"]] == [
+        ("VGG-08", 1),
+        ("VGG-38", 1),
+        ("BN-VGG-38", 1),
+        ("BN-VGG-38", 2),
+    ]
+    assert all(r["aggregate"] > 0 for r in lease["throughput"])
+    # seed 0 of every variant first
+    order = [(r["variant"], r["seed"]) for r in lease["runs"]]
+    assert order == [(v, s) for s in (0, 1) for v in VARIANTS]
+    assert all(r["state"] == "finished" and r["epochs"] == 2 for r in lease["runs"]), lease["runs"]
+    with tarfile.open(out / "results.tar.gz") as tar:
+        names = set(tar.getnames())
+    assert names == {"lease.json"} | {
+        f"runs/{r['run']}/{table}"
+        for r in lease["runs"]
+        for table in ("epochs.csv", "gradients.csv", "train.json", "test.json")
+    }
+    assert (out / "results.tar.gz").stat().st_size < 5_000_000
+
+    results = tmp_path / "results"
+    back = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "benchmarks" / "gpu_results.py"),
+            str(out / "results.tar.gz"),
+            "--results",
+            str(results),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert back.returncode == 0, back.stderr
+    (folder,) = results.iterdir()
+    assert folder.name.startswith(lease["finished_at"][:10] + "-cpu")
+    table = (folder / "report" / "table1.md").read_text()
+    for variant in VARIANTS:
+        assert f"| {variant} |" in table
+    assert "Over 2 seed(s)" in table
+    assert list((folder / "report" / "figures").glob("*.png"))
+    assert not list(folder.rglob("*.pt"))
+
+    # Into MLflow with `sync`, as a user back from a lease does: one finished run per lease run, under one parent
+    # that names the lease's device; every epoch, the test metrics; a second sync sends nothing.
+    from mlflow import MlflowClient
+
+    runs = sorted(str(p) for p in (folder / "runs").iterdir())
+    sync = [sys.executable, "-m", "vggdepth", "sync", *runs, "--params", str(root / "params.yaml")]
+    first = subprocess.run(sync, cwd=tmp_path, env=project_env(tmp_path), capture_output=True, text=True, timeout=900)
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert first.stdout.count("sent run, epochs 0-1, tables, test metrics") == 6, first.stdout
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("vggdepth")
+    found = client.search_runs([experiment.experiment_id])
+    (parent,) = [r for r in found if r.data.tags.get("vggdepth.kind") == "pipeline"]
+    assert parent.info.run_name == f"GPU lease {folder.name}" and parent.data.tags["device"] == lease["device"]
+    trained = [r for r in found if r.data.tags.get("vggdepth.kind") == "training"]
+    assert sorted(r.info.run_name for r in trained) == sorted(r["run"] for r in lease["runs"])
+    for run in trained:
+        assert run.info.status == "FINISHED" and run.data.tags["mlflow.parentRunId"] == parent.info.run_id
+        assert [m.step for m in client.get_metric_history(run.info.run_id, "val_acc")] == [0, 1]
+        test = json.loads((folder / "runs" / run.info.run_name / "test.json").read_text())
+        assert run.data.metrics["test_acc_best"] == test["best"]["test_acc"]
+    again = subprocess.run(sync, cwd=tmp_path, env=project_env(tmp_path), capture_output=True, text=True, timeout=900)
+    assert again.returncode == 0 and again.stdout.count("MLflow already has everything") == 6, again.stdout
