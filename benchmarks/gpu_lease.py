@@ -50,6 +50,7 @@ from vggdepth.download import md5sum  # noqa: E402
 from vggdepth.engine import Callback, RunFiles, Trainer, train_run  # noqa: E402
 from vggdepth.evaluation import evaluate_run  # noqa: E402
 from vggdepth.files import write_json  # noqa: E402
+from vggdepth.outputs import read_epochs  # noqa: E402
 
 NETWORKS = ("VGG-08", "VGG-38", "BN-VGG-38")
 CONCURRENT_NETWORK = "BN-VGG-38"  # the study's most common network: its aggregate sets the runs at once
@@ -262,7 +263,7 @@ def train_and_test(params_json: str, variant: str, seed: int, data_dir: str, run
 
 
 def _epochs(files: RunFiles) -> int:
-    return max(0, len(files.epochs_csv.read_text().splitlines()) - 1) if files.epochs_csv.exists() else 0
+    return len(read_epochs(files.epochs_csv)) if files.epochs_csv.exists() else 0
 
 
 def train_study(params: Params, data_dir: Path, runs: Path, at_once: int, deadline: float, say) -> list[dict]:

@@ -339,17 +339,10 @@ def log_run_artifacts(
     import mlflow
     import torch
 
-    from vggdepth.figures import gradient_flow_figure, save_figure
-
     client = store.client
-    for path in (files.epochs_csv, files.gradients_csv, files.train_json):
-        client.log_artifact(run_id, str(path))
+    _log_tables(store, run_id, files, gradients, title)
     client.log_artifact(run_id, str(files.best), "checkpoints")
     client.log_artifact(run_id, str(files.last), "checkpoints")
-    if gradients:
-        with tempfile.TemporaryDirectory() as tmp:
-            figure = gradient_flow_figure(gradients, f"{title}: gradient flow")
-            client.log_artifact(run_id, str(save_figure(figure, Path(tmp) / "gradient_flow.png")))
     if store.cfg.log_model and model:
         best = load_checkpoint(files.best)
         net = load_network(best, torch.device("cpu"))
@@ -367,6 +360,18 @@ def log_run_artifacts(
         )
         client.set_tag(run_id, "vggdepth.model_uri", info.model_uri)
         client.set_tag(run_id, "vggdepth.model_epoch", str(best["epoch"] - 1))
+
+
+def _log_tables(store: Store, run_id: str, files: RunFiles, gradients: list[GradientRow], title: str) -> None:
+    """A run's tables (epochs, gradients, summary) and its gradient-flow figure."""
+    from vggdepth.figures import gradient_flow_figure, save_figure
+
+    for path in (files.epochs_csv, files.gradients_csv, files.train_json):
+        store.client.log_artifact(run_id, str(path))
+    if gradients:
+        with tempfile.TemporaryDirectory() as tmp:
+            figure = gradient_flow_figure(gradients, f"{title}: gradient flow")
+            store.client.log_artifact(run_id, str(save_figure(figure, Path(tmp) / "gradient_flow.png")))
 
 
 def _finished(run: RunInfo) -> bool:
@@ -578,6 +583,15 @@ def _test_metrics(result: dict):
     ]
 
 
+def _send_evaluation(store: Store, run_id: str, files: RunFiles, result: dict) -> None:
+    """The test metrics, and `test.json` as an artefact (written here from `result`: the stage writes its own after)."""
+    store.client.log_batch(run_id, metrics=_test_metrics(result))
+    with tempfile.TemporaryDirectory() as tmp:
+        copy = Path(tmp) / files.test_json.name
+        copy.write_text(json.dumps(result, indent=2) + "\n")
+        store.client.log_artifact(run_id, str(copy))
+
+
 def log_evaluation(store: Store | None, files: RunFiles, result: dict) -> None:
     """Test metrics and `test.json` of the evaluate stage, into the training run they belong to; called before
     the stage writes `test.json`, so a stage that fails here leaves no output. A server lost since the stage
@@ -587,11 +601,7 @@ def log_evaluation(store: Store | None, files: RunFiles, result: dict) -> None:
         return
     run_id = _run_id_of(files)
     try:
-        store.client.log_batch(run_id, metrics=_test_metrics(result))
-        with tempfile.TemporaryDirectory() as tmp:
-            copy = Path(tmp) / files.test_json.name
-            copy.write_text(json.dumps(result, indent=2) + "\n")
-            store.client.log_artifact(run_id, str(copy))
+        _send_evaluation(store, run_id, files, result)
     except Exception as exc:
         if store.answers():
             raise TrackingError(
@@ -709,18 +719,10 @@ def import_run(store: Store, params: Params, files: RunFiles) -> list[str]:
         if epochs_sent:
             sent.append(f"epochs {epochs_sent[0][0]}-{epochs_sent[-1][0]}")
         if not store.client.list_artifacts(run_id):
-            for path in (files.epochs_csv, files.gradients_csv, files.train_json):
-                store.client.log_artifact(run_id, str(path))
-            if gradients:
-                from vggdepth.figures import gradient_flow_figure, save_figure
-
-                with tempfile.TemporaryDirectory() as tmp:
-                    figure = gradient_flow_figure(gradients, f"{variant} seed {seed}: gradient flow")
-                    store.client.log_artifact(run_id, str(save_figure(figure, Path(tmp) / "gradient_flow.png")))
+            _log_tables(store, run_id, files, gradients, f"{variant} seed {seed}")
             sent.append("tables")
         if files.test_json.exists() and not store.client.get_metric_history(run_id, "test_acc_best"):
-            store.client.log_batch(run_id, metrics=_test_metrics(json.loads(files.test_json.read_text())))
-            store.client.log_artifact(run_id, str(files.test_json))
+            _send_evaluation(store, run_id, files, json.loads(files.test_json.read_text()))
             sent.append("test metrics")
         if store.client.get_run(run_id).info.status != "FINISHED":
             store.client.set_terminated(run_id, "FINISHED")
