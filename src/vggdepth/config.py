@@ -110,6 +110,7 @@ class RuntimeConfig(_Section):
     threads: NonNegativeInt
     progress_every: PositiveInt
     eval_batch_size: PositiveInt
+    cuda_graphs: bool  # fused runs on CUDA replay each training step as one CUDA graph (vggdepth.fused)
 
 
 Auto = Literal["auto"]

@@ -536,51 +536,81 @@ class Trainer:
         """Train to `train.epochs` (resuming if possible), write all outputs, return the summary. A run already
         trained to `train.epochs` trains nothing and writes its outputs again from its checkpoint, identical to
         the first time (DVC deletes them before re-running a stage)."""
+        self.begin()
+        try:
+            for epoch in range(self.run.start_epoch, self.cfg.epochs):
+                self._epoch(epoch)
+            summary = self.conclude()
+        except BaseException as error:  # KeyboardInterrupt included: watchers learn the run was stopped
+            self.fail(error)
+            raise
+        self.end(summary)
+        return summary
+
+    # The steps of `fit`, public so that a trainer of several runs at once (vggdepth.fused) keeps each run's books
+    # exactly as a run trained alone does.
+
+    def begin(self) -> None:
+        """Restore the run from its checkpoint when there is one, rewrite its tables, tell the callbacks."""
         self._restore()
         if self.history:
             self._write_tables()
         for cb in self.callbacks:
             cb.on_run_start(self.run)
-        try:
-            for epoch in range(self.run.start_epoch, self.cfg.epochs):
-                self._epoch(epoch)
-            summary = self.summary()
-            write_json(self.files.train_json, summary)
-        except BaseException as error:  # KeyboardInterrupt included: watchers learn the run was stopped
-            for cb in self.callbacks:
-                cb.on_run_error(self.run, error)
-            raise
+
+    def conclude(self) -> dict:
+        """After the last epoch: the summary, written to train.json."""
+        summary = self.summary()
+        write_json(self.files.train_json, summary)
+        return summary
+
+    def fail(self, error: BaseException) -> None:
+        for cb in self.callbacks:
+            cb.on_run_error(self.run, error)
+
+    def end(self, summary: dict) -> None:
         for cb in self.callbacks:
             cb.on_run_end(self.run, summary)
-        return summary
+
+    def start_epoch(self) -> float:
+        """Mark where and on what the epoch trains; its learning rate."""
+        self.trained_on = str(self.device)
+        self.node = self.run.node = this_node()
+        return self.optimizer.param_groups[0]["lr"]
+
+    def describe(self, epoch: int) -> str:
+        return f"{self.run.variant} s{self.seed} epoch {epoch + 1}/{self.cfg.epochs}"
 
     def _epoch(self, epoch: int) -> None:
         started = time.perf_counter()
-        self.trained_on = str(self.device)
-        self.node = self.run.node = this_node()
-        lr = self.optimizer.param_groups[0]["lr"]
-        desc = f"{self.run.variant} s{self.seed} epoch {epoch + 1}/{self.cfg.epochs}"
+        lr = self.start_epoch()
         steps = math.ceil(len(self.train_data) / self.variant.batch_size)
-        interactive = sys.stderr.isatty()
-        with tqdm(total=steps, desc=desc, unit="step", disable=not interactive, leave=True) as bar:
+        with tqdm(total=steps, desc=self.describe(epoch), unit="step", disable=not sys.stderr.isatty()) as bar:
             train_loss, train_acc = self.train_epoch(epoch, bar)
             val_loss, val_acc = self.evaluate(self.val_data)
-            if not math.isfinite(val_loss):
-                raise NonFiniteLossError(
-                    f"{self.run.variant} seed {self.seed}: the validation loss is {val_loss} after epoch {epoch}"
-                )
             bar.set_postfix(
                 loss=f"{train_loss:.3f}", acc=f"{train_acc:.3f}", val_loss=f"{val_loss:.3f}", val_acc=f"{val_acc:.3f}"
             )
-        self.scheduler.step()
-        record = EpochRecord(epoch, train_loss, train_acc, val_loss, val_acc, lr, time.perf_counter() - started)
         rows = self.recorder.epoch_rows(epoch) if self.recorder is not None else []
+        record = EpochRecord(epoch, train_loss, train_acc, val_loss, val_acc, lr, time.perf_counter() - started)
+        self.end_epoch(record, rows)
+
+    def end_epoch(self, record: EpochRecord, rows: list[GradientRow]) -> None:
+        """Keep the books of a trained epoch: the schedule's step, history, log line, checkpoints, tables and
+        callbacks. A non-finite validation loss stops the run here, its last good checkpoint kept."""
+        if not math.isfinite(record.val_loss):
+            raise NonFiniteLossError(
+                f"{self.run.variant} seed {self.seed}: the validation loss is {record.val_loss} after epoch "
+                f"{record.epoch}"
+            )
+        self.scheduler.step()
         self.history.append(record)
         self.gradients.extend(rows)
-        if not interactive:
+        if not sys.stderr.isatty():
             print(
-                f"{desc}: train loss {train_loss:.4f} acc {train_acc:.4f} | val loss {val_loss:.4f} "
-                f"acc {val_acc:.4f} | lr {lr:.3g} | {record.seconds:.1f} s",
+                f"{self.describe(record.epoch)}: train loss {record.train_loss:.4f} acc {record.train_acc:.4f} | "
+                f"val loss {record.val_loss:.4f} acc {record.val_acc:.4f} | lr {record.lr:.3g} | "
+                f"{record.seconds:.1f} s",
                 file=sys.stderr,
                 flush=True,
             )
