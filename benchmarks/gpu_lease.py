@@ -4,23 +4,24 @@ Made for a machine that has PyTorch but neither MLflow, DVC nor Ray (the library
 and a fixed time: every phase checks `--budget-s`, counted from the script's start.
 
 1. Prepare CIFAR-100 from `--archive` (its md5 checked against `--md5`), as the prepare stage does.
-2. Throughput: training images/s of VGG-08, VGG-38 and BN-VGG-38 at the study's batch size (the production
-   training step: augmentation on the device, per-layer gradient statistics), one run alone; on a GPU also the
-   same step captured as a CUDA graph (`graphed_throughput`, a first measure of the fast path); then BN-VGG-38
-   with k runs at once in separate processes, for each k of `--concurrency`: the aggregate decides how many runs
-   the study trains at once (eager: the trainer has no graphed step yet).
-3. The study: params.yaml's variants and seeds, seed 0 of every variant first, that many runs at once, each run
-   the normal trainer writing the usual run folder (epochs.csv, gradients.csv, train.json, checkpoints) and, once
-   finished, its test.json. A run that would overrun the budget stops after its last whole epoch.
-4. Into `--out`: `lease.json` (device, torch, commit, command, the throughput table, each run's state) and
-   `results.tar.gz` (every run folder's tables and test.json, no checkpoints: a few MB for the trip back).
+2. Throughput, training images/s at the study's batch size (augmentation on the device, per-layer gradient
+   statistics): VGG-08, VGG-38 and BN-VGG-38 alone, eager (the trainer, as the train stage runs) and on the fast
+   path (vggdepth.fused: one run, its step a CUDA graph on a GPU); BN-VGG-38 with k runs fused into one network for
+   each k of `--fuse`; then the best k in several processes at once, for each count of `--processes`. The fastest
+   row of the fast path sets how the study trains. A profile of that configuration goes to profile.txt.
+3. The study: params.yaml's variants and seeds in fused groups (runs of one shape: vggdepth.fused.fusion_groups),
+   seed 0 of every variant first, that many processes at once. Every run writes the usual run folder (epochs.csv,
+   gradients.csv, train.json, checkpoints) and, once finished, its test.json. A group that would overrun the budget
+   stops after its last whole epoch. If the fast path failed in step 2, each run trains alone on the eager path.
+4. Into `--out`: `lease.json` (device, torch, commit, command, the throughput table, each run's state),
+   `profile.txt` and `results.tar.gz` (every run folder's tables and test.json, no checkpoints: a few MB).
 
 Back on a machine with the project, `benchmarks/gpu_results.py` unpacks it under results/ and renders the report
 (README "A GPU lease").
 
     python3 benchmarks/gpu_lease.py --archive cifar-100-python.tar.gz --md5 <md5> --out OUT [--budget-s 520]
     # a rehearsal on the CPU, end to end in a few minutes:
-    python3 benchmarks/gpu_lease.py ... --device cpu --per-class 2 --epochs 2 --bench-steps 2 --concurrency 1,2
+    python3 benchmarks/gpu_lease.py ... --device cpu --per-class 2 --epochs 2 --bench-steps 2 --fuse 2 --processes 2
 """
 
 from __future__ import annotations
@@ -50,10 +51,11 @@ from vggdepth.download import md5sum  # noqa: E402
 from vggdepth.engine import Callback, RunFiles, Trainer, train_run  # noqa: E402
 from vggdepth.evaluation import evaluate_run  # noqa: E402
 from vggdepth.files import write_json  # noqa: E402
+from vggdepth.fused import FusedTrainer, fusion_groups, train_fused  # noqa: E402
 from vggdepth.outputs import read_epochs  # noqa: E402
 
-NETWORKS = ("VGG-08", "VGG-38", "BN-VGG-38")
-CONCURRENT_NETWORK = "BN-VGG-38"  # the study's most common network: its aggregate sets the runs at once
+NETWORKS = "VGG-08,VGG-38,BN-VGG-38"  # the table's networks alone
+FUSE_NETWORK = "BN-VGG-38"  # the study's most common network: its fused rows set how the study trains
 TABLES = ("epochs.csv", "gradients.csv", "train.json", "test.json")
 
 
@@ -130,95 +132,75 @@ def step_throughput(params: Params, variant: str, data: PreparedData, steps: int
     return n / (time.perf_counter() - started)
 
 
-def graphed_throughput(params: Params, variant: str, data: PreparedData, steps: int) -> float:
-    """A first measure of the fast path (CUDA only): the training step (forward, loss, backward, gradient
-    statistics, Adam) captured once as a CUDA graph and replayed for each batch; the batch pipeline (shuffle, crops,
-    flips) stays eager, as in the trainer. Same network, optimizer settings and batch size as the study; it times
-    steps and trains no run."""
-    import torch.nn.functional as F
-
-    from vggdepth.batches import DeviceDataset, training_batches
-    from vggdepth.gradients import GradientRecorder
-    from vggdepth.models import VGG
-
-    device = torch.device("cuda")
-    cfg = params.variants[variant]
-    net = VGG(params.model, cfg).to(device, memory_format=torch.channels_last)
-    optimizer = torch.optim.Adam(
-        net.parameters(),
-        lr=torch.tensor(cfg.lr, device=device),  # a tensor, so that a schedule can change it between replays
-        betas=tuple(params.train.betas),
-        weight_decay=params.train.weight_decay,
-        capturable=True,
+def fused_throughput(
+    params: Params, variant: str, data: PreparedData, steps: int, k: int, workdir: Path
+) -> tuple[float, bool]:
+    """Training images/s, all runs together, of `k` runs of `variant` fused into one network (FusedTrainer's step, the
+    study's: a CUDA graph on a GPU when every batch is full), over `steps` batches each after one warm-up pass (which
+    captures the graph); and whether the step was graphed."""
+    batch = params.variants[variant].batch_size
+    n = min(len(data.train), steps * batch)
+    small = PreparedData(train=data.train.take(np.arange(n)), val=data.val, test=data.test, stats=data.stats)
+    group = FusedTrainer(
+        [
+            Trainer(
+                model=params.model,
+                train=params.train,
+                runtime=params.runtime,
+                variant_name=variant,
+                variant=params.variants[variant],
+                seed=seed,
+                data=small,
+                files=RunFiles(workdir / f"{variant}-fused{k}-s{seed}"),
+            )
+            for seed in range(k)
+        ]
     )
-    recorder = GradientRecorder(net)
-    train = DeviceDataset(data.train, data.mean, data.std, device)
-    generator = torch.Generator(device=device).manual_seed(0)
+    from tqdm import tqdm
 
-    def batches():
-        while True:
-            for x, y in training_batches(train, cfg.batch_size, params.train.augment, generator):
-                if len(y) == cfg.batch_size:  # a graph has one shape
-                    yield x, y
-
-    stream = batches()
-    x, y = next(stream)
-    static_x, static_y = x.clone(), y.clone()
-    loss_sum = torch.zeros((), device=device, dtype=torch.float64)
-
-    def step() -> None:
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=params.train.bf16):
-            loss = F.cross_entropy(net(static_x).float(), static_y)
-        loss.backward()
-        recorder.after_backward()
-        optimizer.step()
-        loss_sum.add_(loss.detach())
-
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):  # warm-up outside the graph, on a side stream, as capture requires
-        for _ in range(3):
-            optimizer.zero_grad(set_to_none=True)
-            step()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    optimizer.zero_grad(set_to_none=True)
-    with torch.cuda.graph(graph):
-        step()
-    for _ in range(3):  # replays before timing
-        graph.replay()
-    torch.cuda.synchronize()
-    started = time.perf_counter()
-    for _ in range(steps):
-        x, y = next(stream)
-        static_x.copy_(x)
-        static_y.copy_(y)
-        graph.replay()
-    torch.cuda.synchronize()
-    if not torch.isfinite(loss_sum):
-        raise RuntimeError("the graphed steps' loss is not finite")
-    return steps * cfg.batch_size / (time.perf_counter() - started)
+    with tqdm(total=steps, disable=True) as bar:
+        group.train_epoch(0, bar)
+        _sync(group.device)
+        started = time.perf_counter()
+        group.train_epoch(1, bar)
+        _sync(group.device)
+    return k * n / (time.perf_counter() - started), group.graph is not None
 
 
-def _throughput_worker(params_json: str, variant: str, data_dir: str, steps: int, barrier, results) -> None:
+def profile_fused(params: Params, variant: str, data: PreparedData, k: int, steps: int, workdir: Path) -> str:
+    """torch.profiler's table of `steps` fused steps (after warm-up and capture): where the time of the chosen
+    configuration goes (kernels, launches, host)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    device = torch.device(params.runtime.device if params.runtime.device != "auto" else "cpu")
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        fused_throughput(params, variant, data, steps, k, workdir)
+    key = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
+    return prof.key_averages().table(sort_by=key, row_limit=30)
+
+
+def _throughput_worker(params_json: str, variant: str, data_dir: str, steps: int, k: int, barrier, results) -> None:
     params = Params.model_validate_json(params_json)
     data = load_prepared(data_dir)
     with tempfile.TemporaryDirectory() as tmp:
-        step_throughput(params, variant, data, 1, Path(tmp) / "warm")  # the process's own warm-up (CUDA context)
-        barrier.wait()  # all k start timing together
-        results.put(step_throughput(params, variant, data, steps, Path(tmp)))
+        fused_throughput(params, variant, data, 1, k, Path(tmp) / "warm")  # the process's own warm-up (CUDA context)
+        barrier.wait()  # all processes start timing together
+        results.put(fused_throughput(params, variant, data, steps, k, Path(tmp))[0])
 
 
-def concurrent_throughput(params: Params, variant: str, data_dir: Path, steps: int, k: int) -> list[float]:
-    """Images/s of each of `k` runs training at once, in separate processes (as the study's runs do)."""
+def concurrent_throughput(
+    params: Params, variant: str, data_dir: Path, steps: int, k: int, processes: int
+) -> list[float]:
+    """Images/s of each of `processes` processes training at once, each `k` runs fused (as the study's groups do)."""
     ctx = multiprocessing.get_context("spawn")
-    barrier, results = ctx.Barrier(k), ctx.Queue()
+    barrier, results = ctx.Barrier(processes), ctx.Queue()
     workers = [
         ctx.Process(
             target=_throughput_worker,
-            args=(params.model_dump_json(), variant, str(data_dir), steps, barrier, results),
+            args=(params.model_dump_json(), variant, str(data_dir), steps, k, barrier, results),
         )
-        for _ in range(k)
+        for _ in range(processes)
     ]
     for w in workers:
         w.start()
@@ -228,28 +210,138 @@ def concurrent_throughput(params: Params, variant: str, data_dir: Path, steps: i
     return speeds
 
 
+def throughput_table(params: Params, data: PreparedData, data_dir: Path, args, say) -> list[dict]:
+    """The table's rows: each network alone, eager (the trainer) and on the fast path (fused, k=1); BN-VGG-38 with
+    k runs fused for each k of --fuse; then the best k in several processes at once, for each count of
+    --processes. Each row: network, path, fused (runs per network), processes, per_run and aggregate img/s."""
+    rows = []
+
+    def row(network: str, path: str, fused: int, processes: int, aggregate: float) -> None:
+        runs = fused * processes
+        rows.append(
+            {
+                "network": network,
+                "path": path,
+                "fused": fused,
+                "processes": processes,
+                "runs_at_once": runs,
+                "per_run": aggregate / runs,
+                "aggregate": aggregate,
+            }
+        )
+        say(f"throughput {network}: {path}, {fused} fused x {processes} process(es): {aggregate:,.0f} img/s in all")
+
+    with tempfile.TemporaryDirectory() as tmp:
+        for variant in args.networks.split(","):
+            row(variant, "eager", 1, 1, step_throughput(params, variant, data, args.bench_steps, Path(tmp) / "alone"))
+            speed, graphed = fused_throughput(params, variant, data, args.bench_steps, 1, Path(tmp) / "fast")
+            row(variant, _path(graphed), 1, 1, speed)
+        for k in sorted({int(x) for x in args.fuse.split(",")} - {1}):
+            speed, graphed = fused_throughput(params, args.fuse_network, data, args.bench_steps, k, Path(tmp) / "k")
+            row(args.fuse_network, _path(graphed), k, 1, speed)
+    best_k, _ = choose(rows, args.fuse_network)
+    for processes in sorted({int(x) for x in args.processes.split(",")} - {1}):
+        speeds = concurrent_throughput(params, args.fuse_network, data_dir, args.bench_steps, best_k, processes)
+        row(args.fuse_network, _path(graphed), best_k, processes, sum(speeds))
+    return rows
+
+
+def _path(graphed: bool) -> str:
+    return "fused, CUDA graph" if graphed else "fused, eager"
+
+
+def choose(rows: list[dict], network: str) -> tuple[int, int]:
+    """(runs fused per network, processes at once) of the fast path's fastest row of `network`."""
+    fast = [r for r in rows if r["network"] == network and r["path"] != "eager"]
+    best = max(fast, key=lambda r: r["aggregate"])
+    return best["fused"], best["processes"]
+
+
 # ---- the study ----------------------------------------------------------------------------------------------
 
 _data: dict[str, PreparedData] = {}
 
 
-def train_and_test(params_json: str, variant: str, seed: int, data_dir: str, runs: str, deadline: float) -> dict:
-    """One run in a worker process: train it (until `deadline`), then test it when finished."""
+def train_and_test(
+    params_json: str, group: list[tuple[str, int]], fused: bool, data_dir: str, runs: str, deadline: float
+) -> list[dict]:
+    """One group in a worker process, fused (or one run alone, the trainer's eager path, when the fast path failed):
+    train it (until `deadline`), then test each run that finished."""
     params = Params.model_validate_json(params_json)
-    files = RunFiles.of(Path(runs), variant, seed)
-    state = {"run": files.root.name, "variant": variant, "seed": seed}
+    states = [{"run": f"{v}-s{s}", "variant": v, "seed": s} for v, s in group]
     if time.time() >= deadline:
-        return {**state, "state": "not started: the budget was spent"}
+        return [{**state, "state": "not started: the budget was spent"} for state in states]
     if data_dir not in _data:
         _data[data_dir] = load_prepared(data_dir)
     data = _data[data_dir]
     started = time.time()
+    if not fused:
+        return [_alone(params, *group[0], data, Path(runs), deadline, states[0])]
+    try:
+        trainer = train_fused(params, group, data, Path(runs), lambda v, s: [Deadline(deadline)])
+    except Exception as exc:  # the group's failure is reported; the other groups go on
+        return [{**st, "state": f"failed: {type(exc).__name__}: {exc}"} for st in states]
+    seconds = time.time() - started
+    for state, run, outcome in zip(states, trainer.trainers, trainer.outcome, strict=True):
+        state["seconds"] = seconds
+        state["epochs"] = len(run.history)
+        state["fused_with"] = len(group)
+        if isinstance(outcome, TimeUp):
+            state["state"] = str(outcome)
+        elif isinstance(outcome, BaseException):
+            state["state"] = f"failed: {type(outcome).__name__}: {outcome}"
+        else:
+            write_json(run.files.test_json, evaluate_run(run.files, data, params.train, params.runtime))
+            state.update(state="finished", images_per_second=outcome["images_per_second"], val_acc=outcome["val_acc"])
+    return states
+
+
+def study_groups(params: Params, fuse: int) -> list[list[tuple[str, int]]]:
+    """The study's runs in fused groups of at most `fuse`: seed 0 of every variant first, then the other seeds."""
+    order = study_order(params)
+    first = [run for run in order if run[1] == params.seeds[0]]
+    rest = [run for run in order if run[1] != params.seeds[0]]
+    return fusion_groups(params, first, fuse) + fusion_groups(params, rest, fuse)
+
+
+def train_study(
+    params: Params, data_dir: Path, runs: Path, fuse: int, processes: int, deadline: float, say
+) -> list[dict]:
+    groups = study_groups(params, max(fuse, 1))
+    say("groups: " + "; ".join(" + ".join(f"{v}-s{s}" for v, s in g) for g in groups))
+    ctx = multiprocessing.get_context("spawn")
+    states = []
+    with concurrent.futures.ProcessPoolExecutor(max_workers=processes, mp_context=ctx) as pool:
+        futures = [  # submitted in order: the pool starts them in that order as workers free up
+            pool.submit(train_and_test, params.model_dump_json(), g, fuse > 0, str(data_dir), str(runs), deadline)
+            for g in groups
+        ]
+        for future in concurrent.futures.as_completed(futures):
+            for state in future.result():
+                states.append(state)
+                epochs = f", {state['epochs']} epochs" if "epochs" in state else ""
+                say(f"{state['run']}: {state['state']}{epochs}")
+    position = {f"{v}-s{s}": i for i, (v, s) in enumerate(study_order(params))}
+    return sorted(states, key=lambda st: position[st["run"]])
+
+
+def _alone(
+    params: Params, variant: str, seed: int, data: PreparedData, runs: Path, deadline: float, state: dict
+) -> dict:
+    """One run trained alone by the trainer, as the stage does: the lease's fallback."""
+    started = time.time()
+    files = RunFiles.of(runs, variant, seed)
     try:
         trainer = train_run(params, variant, seed, data, files.root, [Deadline(deadline)])
     except TimeUp as exc:
-        return {**state, "state": str(exc), "epochs": _epochs(files), "seconds": time.time() - started}
-    except Exception as exc:  # one run's failure is reported; the others go on
-        return {**state, "state": f"failed: {type(exc).__name__}: {exc}", "epochs": _epochs(files)}
+        return {
+            **state,
+            "state": str(exc),
+            "epochs": len(read_epochs(files.epochs_csv)),
+            "seconds": time.time() - started,
+        }
+    except Exception as exc:
+        return {**state, "state": f"failed: {type(exc).__name__}: {exc}"}
     write_json(files.test_json, evaluate_run(files, data, params.train, params.runtime))
     summary = trainer.summary()
     return {
@@ -260,27 +352,6 @@ def train_and_test(params_json: str, variant: str, seed: int, data_dir: str, run
         "images_per_second": summary["images_per_second"],
         "val_acc": summary["val_acc"],
     }
-
-
-def _epochs(files: RunFiles) -> int:
-    return len(read_epochs(files.epochs_csv)) if files.epochs_csv.exists() else 0
-
-
-def train_study(params: Params, data_dir: Path, runs: Path, at_once: int, deadline: float, say) -> list[dict]:
-    order = study_order(params)
-    ctx = multiprocessing.get_context("spawn")
-    states = []
-    with concurrent.futures.ProcessPoolExecutor(max_workers=at_once, mp_context=ctx) as pool:
-        futures = [  # submitted in study order: the pool starts them in that order as workers free up
-            pool.submit(train_and_test, params.model_dump_json(), v, s, str(data_dir), str(runs), deadline)
-            for v, s in order
-        ]
-        for future in concurrent.futures.as_completed(futures):
-            state = future.result()
-            states.append(state)
-            say(f"{state['run']}: {state['state']}" + (f", {state['epochs']} epochs" if "epochs" in state else ""))
-    position = {f"{v}-s{s}": i for i, (v, s) in enumerate(order)}
-    return sorted(states, key=lambda st: position[st["run"]])
 
 
 # ---- the trip back ------------------------------------------------------------------------------------------
@@ -294,6 +365,8 @@ def pack(runs: Path, lease: dict, out: Path) -> Path:
     partial = target.with_name(target.name + ".part")
     with tarfile.open(partial, "w:gz") as tar:
         tar.add(out / "lease.json", arcname="lease.json")
+        if (out / "profile.txt").exists():
+            tar.add(out / "profile.txt", arcname="profile.txt")
         for folder in sorted(p for p in runs.iterdir() if p.is_dir()) if runs.exists() else []:
             for name in TABLES:
                 if (folder / name).exists():
@@ -327,12 +400,20 @@ def main() -> None:
     parser.add_argument("--params", type=Path, default=ROOT / "params.yaml")
     parser.add_argument("--device", default="cuda", help="cuda; cpu for a rehearsal")
     parser.add_argument("--bench-steps", type=int, default=100, help="timed training steps per throughput row")
-    parser.add_argument("--concurrency", default="1,2,4,8", help="runs at once to time (BN-VGG-38)")
+    parser.add_argument("--networks", default=NETWORKS, help="networks timed alone, eager and on the fast path")
+    parser.add_argument("--fuse-network", default=FUSE_NETWORK, help="the network timed fused and in processes")
+    parser.add_argument("--fuse", default="3,6,9", help="runs fused into one network to time (BN-VGG-38)")
+    parser.add_argument("--processes", default="2,4", help="processes at once to time, each the best --fuse")
+    parser.add_argument("--study-fuse", type=int, default=0, help="runs fused per network (0: as measured)")
+    parser.add_argument("--study-processes", type=int, default=0, help="processes at once (0: as measured)")
+    parser.add_argument("--profile-steps", type=int, default=20, help="fused steps to profile (0: none)")
+    parser.add_argument("--fallback-processes", type=int, default=4, help="runs at once if the fast path fails")
     parser.add_argument("--epochs", type=int, default=None, help="rehearsal only: fewer epochs than params.yaml")
     parser.add_argument("--per-class", type=int, default=None, help="rehearsal only: training images per class")
     parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "vggdepth-lease")
     args = parser.parse_args()
     deadline = started + args.budget_s
+    args.out.mkdir(parents=True, exist_ok=True)
 
     def say(line: str) -> None:
         print(f"[{time.time() - started:6.1f} s] {line}", flush=True)
@@ -361,52 +442,27 @@ def main() -> None:
     data = load_prepared(data_dir)
     say(f"prepared: {len(data.train)} train, {len(data.val)} val, {len(data.test)} test images")
 
-    rows = []
-    with tempfile.TemporaryDirectory() as tmp:
-        for variant in NETWORKS:
-            speed = step_throughput(params, variant, data, args.bench_steps, Path(tmp) / "alone")
-            rows.append({"network": variant, "path": "eager", "runs_at_once": 1, "per_run": speed, "aggregate": speed})
-            say(f"throughput {variant}: {speed:,.0f} img/s (eager, alone)")
-            if torch.device(args.device).type == "cuda":
-                try:
-                    fast = graphed_throughput(params, variant, data, args.bench_steps)
-                except Exception as exc:  # a first try on this machine: its failure is a result, not the lease's end
-                    lease.setdefault("fast_path_errors", {})[variant] = f"{type(exc).__name__}: {exc}"
-                    say(f"throughput {variant}: the CUDA-graph step failed: {type(exc).__name__}: {exc}")
-                else:
-                    rows.append(
-                        {
-                            "network": variant,
-                            "path": "CUDA graph",
-                            "runs_at_once": 1,
-                            "per_run": fast,
-                            "aggregate": fast,
-                        }
-                    )
-                    say(f"throughput {variant}: {fast:,.0f} img/s (CUDA graph, alone)")
-    for k in (int(x) for x in args.concurrency.split(",")):
-        if k < 2:
-            continue
-        speeds = concurrent_throughput(params, CONCURRENT_NETWORK, data_dir, args.bench_steps, k)
-        rows.append(
-            {
-                "network": CONCURRENT_NETWORK,
-                "path": "eager",
-                "runs_at_once": k,
-                "per_run": sum(speeds) / k,
-                "aggregate": sum(speeds),
-            }
-        )
-        say(f"throughput {CONCURRENT_NETWORK}: {k} at once, {sum(speeds):,.0f} img/s in all")
-    concurrent_rows = [r for r in rows if r["network"] == CONCURRENT_NETWORK and r["path"] == "eager"]
-    at_once = max(concurrent_rows, key=lambda r: r["aggregate"])["runs_at_once"]
-    lease["throughput"] = rows
-    lease["runs_at_once"] = at_once
-    print_table(rows)
+    try:
+        rows = throughput_table(params, data, data_dir, args, say)
+    except Exception as exc:  # the fast path failed on this machine: a result, and the study trains runs alone
+        lease["fast_path_error"] = f"{type(exc).__name__}: {exc}"
+        say(f"the fast path failed ({lease['fast_path_error']}); the study trains each run alone, eagerly")
+        rows, (fuse, processes) = [], (0, args.fallback_processes)
+    else:
+        fuse, processes = choose(rows, args.fuse_network)
+        fuse, processes = args.study_fuse or fuse, args.study_processes or processes
+        print_table(rows)
+        if args.profile_steps:
+            with tempfile.TemporaryDirectory() as tmp:
+                table = profile_fused(params, args.fuse_network, data, fuse, args.profile_steps, Path(tmp))
+            (args.out / "profile.txt").write_text(table)
+            say(f"profile of {fuse} {args.fuse_network} run(s) fused, {args.profile_steps} steps: profile.txt")
+    lease.update(throughput=rows, fuse=fuse, processes=processes)
 
     runs = args.work / "runs"
-    say(f"study: {len(study_order(params))} runs x {params.train.epochs} epochs, {at_once} at once")
-    lease["runs"] = train_study(params, data_dir, runs, at_once, deadline, say)
+    how = f"{fuse} fused per network" if fuse else "alone"
+    say(f"study: {len(study_order(params))} runs x {params.train.epochs} epochs, {how}, {processes} process(es)")
+    lease["runs"] = train_study(params, data_dir, runs, fuse, processes, deadline, say)
     lease["seconds"] = time.time() - started
     lease["finished_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     target = pack(runs, lease, args.out)
@@ -415,10 +471,13 @@ def main() -> None:
 
 
 def print_table(rows: list[dict]) -> None:
-    print("\n| network | path | runs at once | img/s per run | img/s in all |")
-    print("| --- | --- | ---: | ---: | ---: |")
+    print("\n| network | path | runs fused | processes | img/s per run | img/s in all |")
+    print("| --- | --- | ---: | ---: | ---: | ---: |")
     for r in rows:
-        print(f"| {r['network']} | {r['path']} | {r['runs_at_once']} | {r['per_run']:,.0f} | {r['aggregate']:,.0f} |")
+        print(
+            f"| {r['network']} | {r['path']} | {r['fused']} | {r['processes']} | {r['per_run']:,.0f} "
+            f"| {r['aggregate']:,.0f} |"
+        )
     print(flush=True)
 
 

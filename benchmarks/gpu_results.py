@@ -4,8 +4,8 @@ runs it holds, here, with no GPU (and no MLflow or DVC needed).
     python benchmarks/gpu_results.py OUT/results.tar.gz [--name 2026-11-28-h100]
 
 results/<name>/ then holds lease.json (device, torch version, commit, command, throughput table, each run's state),
-runs/<variant>-s<seed>/ (epochs.csv, gradients.csv, train.json, test.json) and report/ (table1.md, table1.csv,
-summary.json, curves.csv, figures/), the report over the seeds whose runs all finished.
+profile.txt, runs/<variant>-s<seed>/ (epochs.csv, gradients.csv, train.json, test.json) and report/ (table1.md,
+table1.csv, summary.json, curves.csv, figures/), the report over the seeds whose runs all finished.
 """
 
 from __future__ import annotations
@@ -28,11 +28,13 @@ ALLOWED = ("epochs.csv", "gradients.csv", "train.json", "test.json")
 
 
 def unpack(archive: Path, dest: Path) -> dict:
-    """lease.json and runs/<run>/<table> of `archive` into `dest` (nothing else, no path outside it); the lease."""
+    """lease.json, profile.txt and runs/<run>/<table> of `archive` into `dest` (nothing else, no path outside it);
+    the lease."""
     with tarfile.open(archive, "r:gz") as tar, atomic_dir(dest) as staging:
         for member in tar.getmembers():
             parts = Path(member.name).parts
-            wanted = parts == ("lease.json",) or (len(parts) == 3 and parts[0] == "runs" and parts[2] in ALLOWED)
+            run_table = len(parts) == 3 and parts[0] == "runs" and parts[2] in ALLOWED
+            wanted = parts in (("lease.json",), ("profile.txt",)) or run_table
             if not member.isfile() or not wanted or ".." in parts:
                 raise SystemExit(f"error: {archive} holds {member.name!r}, which a lease's results never hold")
             target = staging.joinpath(*parts)
