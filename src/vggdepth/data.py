@@ -10,7 +10,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from sklearn.model_selection import train_test_split
 
 from vggdepth.config import PrepareConfig
 from vggdepth.download import md5sum
@@ -107,6 +106,10 @@ def split_train_val(full: Split, val_size: int, seed: int) -> tuple[Split, Split
             f"prepare.val_size: {val_size} cannot be split stratified from {len(full)} images of "
             f"{num_classes} classes; use a value between {num_classes} and {len(full) - num_classes}"
         )
+    # Imported here: scikit-learn takes a second to import, and only the prepare stage splits (not the many
+    # processes that load prepared data: train, evaluate, grid workers).
+    from sklearn.model_selection import train_test_split
+
     train_idx, val_idx = train_test_split(
         np.arange(len(full)), test_size=val_size, random_state=seed, stratify=full.labels
     )
