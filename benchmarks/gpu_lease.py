@@ -1,25 +1,31 @@
 """One command for a rented GPU: the training-throughput table, then as much of the full study as the time allows.
 
 Made for a machine that has PyTorch but neither MLflow, DVC nor Ray (the library runs from source, tracking off),
-and a fixed time: every phase checks `--budget-s`, counted from the script's start.
+and a fixed time, `--budget-s` counted from the script's start: the table stops starting rows after
+`--table-share` of it, no group starts with less than `--start-margin-s` left, a group stops after its last epoch
+that fits, and the profile gets at most a quarter of what is left.
 
 1. Prepare CIFAR-100 from `--archive` (its md5 checked against `--md5`), as the prepare stage does.
 2. Throughput, training images/s at the study's batch size (augmentation on the device, per-layer gradient
    statistics): VGG-08, VGG-38 and BN-VGG-38 alone, eager (the trainer, as the train stage runs) and on the fast
    path (vggdepth.fused: one run, its step a CUDA graph on a GPU); BN-VGG-38 with k runs fused into one network for
-   each k of `--fuse`; then the best k in several processes at once, for each count of `--processes`. The fastest
-   row of the fast path sets how the study trains. A profile of that configuration goes to profile.txt.
+   each k of `--fuse`; then the best k in several processes at once, timed together, for each count of
+   `--processes`. A row that fails is reported and the others go on. The fastest row of the fast path sets how the
+   study trains; on a GPU the graphed step is first checked against the eager one (`graph_check`), and trains
+   eagerly if they differ. A profile of the chosen configuration goes to profile.txt (in a process of its own).
 3. The study: params.yaml's variants and seeds in fused groups (runs of one shape: vggdepth.fused.fusion_groups),
-   seed 0 of every variant first, that many processes at once. Every run writes the usual run folder (epochs.csv,
-   gradients.csv, train.json, checkpoints) and, once finished, its test.json. A group that would overrun the budget
-   stops after its last whole epoch. If the fast path failed in step 2, each run trains alone on the eager path.
-4. Into `--out`: `lease.json` (device, torch, commit, command, the throughput table, each run's state),
-   `profile.txt` and `results.tar.gz` (every run folder's tables and test.json, no checkpoints: a few MB).
+   seed 0 of every variant first, at least as many processes at once as seed 0 has groups, a fresh process per
+   group. Every run writes the usual run folder (epochs.csv, gradients.csv, train.json, checkpoints) and, once
+   finished, its test.json. If no row of the fast path could be measured, each run trains alone, eagerly.
+4. Into `--out`, after the table and again after every group (so a lease cut short still brings its finished
+   runs home): `lease.json` (device, torch, commit, command, the throughput table and its errors, the plan, each
+   run's state), `profile.txt` and `results.tar.gz` (those two and every run folder's tables and test.json, no
+   checkpoints: a few MB).
 
 Back on a machine with the project, `benchmarks/gpu_results.py` unpacks it under results/ and renders the report
 (README "A GPU lease").
 
-    python3 benchmarks/gpu_lease.py --archive cifar-100-python.tar.gz --md5 <md5> --out OUT [--budget-s 520]
+    python3 benchmarks/gpu_lease.py --archive cifar-100-python.tar.gz --md5 <md5> --out OUT [--budget-s 480]
     # a rehearsal on the CPU, end to end in a few minutes:
     python3 benchmarks/gpu_lease.py ... --device cpu --per-class 2 --epochs 2 --bench-steps 2 --fuse 2 --processes 2
 """
@@ -48,10 +54,10 @@ sys.path.insert(0, str(ROOT / "src"))  # the library from source: the machine ha
 from vggdepth.config import Params, load_params  # noqa: E402
 from vggdepth.data import PreparedData, load_prepared, prepare  # noqa: E402
 from vggdepth.download import md5sum  # noqa: E402
-from vggdepth.engine import Callback, RunFiles, Trainer, train_run  # noqa: E402
+from vggdepth.engine import Callback, RunFiles, Trainer, make_trainer, train_run  # noqa: E402
 from vggdepth.evaluation import evaluate_run  # noqa: E402
 from vggdepth.files import write_json  # noqa: E402
-from vggdepth.fused import FusedTrainer, fusion_groups, train_fused  # noqa: E402
+from vggdepth.fused import WARMUP_STEPS, FusedTrainer, fusion_groups, train_fused  # noqa: E402
 from vggdepth.outputs import read_epochs  # noqa: E402
 
 NETWORKS = "VGG-08,VGG-38,BN-VGG-38"  # the table's networks alone
@@ -132,89 +138,166 @@ def step_throughput(params: Params, variant: str, data: PreparedData, steps: int
     return n / (time.perf_counter() - started)
 
 
-def fused_throughput(
-    params: Params, variant: str, data: PreparedData, steps: int, k: int, workdir: Path
-) -> tuple[float, bool]:
-    """Training images/s, all runs together, of `k` runs of `variant` fused into one network (FusedTrainer's step, the
-    study's: a CUDA graph on a GPU when every batch is full), over `steps` batches each after one warm-up pass (which
-    captures the graph); and whether the step was graphed."""
+def fused_group(params: Params, variant: str, data: PreparedData, steps: int, k: int, workdir: Path) -> FusedTrainer:
+    """`k` runs of `variant` (seeds 0..k-1) fused as the study fuses them (their initial state loaded, each its own
+    learning rate), on the first `steps` batches of the training set."""
     batch = params.variants[variant].batch_size
     n = min(len(data.train), steps * batch)
     small = PreparedData(train=data.train.take(np.arange(n)), val=data.val, test=data.test, stats=data.stats)
     group = FusedTrainer(
-        [
-            Trainer(
-                model=params.model,
-                train=params.train,
-                runtime=params.runtime,
-                variant_name=variant,
-                variant=params.variants[variant],
-                seed=seed,
-                data=small,
-                files=RunFiles(workdir / f"{variant}-fused{k}-s{seed}"),
-            )
-            for seed in range(k)
-        ]
+        [make_trainer(params, variant, seed, small, workdir / f"{variant}-fused{k}-s{seed}") for seed in range(k)]
     )
+    group._load_from_runs()
+    group.optimizer.lr.copy_(torch.tensor([t.start_epoch() for t in group.trainers], dtype=torch.float64))
+    return group
+
+
+def warm_up(group: FusedTrainer, steps: int = WARMUP_STEPS + 2) -> None:
+    """A few steps: allocations, cuDNN's kernels, and on CUDA the capture of the graph and its first replay."""
+    for _, (x, y) in zip(range(steps), group._batches(), strict=False):
+        group._train_step(x, y)
+    _sync(group.device)
+
+
+def fused_throughput(
+    params: Params, variant: str, data: PreparedData, steps: int, k: int, workdir: Path, barrier=None
+) -> dict:
+    """Images/s, all runs together, of `k` runs of `variant` fused (FusedTrainer's step, the study's: a CUDA graph on
+    a GPU when every batch is full) over `steps` batches each, after a short warm-up; with when timing started and
+    ended (wall clock, for processes timed together behind `barrier`) and whether the step was graphed."""
+    group = fused_group(params, variant, data, steps, k, workdir)
+    warm_up(group)
+    if barrier is not None:
+        barrier.wait()
     from tqdm import tqdm
 
     with tqdm(total=steps, disable=True) as bar:
-        group.train_epoch(0, bar)
-        _sync(group.device)
-        started = time.perf_counter()
+        started = time.time()
         group.train_epoch(1, bar)
         _sync(group.device)
-    return k * n / (time.perf_counter() - started), group.graph is not None
+        ended = time.time()
+    images = k * len(group.train_data)
+    return {
+        "images": images,
+        "started": started,
+        "ended": ended,
+        "graphed": group.graph is not None,
+        "speed": images / (ended - started),
+    }
 
 
-def profile_fused(params: Params, variant: str, data: PreparedData, k: int, steps: int, workdir: Path) -> str:
-    """torch.profiler's table of `steps` fused steps (after warm-up and capture): where the time of the chosen
-    configuration goes (kernels, launches, host)."""
+def graph_check(params: Params, variant: str, data: PreparedData, workdir: Path, steps: int = 8) -> str | None:
+    """On CUDA, the graphed step against the eager one from the same state and batches (2 runs fused, `steps`
+    steps, the graph captured after the warm-up steps): None when their losses and weights agree to 1e-3
+    relative, else what differs. Capture that silently computes something else must not train the study."""
+    eager_params = params.model_copy(update={"runtime": params.runtime.model_copy(update={"cuda_graphs": False})})
+    groups = [
+        fused_group(p, variant, data, steps, 2, workdir / name)
+        for p, name in ((params, "graphed"), (eager_params, "eager"))
+    ]
+    for group in groups:
+        warm_up(group, steps)
+    graphed, eager = groups
+    if graphed.graph is None:
+        return "the step was not captured as a CUDA graph"
+    checks = {
+        "losses": (graphed.loss_sum, eager.loss_sum),
+        "weights": tuple(torch.cat([p.detach().flatten().double() for p in g.net.parameters()]) for g in groups),
+    }
+    for name, (a, b) in checks.items():
+        difference = ((a - b).norm() / b.norm()).item()
+        if not difference <= 1e-3:
+            return f"graphed and eager {name} differ by {difference:.2e} (relative) after {steps} steps"
+    return None
+
+
+def _profile_worker(params_json: str, variant: str, data_dir: str, k: int, steps: int, target: str) -> None:
+    """In a process of its own (a profiler that hangs or crashes takes only it down): warm up and capture first,
+    then profile `steps` steps."""
     from torch.profiler import ProfilerActivity, profile
 
-    device = torch.device(params.runtime.device if params.runtime.device != "auto" else "cpu")
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    with profile(activities=activities) as prof:
-        fused_throughput(params, variant, data, steps, k, workdir)
-    key = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
-    return prof.key_averages().table(sort_by=key, row_limit=30)
-
-
-def _throughput_worker(params_json: str, variant: str, data_dir: str, steps: int, k: int, barrier, results) -> None:
     params = Params.model_validate_json(params_json)
     data = load_prepared(data_dir)
     with tempfile.TemporaryDirectory() as tmp:
-        fused_throughput(params, variant, data, 1, k, Path(tmp) / "warm")  # the process's own warm-up (CUDA context)
-        barrier.wait()  # all processes start timing together
-        results.put(fused_throughput(params, variant, data, steps, k, Path(tmp))[0])
+        group = fused_group(params, variant, data, steps, k, Path(tmp))
+        warm_up(group)
+        cuda = group.device.type == "cuda"
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+        from tqdm import tqdm
+
+        with profile(activities=activities) as prof, tqdm(total=steps, disable=True) as bar:
+            group.train_epoch(1, bar)
+            _sync(group.device)
+    table = prof.key_averages().table(sort_by="cuda_time_total" if cuda else "cpu_time_total", row_limit=30)
+    Path(target).write_text(table)
+
+
+def profile_fused(params: Params, variant: str, data_dir: Path, k: int, steps: int, target: Path, timeout_s: float):
+    """torch.profiler's table of `steps` fused steps of the chosen configuration into `target`, within `timeout_s`."""
+    ctx = multiprocessing.get_context("spawn")
+    worker = ctx.Process(
+        target=_profile_worker,
+        args=(params.model_dump_json(), variant, str(data_dir), k, steps, str(target)),
+        daemon=True,
+    )
+    worker.start()
+    worker.join(timeout_s)
+    if worker.is_alive():
+        worker.terminate()
+        raise TimeoutError(f"the profile took longer than {timeout_s:.0f} s")
+    if worker.exitcode != 0 or not target.exists():
+        raise RuntimeError(f"the profile's process ended with exit code {worker.exitcode}")
+
+
+def _throughput_worker(params_json: str, variant: str, data_dir: str, steps: int, k: int, barrier, results) -> None:
+    try:
+        params = Params.model_validate_json(params_json)
+        data = load_prepared(data_dir)
+        with tempfile.TemporaryDirectory() as tmp:
+            results.put(fused_throughput(params, variant, data, steps, k, Path(tmp), barrier))
+    except BaseException as exc:
+        barrier.abort()  # the others stop waiting
+        results.put({"error": f"{type(exc).__name__}: {exc}"})
 
 
 def concurrent_throughput(
-    params: Params, variant: str, data_dir: Path, steps: int, k: int, processes: int
-) -> list[float]:
-    """Images/s of each of `processes` processes training at once, each `k` runs fused (as the study's groups do)."""
+    params: Params, variant: str, data_dir: Path, steps: int, k: int, processes: int, timeout_s: float
+) -> dict:
+    """`processes` processes training at once, each `k` runs fused (as the study's groups do), timed together: all
+    their images over the time from the first start to the last end; within `timeout_s`."""
     ctx = multiprocessing.get_context("spawn")
-    barrier, results = ctx.Barrier(processes), ctx.Queue()
+    barrier, results = ctx.Barrier(processes, timeout=timeout_s), ctx.Queue()
     workers = [
         ctx.Process(
             target=_throughput_worker,
             args=(params.model_dump_json(), variant, str(data_dir), steps, k, barrier, results),
+            daemon=True,
         )
         for _ in range(processes)
     ]
     for w in workers:
         w.start()
-    speeds = [results.get(timeout=600) for _ in workers]
-    for w in workers:
-        w.join()
-    return speeds
+    try:
+        found = [results.get(timeout=timeout_s) for _ in workers]
+    finally:
+        for w in workers:
+            w.join(5)
+            if w.is_alive():
+                w.terminate()
+    errors = [f["error"] for f in found if "error" in f]
+    if errors:
+        raise RuntimeError(f"{len(errors)} of {processes} processes failed: {errors[0]}")
+    images = sum(f["images"] for f in found)
+    span = max(f["ended"] for f in found) - min(f["started"] for f in found)
+    return {"speed": images / span, "graphed": all(f["graphed"] for f in found)}
 
 
-def throughput_table(params: Params, data: PreparedData, data_dir: Path, args, say) -> list[dict]:
+def throughput_table(params: Params, data: PreparedData, data_dir: Path, args, until: float, say) -> tuple[list, list]:
     """The table's rows: each network alone, eager (the trainer) and on the fast path (fused, k=1); BN-VGG-38 with
     k runs fused for each k of --fuse; then the best k in several processes at once, for each count of
-    --processes. Each row: network, path, fused (runs per network), processes, per_run and aggregate img/s."""
-    rows = []
+    --processes. Each row: network, path, fused (runs per network), processes, per_run and aggregate img/s. A row
+    that fails is reported in the errors and the others go on; rows not started by `until` are skipped."""
+    rows, errors = [], []
 
     def row(network: str, path: str, fused: int, processes: int, aggregate: float) -> None:
         runs = fused * processes
@@ -231,98 +314,107 @@ def throughput_table(params: Params, data: PreparedData, data_dir: Path, args, s
         )
         say(f"throughput {network}: {path}, {fused} fused x {processes} process(es): {aggregate:,.0f} img/s in all")
 
+    def attempt(what: str, measure) -> None:
+        if time.time() > until:
+            errors.append(f"{what}: skipped, the table's share of the budget is spent")
+            say(errors[-1])
+            return
+        try:
+            measure()
+        except Exception as exc:  # one row's failure is a result; the table goes on
+            errors.append(f"{what}: {type(exc).__name__}: {exc}")
+            say(f"throughput {what} failed: {errors[-1]}")
+
     with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
         for variant in args.networks.split(","):
-            row(variant, "eager", 1, 1, step_throughput(params, variant, data, args.bench_steps, Path(tmp) / "alone"))
-            speed, graphed = fused_throughput(params, variant, data, args.bench_steps, 1, Path(tmp) / "fast")
-            row(variant, _path(graphed), 1, 1, speed)
+            attempt(
+                f"{variant} eager",
+                lambda v=variant: row(v, "eager", 1, 1, step_throughput(params, v, data, args.bench_steps, work / "e")),
+            )
+
+            def fast(v=variant) -> None:
+                found = fused_throughput(params, v, data, args.bench_steps, 1, work / "f")
+                row(v, _path(found["graphed"]), 1, 1, found["speed"])
+
+            attempt(f"{variant} fast path", fast)
         for k in sorted({int(x) for x in args.fuse.split(",")} - {1}):
-            speed, graphed = fused_throughput(params, args.fuse_network, data, args.bench_steps, k, Path(tmp) / "k")
-            row(args.fuse_network, _path(graphed), k, 1, speed)
-    best_k, _ = choose(rows, args.fuse_network)
+
+            def fused(k=k) -> None:
+                found = fused_throughput(params, args.fuse_network, data, args.bench_steps, k, work / "k")
+                row(args.fuse_network, _path(found["graphed"]), k, 1, found["speed"])
+
+            attempt(f"{args.fuse_network} {k} fused", fused)
+    best = choose(rows, args.fuse_network)
+    if best is None:
+        return rows, errors
     for processes in sorted({int(x) for x in args.processes.split(",")} - {1}):
-        speeds = concurrent_throughput(params, args.fuse_network, data_dir, args.bench_steps, best_k, processes)
-        row(args.fuse_network, _path(graphed), best_k, processes, sum(speeds))
-    return rows
+
+        def together(processes=processes) -> None:
+            timeout = max(30.0, until - time.time() + 60)
+            found = concurrent_throughput(
+                params, args.fuse_network, data_dir, args.bench_steps, best[0], processes, timeout
+            )
+            row(args.fuse_network, _path(found["graphed"]), best[0], processes, found["speed"])
+
+        attempt(f"{args.fuse_network} {best[0]} fused x {processes} processes", together)
+    return rows, errors
 
 
 def _path(graphed: bool) -> str:
     return "fused, CUDA graph" if graphed else "fused, eager"
 
 
-def choose(rows: list[dict], network: str) -> tuple[int, int]:
-    """(runs fused per network, processes at once) of the fast path's fastest row of `network`."""
+def choose(rows: list[dict], network: str) -> tuple[int, int] | None:
+    """(runs fused per network, processes at once) of the fast path's fastest row of `network`; None without one."""
     fast = [r for r in rows if r["network"] == network and r["path"] != "eager"]
+    if not fast:
+        return None
     best = max(fast, key=lambda r: r["aggregate"])
     return best["fused"], best["processes"]
 
 
 # ---- the study ----------------------------------------------------------------------------------------------
 
-_data: dict[str, PreparedData] = {}
-
 
 def train_and_test(
-    params_json: str, group: list[tuple[str, int]], fused: bool, data_dir: str, runs: str, deadline: float
+    params_json: str,
+    group: list[tuple[str, int]],
+    fused: bool,
+    data_dir: str,
+    runs: str,
+    deadline: float,
+    margin: float,
 ) -> list[dict]:
     """One group in a worker process, fused (or one run alone, the trainer's eager path, when the fast path failed):
-    train it (until `deadline`), then test each run that finished."""
-    params = Params.model_validate_json(params_json)
-    states = [{"run": f"{v}-s{s}", "variant": v, "seed": s} for v, s in group]
-    if time.time() >= deadline:
+    train it (until `deadline`; not started when less than `margin` seconds are left), then test each run that
+    finished. Never raises: a failure is the state of the group's runs."""
+    states = [{"run": f"{v}-s{s}", "variant": v, "seed": s, "fused_with": len(group)} for v, s in group]
+    if deadline - time.time() < margin:
         return [{**state, "state": "not started: the budget was spent"} for state in states]
-    if data_dir not in _data:
-        _data[data_dir] = load_prepared(data_dir)
-    data = _data[data_dir]
-    started = time.time()
-    if not fused:
-        return [_alone(params, *group[0], data, Path(runs), deadline, states[0])]
     try:
+        params = Params.model_validate_json(params_json)
+        data = load_prepared(data_dir)
+        started = time.time()
+        if not fused:
+            return [_alone(params, *group[0], data, Path(runs), deadline, states[0])]
         trainer = train_fused(params, group, data, Path(runs), lambda v, s: [Deadline(deadline)])
+        seconds = time.time() - started
+        for state, run, outcome in zip(states, trainer.trainers, trainer.outcome, strict=True):
+            state.update(seconds=seconds, epochs=len(run.history))
+            if isinstance(outcome, TimeUp):
+                state["state"] = str(outcome)
+            elif isinstance(outcome, BaseException):
+                state["state"] = f"failed: {type(outcome).__name__}: {outcome}"
+            else:
+                write_json(run.files.test_json, evaluate_run(run.files, data, params.train, params.runtime))
+                state.update(
+                    state="finished", images_per_second=outcome["images_per_second"], val_acc=outcome["val_acc"]
+                )
     except Exception as exc:  # the group's failure is reported; the other groups go on
-        return [{**st, "state": f"failed: {type(exc).__name__}: {exc}"} for st in states]
-    seconds = time.time() - started
-    for state, run, outcome in zip(states, trainer.trainers, trainer.outcome, strict=True):
-        state["seconds"] = seconds
-        state["epochs"] = len(run.history)
-        state["fused_with"] = len(group)
-        if isinstance(outcome, TimeUp):
-            state["state"] = str(outcome)
-        elif isinstance(outcome, BaseException):
-            state["state"] = f"failed: {type(outcome).__name__}: {outcome}"
-        else:
-            write_json(run.files.test_json, evaluate_run(run.files, data, params.train, params.runtime))
-            state.update(state="finished", images_per_second=outcome["images_per_second"], val_acc=outcome["val_acc"])
+        for state in states:
+            state.setdefault("state", f"failed: {type(exc).__name__}: {exc}")
     return states
-
-
-def study_groups(params: Params, fuse: int) -> list[list[tuple[str, int]]]:
-    """The study's runs in fused groups of at most `fuse`: seed 0 of every variant first, then the other seeds."""
-    order = study_order(params)
-    first = [run for run in order if run[1] == params.seeds[0]]
-    rest = [run for run in order if run[1] != params.seeds[0]]
-    return fusion_groups(params, first, fuse) + fusion_groups(params, rest, fuse)
-
-
-def train_study(
-    params: Params, data_dir: Path, runs: Path, fuse: int, processes: int, deadline: float, say
-) -> list[dict]:
-    groups = study_groups(params, max(fuse, 1))
-    say("groups: " + "; ".join(" + ".join(f"{v}-s{s}" for v, s in g) for g in groups))
-    ctx = multiprocessing.get_context("spawn")
-    states = []
-    with concurrent.futures.ProcessPoolExecutor(max_workers=processes, mp_context=ctx) as pool:
-        futures = [  # submitted in order: the pool starts them in that order as workers free up
-            pool.submit(train_and_test, params.model_dump_json(), g, fuse > 0, str(data_dir), str(runs), deadline)
-            for g in groups
-        ]
-        for future in concurrent.futures.as_completed(futures):
-            for state in future.result():
-                states.append(state)
-                epochs = f", {state['epochs']} epochs" if "epochs" in state else ""
-                say(f"{state['run']}: {state['state']}{epochs}")
-    position = {f"{v}-s{s}": i for i, (v, s) in enumerate(study_order(params))}
-    return sorted(states, key=lambda st: position[st["run"]])
 
 
 def _alone(
@@ -334,14 +426,7 @@ def _alone(
     try:
         trainer = train_run(params, variant, seed, data, files.root, [Deadline(deadline)])
     except TimeUp as exc:
-        return {
-            **state,
-            "state": str(exc),
-            "epochs": len(read_epochs(files.epochs_csv)),
-            "seconds": time.time() - started,
-        }
-    except Exception as exc:
-        return {**state, "state": f"failed: {type(exc).__name__}: {exc}"}
+        return {**state, "state": str(exc), "epochs": _epochs_done(files), "seconds": time.time() - started}
     write_json(files.test_json, evaluate_run(files, data, params.train, params.runtime))
     summary = trainer.summary()
     return {
@@ -352,6 +437,50 @@ def _alone(
         "images_per_second": summary["images_per_second"],
         "val_acc": summary["val_acc"],
     }
+
+
+def _epochs_done(files: RunFiles) -> int:
+    return len(read_epochs(files.epochs_csv)) if files.epochs_csv.exists() else 0
+
+
+def study_groups(params: Params, fuse: int, runs: Path) -> list[list[tuple[str, int]]]:
+    """The study's runs in fused groups of at most `fuse`: seed 0 of every variant first, then the other seeds; runs
+    only with runs that have trained as many epochs (a lease run again finds some runs further along)."""
+    order = study_order(params)
+    groups = []
+    for phase in ([r for r in order if r[1] == params.seeds[0]], [r for r in order if r[1] != params.seeds[0]]):
+        done = {run: _epochs_done(RunFiles.of(runs, *run)) for run in phase}
+        for epochs in sorted(set(done.values()), reverse=True):
+            groups += fusion_groups(params, [run for run in phase if done[run] == epochs], fuse)
+    return groups
+
+
+def train_study(params: Params, data_dir: Path, runs: Path, plan: dict, deadline: float, say, progress) -> list[dict]:
+    """The groups in `plan["processes"]` worker processes (a fresh process per group: a CUDA error stays in its
+    group); `progress(states)` after each group, so what is done goes home even if the lease is cut short."""
+    groups = study_groups(params, max(plan["fuse"], 1), runs)
+    say("groups: " + "; ".join(" + ".join(f"{v}-s{s}" for v, s in g) for g in groups))
+    ctx = multiprocessing.get_context("spawn")
+    states: list[dict] = []
+    position = {f"{v}-s{s}": i for i, (v, s) in enumerate(study_order(params))}
+    args = (plan["fuse"] > 0, str(data_dir), str(runs), deadline, plan["start_margin_s"])
+    with concurrent.futures.ProcessPoolExecutor(plan["processes"], mp_context=ctx, max_tasks_per_child=1) as pool:
+        futures = {pool.submit(train_and_test, params.model_dump_json(), g, *args): g for g in groups}
+        for future in concurrent.futures.as_completed(futures):
+            try:
+                found = future.result()
+            except Exception as exc:  # the worker process died (a crash, out of memory)
+                found = [
+                    {"run": f"{v}-s{s}", "variant": v, "seed": s, "state": f"failed: {type(exc).__name__}: {exc}"}
+                    for v, s in futures[future]
+                ]
+            for state in found:
+                states.append(state)
+                epochs = f", {state['epochs']} epochs" if "epochs" in state else ""
+                say(f"{state['run']}: {state['state']}{epochs}")
+            states.sort(key=lambda st: position[st["run"]])
+            progress(states)
+    return states
 
 
 # ---- the trip back ------------------------------------------------------------------------------------------
@@ -396,7 +525,10 @@ def main() -> None:
     parser.add_argument("--archive", type=Path, required=True, help="cifar-100-python.tar.gz")
     parser.add_argument("--md5", required=True, help="the archive's md5 (checked before anything else)")
     parser.add_argument("--out", type=Path, required=True, help="where lease.json and results.tar.gz go")
-    parser.add_argument("--budget-s", type=float, default=520, help="seconds for everything, from the start")
+    parser.add_argument("--budget-s", type=float, default=480, help="seconds for everything, from the start")
+    parser.add_argument("--table-share", type=float, default=0.3, help="of the budget, at most for the table")
+    parser.add_argument("--start-margin-s", type=float, default=45, help="no group starts with less time left")
+    parser.add_argument("--max-processes", type=int, default=6, help="processes at once, at most")
     parser.add_argument("--params", type=Path, default=ROOT / "params.yaml")
     parser.add_argument("--device", default="cuda", help="cuda; cpu for a rehearsal")
     parser.add_argument("--bench-steps", type=int, default=100, help="timed training steps per throughput row")
@@ -405,7 +537,12 @@ def main() -> None:
     parser.add_argument("--fuse", default="3,6,9", help="runs fused into one network to time (BN-VGG-38)")
     parser.add_argument("--processes", default="2,4", help="processes at once to time, each the best --fuse")
     parser.add_argument("--study-fuse", type=int, default=0, help="runs fused per network (0: as measured)")
-    parser.add_argument("--study-processes", type=int, default=0, help="processes at once (0: as measured)")
+    parser.add_argument(
+        "--study-processes",
+        type=int,
+        default=0,
+        help="processes at once (0: as measured, at least as many as seed 0 has groups)",
+    )
     parser.add_argument("--profile-steps", type=int, default=20, help="fused steps to profile (0: none)")
     parser.add_argument("--fallback-processes", type=int, default=4, help="runs at once if the fast path fails")
     parser.add_argument("--epochs", type=int, default=None, help="rehearsal only: fewer epochs than params.yaml")
@@ -442,32 +579,59 @@ def main() -> None:
     data = load_prepared(data_dir)
     say(f"prepared: {len(data.train)} train, {len(data.val)} val, {len(data.test)} test images")
 
-    try:
-        rows = throughput_table(params, data, data_dir, args, say)
-    except Exception as exc:  # the fast path failed on this machine: a result, and the study trains runs alone
-        lease["fast_path_error"] = f"{type(exc).__name__}: {exc}"
-        say(f"the fast path failed ({lease['fast_path_error']}); the study trains each run alone, eagerly")
-        rows, (fuse, processes) = [], (0, args.fallback_processes)
-    else:
-        fuse, processes = choose(rows, args.fuse_network)
-        fuse, processes = args.study_fuse or fuse, args.study_processes or processes
-        print_table(rows)
-        if args.profile_steps:
-            with tempfile.TemporaryDirectory() as tmp:
-                table = profile_fused(params, args.fuse_network, data, fuse, args.profile_steps, Path(tmp))
-            (args.out / "profile.txt").write_text(table)
-            say(f"profile of {fuse} {args.fuse_network} run(s) fused, {args.profile_steps} steps: profile.txt")
-    lease.update(throughput=rows, fuse=fuse, processes=processes)
-
     runs = args.work / "runs"
-    how = f"{fuse} fused per network" if fuse else "alone"
-    say(f"study: {len(study_order(params))} runs x {params.train.epochs} epochs, {how}, {processes} process(es)")
-    lease["runs"] = train_study(params, data_dir, runs, fuse, processes, deadline, say)
-    lease["seconds"] = time.time() - started
-    lease["finished_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-    target = pack(runs, lease, args.out)
-    finished = sum(r["state"] == "finished" for r in lease["runs"])
-    say(f"{finished} of {len(lease['runs'])} runs finished; {target} ({target.stat().st_size / 1e6:.1f} MB)")
+
+    def progress(states: list[dict] | None = None) -> Path:
+        """lease.json and results.tar.gz as they stand: whatever cuts the lease short, what is done goes home."""
+        if states is not None:
+            lease["runs"] = states
+        lease["seconds"] = time.time() - started
+        lease["finished_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        return pack(runs, lease, args.out)
+
+    try:
+        rows, errors = throughput_table(params, data, data_dir, args, started + args.table_share * args.budget_s, say)
+        lease.update(throughput=rows, throughput_errors=errors)
+        print_table(rows)
+        best = choose(rows, args.fuse_network)
+        if best is None:  # the fast path failed on this machine: a result; the study trains each run alone
+            say("no row of the fast path was measured; the study trains each run alone, eagerly")
+            fuse, processes = 0, args.fallback_processes
+        else:
+            fuse, processes = best
+            check = graph_check(params, args.fuse_network, data, args.work / "check") if _graphed(rows) else None
+            if check is not None:  # a graph that computes something else must not train the study
+                lease["graph_check"] = check
+                say(f"CUDA graph check failed ({check}): the study trains fused, eagerly")
+                params = params.model_copy(update={"runtime": params.runtime.model_copy(update={"cuda_graphs": False})})
+        fuse, processes = args.study_fuse or fuse, args.study_processes or processes
+        seed0 = len([g for g in study_groups(params, max(fuse, 1), runs) if g[0][1] == params.seeds[0]])
+        if not args.study_processes:  # seed 0's groups all at once, at least
+            processes = max(processes, min(seed0, args.max_processes))
+        plan = {"fuse": fuse, "processes": processes, "start_margin_s": args.start_margin_s}
+        lease["plan"] = plan
+        progress()
+        if args.profile_steps and fuse:
+            left = deadline - time.time()
+            try:
+                profile_fused(
+                    params, args.fuse_network, data_dir, fuse, args.profile_steps, args.out / "profile.txt", left / 4
+                )
+                say(f"profile of {fuse} {args.fuse_network} run(s) fused, {args.profile_steps} steps: profile.txt")
+            except Exception as exc:
+                lease["profile_error"] = f"{type(exc).__name__}: {exc}"
+                say(f"no profile: {lease['profile_error']}")
+        how = f"{fuse} fused per network" if fuse else "alone"
+        say(f"study: {len(study_order(params))} runs x {params.train.epochs} epochs, {how}, {processes} process(es)")
+        train_study(params, data_dir, runs, plan, deadline, say, progress)
+    finally:
+        target = progress()
+    finished = sum(r["state"] == "finished" for r in lease.get("runs", []))
+    say(f"{finished} of {len(lease.get('runs', []))} runs finished; {target} ({target.stat().st_size / 1e6:.1f} MB)")
+
+
+def _graphed(rows: list[dict]) -> bool:
+    return any(r["path"] == _path(True) for r in rows)
 
 
 def print_table(rows: list[dict]) -> None:

@@ -6,7 +6,7 @@
 #   bash benchmarks/gpu_lease.sh run [BUDGET_S] [gpu_lease.py options...]
 #                                                 call 3: keep its part, check every part and the whole archive
 #                                                 against .lease/MD5SUMS, install the carried wheels (.whl/), and
-#                                                 run benchmarks/gpu_lease.py into $OUT within BUDGET_S (520)
+#                                                 run benchmarks/gpu_lease.py into $OUT within BUDGET_S (480)
 #
 # LEASE_STASH (default /tmp/vggdepth-parts) is where the parts wait between calls; OUT is where results go.
 set -euo pipefail
@@ -37,7 +37,7 @@ stash)
     ;;
 run)
     shift
-    budget=${1:-520}
+    budget=${1:-480}
     [ $# -gt 0 ] && shift
     keep_parts optional  # a re-run of call 3 finds the parts already kept
     (cd "$stash" && grep ' part-' MD5SUMS | md5sum --check --quiet) || {

@@ -9,7 +9,7 @@
 #   run carry=[".lease/part-aa", ".lease/MD5SUMS"]  command="bash benchmarks/gpu_lease.sh stash"
 #   run carry=[".lease/part-ab", ".lease/MD5SUMS"]  command="bash benchmarks/gpu_lease.sh stash"
 #   run carry=[".lease/part-ac", ".lease/MD5SUMS", ".whl"]  timeout_s=600
-#       command="bash benchmarks/gpu_lease.sh run 540 2>&1 | tee $OUT/log"
+#       command="bash benchmarks/gpu_lease.sh run 480 2>&1 | tee $OUT/log"
 set -euo pipefail
 cd "$(dirname "$0")/.."
 archive=${1:-../shared/data/cifar-100-python.tar.gz}

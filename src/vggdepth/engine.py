@@ -715,7 +715,16 @@ def train_run(
 ) -> Trainer:
     """Train (or resume, or restore the outputs of) one (variant, seed) into `out`: the one entry point the stage,
     the tests and the benchmarks share. Returns the trainer, its run complete."""
-    trainer = Trainer(
+    trainer = make_trainer(params, variant, seed, data, out, callbacks)
+    trainer.fit()
+    return trainer
+
+
+def make_trainer(
+    params: Params, variant: str, seed: int, data: PreparedData, out: Path, callbacks: list[Callback] | tuple = ()
+) -> Trainer:
+    """The trainer of one (variant, seed) under `params`, writing into the run folder `out`."""
+    return Trainer(
         model=params.model,
         train=params.train,
         runtime=params.runtime,
@@ -726,5 +735,3 @@ def train_run(
         files=RunFiles(out),
         callbacks=callbacks,
     )
-    trainer.fit()
-    return trainer

@@ -9,9 +9,13 @@ schedule and seed) become one network k times as wide:
 - the loss is the sum of the runs' mean cross-entropies, so each run's gradients are those of the run alone;
 - Adam is elementwise, with each run's own learning rate (`FusedAdam`), stepped by each run's own schedule.
 Each run keeps its own initialisation, data order and augmentation (its own generator) and its own books: every run
-is a `Trainer` whose checkpoints, tables and callbacks are those of a run trained alone. The fused weights, batch
+is a `Trainer` whose checkpoints, tables and callbacks are those of a run trained alone (its epoch time, and so its
+images per second, is the group's: the runs share every step). The fused weights, batch
 norm statistics and Adam moments are copied back into it at the end of every epoch, so a fused run resumes alone
 and a run trained alone resumes fused. Results equal the separate runs' up to float rounding (tests/test_fused.py).
+
+Like `runtime`, fusing changes what a run computes only through float rounding, so it is not part of a run's
+fingerprint (engine._RESULT_CODE): a fused run and the same run alone resume each other.
 
 On CUDA, with `runtime.cuda_graphs` on and every batch full, the whole step (forward, loss, backward, gradient
 statistics, Adam) is captured once as a CUDA graph and replayed for each batch; the batch pipeline (shuffle, crops,
@@ -37,7 +41,7 @@ from tqdm import tqdm
 from vggdepth.batches import DeviceDataset, training_batches
 from vggdepth.config import ModelConfig, Params, Variant
 from vggdepth.data import PreparedData
-from vggdepth.engine import Callback, EpochRecord, RunFiles, Trainer, TrainingError
+from vggdepth.engine import Callback, EpochRecord, RunFiles, Trainer, TrainingError, make_trainer
 from vggdepth.gradients import GradientRow, weight_tensors
 from vggdepth.models import VGG, Head
 
@@ -234,10 +238,12 @@ class FusedTrainer:
     def __init__(self, trainers: list[Trainer]):
         first = trainers[0]
         for t in trainers[1:]:
-            if not fusable(first.variant, t.variant) or t.device != first.device:
+            same = (t.cfg, t.model_cfg, t.device) == (first.cfg, first.model_cfg, first.device)
+            if not fusable(first.variant, t.variant) or not same:
                 raise TrainingError(
                     f"{t.run.variant} seed {t.seed} cannot be fused with {first.run.variant} seed {first.seed}: "
-                    "fused runs need the same blocks per stage, batch norm, batch size and device"
+                    "fused runs need the same blocks per stage, batch norm, batch size, model, training protocol "
+                    "and device"
                 )
         self.trainers, self.k = trainers, len(trainers)
         self.device, self.cfg, self.runtime = first.device, first.cfg, first.runtime
@@ -459,9 +465,16 @@ class FusedTrainer:
 
     def fit(self) -> list[dict | BaseException]:
         """Train every run to `train.epochs`; for each run, its summary or the error that stopped it."""
-        for t in self.trainers:
-            t.begin()
-        self._load_from_runs()
+        begun: list[Trainer] = []
+        try:
+            for t in self.trainers:
+                t.begin()
+                begun.append(t)
+            self._load_from_runs()
+        except BaseException as error:  # the runs already begun learn that they stopped
+            for t in begun:
+                t.fail(error)
+            raise
         log.info("training %s fused (%s)", ", ".join(self.names), "CUDA graph" if self.graphed else "eager")
         try:
             for epoch in range(self.trainers[0].run.start_epoch, self.cfg.epochs):
@@ -493,17 +506,7 @@ def train_fused(
     """Train `runs` ((variant, seed) pairs that `fusable` allows together) fused into `out/<variant>-s<seed>`,
     the folders a run trained alone writes. Returns the fused trainer, its `outcome` filled in."""
     trainers = [
-        Trainer(
-            model=params.model,
-            train=params.train,
-            runtime=params.runtime,
-            variant_name=variant,
-            variant=params.variant(variant, field="variant"),
-            seed=seed,
-            data=data,
-            files=RunFiles.of(out, variant, seed),
-            callbacks=callbacks(variant, seed),
-        )
+        make_trainer(params, variant, seed, data, RunFiles.of(out, variant, seed).root, callbacks(variant, seed))
         for variant, seed in runs
     ]
     fused = FusedTrainer(trainers)
