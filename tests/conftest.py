@@ -127,9 +127,19 @@ def prepare_subset(archive: Path, out: Path, params: Params, *, train: int, val:
 
 
 @pytest.fixture(scope="session")
-def tiny_data(archive_path, params, tmp_path_factory):
+def tiny_data_dir(archive_path, params, tmp_path_factory) -> Path:
+    """The prepared-data folder of `tiny_data`."""
+    folder = tmp_path_factory.mktemp("tiny")
+    prepare_subset(archive_path, folder, params, train=2, val=1, test=1)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tiny_data_dir):
     """200 training, 100 validation and 100 test images of the real data set, 2/1/1 per class."""
-    return prepare_subset(archive_path, tmp_path_factory.mktemp("tiny"), params, train=2, val=1, test=1)
+    from vggdepth.data import load_prepared
+
+    return load_prepared(tiny_data_dir)
 
 
 @pytest.fixture(scope="session")

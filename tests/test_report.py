@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import csv
 import json
-import math
 import statistics
 import subprocess
 import sys
@@ -169,7 +168,10 @@ def test_figures_carry_the_expected_series(study):
         "VGG-08 validation",
         "VGG-38 train",
         "VGG-38 validation",
+        "chance (1%)",
     ]
+    assert list(ax.get_lines()[-1].get_ydata()) == [0.01, 0.01]
+    assert ax.get_title() == "Figure 1: 8 layers vs 38 layers (VGG-08 vs VGG-38), seed 0"
     assert (ax.get_xlabel(), ax.get_ylabel()) == ("epoch", "accuracy")
     val = _epochs(study, "VGG-38", 0)
     assert list(ax.get_lines()[3].get_ydata()) == [float(r["val_acc"]) for r in val]
@@ -177,14 +179,35 @@ def test_figures_carry_the_expected_series(study):
     left, right = figures["fig2-gradient-flow-vgg08-vs-vgg38"].axes
     assert left.get_yscale() == "log" and right.get_yscale() == "log"
     assert len(left.get_xticklabels()) == 9 and len(right.get_xticklabels()) == 39
-    assert left.get_xticklabels()[0].get_text() == "entry.conv"
-    assert len(left.get_lines()) == 1  # one line per epoch
+    assert [t.get_text() for t in left.get_xticklabels()] == [
+        "entry.c",
+        "entry.bn",
+        "s0.r.c0",
+        "s0.r.c1",
+        "s1.r.c0",
+        "s1.r.c1",
+        "s2.r.c0",
+        "s2.r.c1",
+        "head",
+    ]
+    assert [line.get_label() for line in left.get_lines() if not line.get_label().startswith("_")] == ["epoch 0"]
+    marks = [text.get_text() for text in left.texts]  # where each stage begins
+    assert marks == ["entry", "stage0", "stage1", "stage2", "head"]
+    assert len(left.get_lines()) == 1 + 4  # one line per epoch, a dotted line between stages
 
     grid = [a for a in figures["fig3-val-accuracy-over-seeds"].axes if a.get_visible()]
     assert [a.get_title() for a in grid] == list(p.variants)
     for a in grid:
         assert sum(isinstance(c, PolyCollection) for c in a.collections) == 1  # the min-max band
-        assert [line.get_label() for line in a.get_lines()] == ["mean"]
+        assert [line.get_label() for line in a.get_lines()] == ["mean of 2 seeds", "chance (1%)"]
+    # One colour per variant in every figure: BN-VGG-38's in figures 3, 4 and 5 alike.
+    bn_colour = grid[list(p.variants).index("BN-VGG-38")].get_lines()[0].get_color()
+    for name in ("fig4-lr-7.5e-3-vs-1e-3", "fig5-warm-restart-vs-none"):
+        (a,) = figures[name].axes
+        assert {line.get_color() for line in a.get_lines() if line.get_label().startswith("BN-VGG-38 ")} == {bn_colour}
+    assert figures["fig4-lr-7.5e-3-vs-1e-3"].axes[0].get_title() == (
+        "Figure 4: learning rate 7.5e-3 vs 1e-3 (HIGHLR-BN-38 vs BN-VGG-38), seed 0"
+    )
 
     (bn,) = figures["fig6-gradient-flow-bn-vgg38"].axes
     assert len(bn.get_xticklabels()) == 75
@@ -193,6 +216,7 @@ def test_figures_carry_the_expected_series(study):
         "WR50-HIGHLR-BN-38 validation",
         "BN-VGG-38 train",
         "BN-VGG-38 validation",
+        "chance (1%)",
     ]
     assert "drawn only when they match" in figures["reference-overlay-vgg08-vgg38"]
 
@@ -231,8 +255,13 @@ def test_final_model_is_registered_and_loads_by_alias(study, built, tiny_data):
     assert study["store"].client.get_model_version_by_alias(name, p.report.alias).version == version
     parent = study["store"].parent_run(study["context"])
     artefacts = {a.path for a in study["store"].client.list_artifacts(parent)}
-    assert {"table1.md", "table1.csv", "summary.json", "figures"} <= artefacts
-    assert math.isfinite(study["store"].client.get_run(parent).data.metrics["VGG-08/val_acc"])
+    assert {"table1.json", "table1.md", "table1.csv", "summary.json", "figures"} <= artefacts
+    # Table 1 as an MLflow table with the CSV's rows, and no per-cell metrics on the parent.
+    table = mlflow.load_table("table1.json", run_ids=[parent])
+    with (built["out"] / "table1.csv").open() as f:
+        expected = list(csv.DictReader(f))
+    assert table.astype(str).to_dict("records") == expected
+    assert not study["store"].client.get_run(parent).data.metrics
 
 
 def test_report_command_prints_table1(study, tmp_path):
@@ -328,3 +357,47 @@ def test_guard_without_a_summary_says_what_to_do(params, tmp_path):
     )
     assert result.returncode == 1
     assert result.stderr.startswith(f"error: cannot read the guard metrics from {tmp_path / 'none.json'}")
+
+
+def test_dvc_plots_show_renders_every_chart_offline(study, built, tmp_path):
+    """`dvc plots show` with the project's plots (dvc.yaml), templates and page (.dvc/), on this study's curves and
+    one run's epochs.csv: one page that loads nothing from the network (the vega libraries are inlined), with every
+    chart and the scale each needs."""
+    import shutil
+
+    import yaml
+
+    dvc = str(Path(sys.executable).parent / "dvc")
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    subprocess.run([dvc, "init", "--no-scm", "-q"], cwd=repo, check=True)
+    shutil.copytree(ROOT / ".dvc" / "plots", repo / ".dvc" / "plots", dirs_exist_ok=True)
+    shutil.copy(ROOT / ".dvc" / "config", repo / ".dvc" / "config")
+    (repo / "report").mkdir()
+    shutil.copy(built["out"] / "curves.csv", repo / "report" / "curves.csv")
+    project = yaml.safe_load((ROOT / "dvc.yaml").read_text())
+    (run_plot,) = project["stages"]["train"]["plots"]
+    ((_, props),) = run_plot.items()
+    epochs = "runs/VGG-38-s0/epochs.csv"
+    (repo / "runs" / "VGG-38-s0").mkdir(parents=True)
+    shutil.copy(study["runs"] / "VGG-38-s0" / "epochs.csv", repo / epochs)
+    plots = [*project["plots"], {epochs: {k: v for k, v in props.items() if k != "cache"}}]
+    (repo / "dvc.yaml").write_text(yaml.safe_dump({"plots": plots}, sort_keys=False))
+
+    shown = subprocess.run([dvc, "plots", "show", "-o", "shown"], cwd=repo, capture_output=True, text=True, timeout=300)
+    assert shown.returncode == 0, shown.stderr
+    page = (repo / "shown" / "index.html").read_text()
+    assert "<script src" not in page and "cdn.jsdelivr" not in page  # nothing fetched: it renders offline
+    assert "vega-embed 6.18.2" in page and "vegaEmbed(" in page
+    for entry in project["plots"]:
+        (title,) = entry
+        assert title in page, title
+    decoder, marker = json.JSONDecoder(), "var spec = "
+    specs = [decoder.raw_decode(part)[0] for part in page.split("<body>", 1)[1].split(marker)[1:]]
+    by_title = {s["title"]["text"] if isinstance(s["title"], dict) else s["title"]: s for s in specs}
+    assert by_title["validation loss per epoch"]["encoding"]["y"]["scale"]["type"] == "log"
+    lr = by_title["learning rate per epoch"]
+    assert lr["encoding"]["y"]["scale"]["type"] == "log" and lr["encoding"]["shape"]["field"] == "variant"
+    assert {row["variant"] for row in lr["data"]["values"]} == set(study["params"].variants)
+    run = by_title[epochs]
+    assert run["encoding"]["y"]["axis"]["format"] == ".3f" and run["encoding"]["y"]["scale"]["domainMin"] == 0

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import logging
+import math
 import subprocess
 from pathlib import Path
 
@@ -52,8 +53,10 @@ def _context(params, out: Path) -> PipelineContext:
     return PipelineContext(key=f"test:{out}", name=f"test {out.parent.name}", tags=detected.tags)
 
 
-def _fit(params, data, quick_train, store, out: Path, *, epochs=2, before=()) -> Trainer:
-    tracker = MlflowCallback(store, _context(params, out), "train@VGG-08-0", Path("data/prepared"))
+def _fit(
+    params, data, quick_train, store, out: Path, *, epochs=2, before=(), data_dir=Path("data/prepared")
+) -> Trainer:
+    tracker = MlflowCallback(store, _context(params, out), "train@VGG-08-0", data_dir)
     trainer = Trainer(
         model=params.model,
         train=quick_train(epochs=epochs),
@@ -77,10 +80,12 @@ def _steps(client: MlflowClient, run_id: str, key: str) -> list[int]:
     return sorted(m.step for m in client.get_metric_history(run_id, key))
 
 
-def test_training_run_is_fully_tracked(store, params, tiny_data, quick_train, archive_md5, tmp_path):
-    trainer = _fit(params, tiny_data, quick_train, store, tmp_path / "run")
+def test_training_run_is_fully_tracked(store, params, tiny_data, tiny_data_dir, quick_train, archive_md5, tmp_path):
+    trainer = _fit(params, tiny_data, quick_train, store, tmp_path / "run", data_dir=tiny_data_dir)
     client = store.client
     run = client.get_run(_run_id(tmp_path / "run"))
+    # The experiment opens as a model-training one, not in the UI's GenAI mode.
+    assert client.get_experiment(store.experiment_id).tags["mlflow.experimentKind"] == "custom_model_development"
 
     assert run.info.run_name == "VGG-08-s0"
     assert run.info.status == "FINISHED"
@@ -91,6 +96,9 @@ def test_training_run_is_fully_tracked(store, params, tiny_data, quick_train, ar
     assert tags["git_dirty"] in ("true", "false")
     parent = client.get_run(tags["mlflow.parentRunId"])
     assert parent.data.tags["vggdepth.kind"] == "pipeline"
+    # The parent describes itself and spans its stages: it ends no earlier than its child.
+    assert parent.data.tags["mlflow.note.content"].startswith(f"The pipeline run {parent.info.run_name}: the parent")
+    assert parent.info.status == "FINISHED" and parent.info.end_time >= run.info.end_time > parent.info.start_time
 
     # Params are the full resolved config.
     assert run.data.params == flatten(trainer.run.config)
@@ -106,6 +114,10 @@ def test_training_run_is_fully_tracked(store, params, tiny_data, quick_train, ar
     for layer, _ in weight_tensors(VGG(params.model, params.variant(VARIANT))):
         for stat in ("grad_mean_abs", "grad_last_mean_abs", "grad_l2", "weight_l2"):
             assert _steps(client, run.info.run_id, f"{stat}/{layer}") == [0, 1], (stat, layer)
+        for stat in ("grad_mean_abs", "grad_last_mean_abs"):  # also on a log10 scale, for the UI's linear axes
+            plain = client.get_metric_history(run.info.run_id, f"{stat}/{layer}")
+            logged = client.get_metric_history(run.info.run_id, f"log10_{stat}/{layer}")
+            assert [(m.step, m.value) for m in logged] == [(m.step, math.log10(m.value)) for m in plain], layer
 
     # Artefacts: tables, figure, checkpoints.
     listed = {a.path for a in client.list_artifacts(run.info.run_id)}
@@ -121,6 +133,15 @@ def test_training_run_is_fully_tracked(store, params, tiny_data, quick_train, ar
     images, _ = next(DeviceDataset(tiny_data.test, tiny_data.mean, tiny_data.std, torch.device("cpu")).batches(50))
     with torch.no_grad():
         torch.testing.assert_close(model.eval()(images), reference(images), rtol=0, atol=1e-6)
+    # It sits in the run's experiment, named after the run, and nothing went to experiment Default.
+    (logged,) = client.search_logged_models([store.experiment_id])
+    assert (logged.name, logged.source_run_id) == ("VGG-08-s0", run.info.run_id)
+    assert tags["vggdepth.model_uri"] == f"models:/{logged.model_id}"
+    assert not client.search_logged_models(["0"])
+    # Its input example is the first two real test images, normalised.
+    example = mlflow.models.Model.load(tags["vggdepth.model_uri"]).load_input_example(tags["vggdepth.model_uri"])
+    torch.testing.assert_close(torch.from_numpy(example), images[:2].contiguous(), rtol=0, atol=0)
+    assert example.std() > 0.5
 
     # Data lineage: the archive's md5 as digest, the split as context.
     inputs = {

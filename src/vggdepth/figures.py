@@ -22,8 +22,36 @@ from vggdepth.outputs import CURVE_COLUMNS, read_epochs, run_of
 GRADIENT_FLOOR = 1e-20
 
 
+def short_layer(name: str) -> str:
+    """A layer's name short enough for 75 of them side by side: `stage0.block1.conv0` -> `s0.b1.c0`,
+    `stage2.reduce.bn1` -> `s2.r.bn1`, `entry.conv` -> `entry.c`, `head.linear` -> `head`."""
+    if name == "head.linear":
+        return "head"
+    parts = name.split(".")
+    out = []
+    for part in parts:
+        for long, short in (("stage", "s"), ("block", "b"), ("reduce", "r"), ("conv", "c")):
+            if part.startswith(long):
+                part = short + part[len(long) :]
+                break
+        out.append(part)
+    return ".".join(out)
+
+
+def _mark_stages(ax: Axes, layers: Sequence[str]) -> None:
+    """A dotted line where each stage (and the head) begins, with the stage's name above the plot."""
+    starts: dict[str, int] = {}
+    for i, layer in enumerate(layers):
+        starts.setdefault(layer.split(".")[0], i)
+    for group, start in starts.items():
+        if start:
+            ax.axvline(start - 0.5, color="grey", linestyle=":", linewidth=0.8)
+        ax.text(start - 0.4, 1.01, group, transform=ax.get_xaxis_transform(), fontsize=7, color="grey", va="bottom")
+
+
 def draw_gradient_flow(ax: Axes, rows: Sequence[GradientRow], title: str, statistic: str = "mean_abs") -> None:
-    """Layers on x, mean |gradient| on a log y axis, one line per epoch shaded from light (first) to dark (last)."""
+    """Layers on x (short names, stages marked), mean |gradient| on a log y axis, one line per epoch shaded from
+    light (first) to dark (last)."""
     epochs = sorted({r.epoch for r in rows})
     layers = [r.layer for r in sorted((r for r in rows if r.epoch == epochs[0]), key=lambda r: r.index)]
     cmap = plt.get_cmap("Blues")
@@ -35,10 +63,12 @@ def draw_gradient_flow(ax: Axes, rows: Sequence[GradientRow], title: str, statis
         shade = 0.25 + 0.75 * (k + 1) / len(epochs)
         ax.plot(range(len(layers)), values, color=cmap(shade), linewidth=1, label=f"epoch {epoch}")
     ax.set_yscale("log")
-    ax.set_xticks(range(len(layers)), layers, rotation=90, fontsize=6 if len(layers) > 20 else 8)
-    ax.set_xlabel("layer (input to output)")
+    ax.set_xticks(range(len(layers)), [short_layer(layer) for layer in layers], rotation=90, fontsize=7)
+    ax.set_xlim(-0.5, len(layers) - 0.5)
+    _mark_stages(ax, layers)
+    ax.set_xlabel("layer, input to output (s: stage, b: block, r: reduction, c: conv, bn: batch norm)")
     ax.set_ylabel("mean |gradient|" + (" (last step of epoch)" if statistic == "last_mean_abs" else ""))
-    ax.set_title(title)
+    ax.set_title(title, pad=14)
     ax.grid(True, which="major", axis="y", alpha=0.3)
     if len(epochs) > 1:
         # A legend of 100 epochs is noise: name the first and the last shade only.
@@ -56,7 +86,7 @@ def save_figure(fig: Figure, path: str | Path) -> Path:
 
 
 def gradient_flow_figure(rows: Sequence[GradientRow], title: str) -> Figure:
-    fig, ax = plt.subplots(figsize=(max(6.0, 0.22 * len({r.layer for r in rows}) + 2), 4.5))
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.16 * len({r.layer for r in rows}) + 2), 4.5))
     draw_gradient_flow(ax, rows, title)
     return fig
 
@@ -74,7 +104,12 @@ def _epoch_axis(ax: Axes) -> None:
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
 
 
-def _accuracy_axes(ax: Axes, title: str) -> None:
+def _chance(ax: Axes, classes: int) -> None:
+    ax.axhline(1 / classes, color="grey", linestyle=":", linewidth=1, label=f"chance ({1 / classes:.0%})")
+
+
+def _accuracy_axes(ax: Axes, title: str, classes: int) -> None:
+    _chance(ax, classes)
     _epoch_axis(ax)
     ax.set_ylabel("accuracy")
     ax.set_title(title)
@@ -82,12 +117,14 @@ def _accuracy_axes(ax: Axes, title: str) -> None:
     ax.legend(fontsize=8)
 
 
-def accuracy_figure(results: dict, variants: Sequence[str], seed: int, title: str) -> Figure:
+def accuracy_figure(
+    results: dict, variants: Sequence[str], seed: int, title: str, colors: dict[str, str], classes: int
+) -> Figure:
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for k, variant in enumerate(variants):
+    for variant in variants:
         run = run_of(results, variant, seed)
-        draw_accuracy(ax, variant, run.epochs, color=f"C{k}")
-    _accuracy_axes(ax, title)
+        draw_accuracy(ax, variant, run.epochs, color=colors[variant])
+    _accuracy_axes(ax, title, classes)
     return fig
 
 
@@ -109,27 +146,31 @@ def gradient_flow_panels(results: dict, variants: Sequence[str], seed: int, stat
     return fig
 
 
-def seeds_figure(results: dict, variants: Sequence[str], title: str) -> Figure:
-    """Validation accuracy per epoch of every variant: the mean over seeds, and the min-max band."""
+def seeds_figure(results: dict, variants: Sequence[str], title: str, colors: dict[str, str], classes: int) -> Figure:
+    """Validation accuracy per epoch of every variant: the mean over seeds, and the min-max band (with two seeds or
+    more: one seed has no band to show)."""
     columns = min(3, len(variants))
     rows = -(-len(variants) // columns)
     fig, axes = plt.subplots(rows, columns, figsize=(4.5 * columns, 3.5 * rows), squeeze=False, sharey=True)
     for ax in axes.flat[len(variants) :]:
         ax.set_visible(False)
-    for k, (ax, variant) in enumerate(zip(axes.flat, variants, strict=False)):
+    for ax, variant in zip(axes.flat, variants, strict=False):
         runs = results[variant]
         length = min(len(r.epochs) for r in runs)
         per_epoch = [[r.epochs[e]["val_acc"] for r in runs] for e in range(length)]
         x = range(length)
-        ax.fill_between(
-            x,
-            [min(v) for v in per_epoch],
-            [max(v) for v in per_epoch],
-            color=f"C{k}",
-            alpha=0.25,
-            label=f"min-max over {len(runs)} seed(s)",
-        )
-        ax.plot(x, [sum(v) / len(v) for v in per_epoch], color=f"C{k}", label="mean")
+        if len(runs) > 1:
+            ax.fill_between(
+                x,
+                [min(v) for v in per_epoch],
+                [max(v) for v in per_epoch],
+                color=colors[variant],
+                alpha=0.25,
+                label=f"min-max over {len(runs)} seeds",
+            )
+        label = f"mean of {len(runs)} seeds" if len(runs) > 1 else "one seed"
+        ax.plot(x, [sum(v) / len(v) for v in per_epoch], color=colors[variant], label=label)
+        _chance(ax, classes)
         ax.set_title(variant)
         _epoch_axis(ax)
         ax.set_ylabel("validation accuracy")
@@ -141,31 +182,80 @@ def seeds_figure(results: dict, variants: Sequence[str], title: str) -> Figure:
 
 
 def reference_overlay_figure(
-    results: dict, variants: Sequence[str], seed: int, curves: dict[str, list[dict]], title: str
+    results: dict,
+    variants: Sequence[str],
+    seed: int,
+    curves: dict[str, list[dict]],
+    title: str,
+    colors: dict[str, str],
+    classes: int,
 ) -> Figure:
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for k, variant in enumerate(variants):
+    for variant in variants:
         run = run_of(results, variant, seed)
-        draw_accuracy(ax, f"{variant} (ours)", run.epochs, color=f"C{k}")
-        draw_accuracy(ax, f"{variant} (reference)", curves[variant], color=f"C{k}", reference=True)
-    _accuracy_axes(ax, title)
+        draw_accuracy(ax, f"{variant} (ours)", run.epochs, color=colors[variant])
+        draw_accuracy(ax, f"{variant} (reference)", curves[variant], color=colors[variant], reference=True)
+    _accuracy_axes(ax, title, classes)
     return fig
+
+
+def variant_colors(variants: Sequence[str]) -> dict[str, str]:
+    """One colour per variant, by its row in `variants` (params.yaml's order): the same in every figure."""
+    return {variant: f"C{k % 10}" for k, variant in enumerate(variants)}
+
+
+def _scientific(value: float) -> str:
+    """7.5e-3, 1e-3: the report's way of writing learning rates."""
+    mantissa, exponent = f"{value:.2e}".split("e")
+    return f"{mantissa.rstrip('0').rstrip('.')}e{int(exponent)}"
+
+
+def comparison(params, variants: Sequence[str]) -> str:
+    """What a figure of two variants compares, from the settings in which they differ: `learning rate 7.5e-3 vs
+    1e-3`; for any other number of variants, their names."""
+    if len(variants) != 2:
+        return ", ".join(variants)
+    a, b = (params.variants[v] for v in variants)
+    stages = params.model.stages
+
+    def layers(v) -> str:
+        return f"{2 + stages * (2 * v.blocks_per_stage + 2)} layers"
+
+    def schedule(v) -> str:
+        if v.schedule == "warm_restarts":
+            return f"warm restarts every {v.period} epochs"
+        return f"cosine over {v.period} epochs"
+
+    aspects = (
+        ("", layers),
+        ("batch norm ", lambda v: "on" if v.batch_norm else "off"),
+        ("learning rate ", lambda v: _scientific(v.lr)),
+        ("", schedule),
+        ("batch ", lambda v: str(v.batch_size)),
+    )
+    differences = [f"{prefix}{show(a)} vs {show(b)}" for prefix, show in aspects if show(a) != show(b)]
+    names = f"{variants[0]} vs {variants[1]}"
+    return f"{'; '.join(differences)} ({names})" if differences else names
 
 
 def build_figures(params, results: dict, project: Path) -> dict[str, Figure | str]:
     """Every figure of `report.figures`: the Figure, or why it was not drawn."""
     report, seed = params.report, params.report.seed
+    colors, classes = variant_colors(list(params.variants)), params.model.num_classes
     built: dict[str, Figure | str] = {}
     for name, spec in report.figures.items():
-        title = name.split("-", 1)[0].replace("fig", "Figure ") + ": " + ", ".join(spec.variants)
+        number = name.split("-", 1)[0]
+        label = number.replace("fig", "Figure ") if number.startswith("fig") and number[3:].isdigit() else "Figure"
         if spec.kind == "accuracy":
-            built[name] = accuracy_figure(results, spec.variants, seed, f"{title} (seed {seed})")
+            title = f"{label}: {comparison(params, spec.variants)}, seed {seed}"
+            built[name] = accuracy_figure(results, spec.variants, seed, title, colors, classes)
         elif spec.kind == "gradient_flow":
-            built[name] = gradient_flow_panels(
-                results, spec.variants, seed, report.gradient_statistic, f"{title}: gradient flow"
-            )
+            title = f"{label}: gradient flow of {' and '.join(spec.variants)}, seed {seed}"
+            built[name] = gradient_flow_panels(results, spec.variants, seed, report.gradient_statistic, title)
         elif spec.kind == "seeds":
-            built[name] = seeds_figure(results, spec.variants, "validation accuracy over seeds")
+            seeds = min(len(results[v]) for v in spec.variants)
+            title = f"{label}: validation accuracy of each variant over {seeds} seed(s)"
+            built[name] = seeds_figure(results, spec.variants, title, colors, classes)
         else:
             lengths = {len(run_of(results, v, seed).epochs) for v in spec.variants}
             if lengths != {report.reference.epochs} or not set(spec.variants) <= set(report.reference.curves):
@@ -175,9 +265,8 @@ def build_figures(params, results: dict, project: Path) -> dict[str, Figure | st
                 )
                 continue
             curves = {v: read_epochs(project / report.reference.curves[v], CURVE_COLUMNS) for v in spec.variants}
-            built[name] = reference_overlay_figure(
-                results, spec.variants, seed, curves, "ours vs the course's reference framework"
-            )
+            title = f"{label}: {', '.join(spec.variants)}, ours (seed {seed}) vs the course's reference framework"
+            built[name] = reference_overlay_figure(results, spec.variants, seed, curves, title, colors, classes)
     return built
 
 

@@ -10,9 +10,11 @@ the DVC experiment when there is one, else the git commit and parameters of a `d
 
 from __future__ import annotations
 
+import csv
 import hashlib
 import json
 import logging
+import math
 import os
 import subprocess
 import tempfile
@@ -26,6 +28,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from vggdepth.config import Params, TrackingConfig
 from vggdepth.engine import Callback, EpochRecord, RunFiles, RunInfo, load_checkpoint, load_network
 from vggdepth.errors import VggdepthError
@@ -38,12 +42,24 @@ PARENT_KEY_TAG = "vggdepth.pipeline"
 KIND_TAG = "vggdepth.kind"
 NODE_TAG = "node"  # where the run's newest epoch was trained (engine.this_node)
 RUN_ID_KEY = "mlflow_run_id"  # where a run's id is kept in its checkpoints, so a resumed run continues it
+EXPERIMENT_KIND_TAG, EXPERIMENT_KIND = "mlflow.experimentKind", "custom_model_development"  # the UI's "Model training"
+DESCRIPTION_TAG = "mlflow.note.content"  # a run's description in the UI
+TABLE1_ARTIFACT = "table1.json"  # Table 1 on the parent run, as an MLflow table
+PARENT_DESCRIPTION = (
+    "The pipeline run {name}: the parent of one training run per (variant, seed) of Table 1. It spans the "
+    "pipeline's stages so far (its end time moves on as each train, evaluate or report stage finishes); the report "
+    "stage logs Table 1 (table1.json as an MLflow table, table1.md, table1.csv, summary.json) and the figures here."
+)
 GRADIENT_METRICS = {
     "mean_abs": "grad_mean_abs",
     "last_mean_abs": "grad_last_mean_abs",
     "grad_l2": "grad_l2",
     "weight_l2": "weight_l2",
 }
+# The same on a log10 scale: MLflow charts on a linear axis, where 1e-18 (VGG-38's vanished gradient) and 1e-3 both
+# sit on the floor; in log10 the vanishing gradient is visible without any chart setting.
+LOG10_GRADIENT_METRICS = {"mean_abs": "log10_grad_mean_abs", "last_mean_abs": "log10_grad_last_mean_abs"}
+LOG10_FLOOR = -46.0  # an exact zero: float32's smallest positive value is 1.4e-45
 EPOCH_METRICS = {
     "train_loss": "train_loss",
     "train_acc": "train_acc",
@@ -209,7 +225,17 @@ def epoch_metrics(record: EpochRecord, gradients: list[GradientRow]):
             Metric(f"{prefix}/{row.layer}", float(getattr(row, field)), now, record.epoch)
             for field, prefix in GRADIENT_METRICS.items()
         ]
+        metrics += [
+            Metric(f"{prefix}/{row.layer}", log10_or_floor(getattr(row, field)), now, record.epoch)
+            for field, prefix in LOG10_GRADIENT_METRICS.items()
+        ]
     return metrics
+
+
+def log10_or_floor(value: float) -> float:
+    """log10 of a gradient statistic, for the UI's linear chart axes; an exact zero (an underflowed gradient) as
+    LOG10_FLOOR, below any float32 value."""
+    return math.log10(value) if value > 0 else LOG10_FLOOR
 
 
 class Store:
@@ -247,17 +273,19 @@ class Store:
                 f"{self.uri}: restore it (`mlflow experiments restore --experiment-id {found.experiment_id}` with "
                 f"{URI_ENV}={self.uri}), or set tracking.experiment to another name"
             )
-        if found is not None:
-            return found.experiment_id
-        # The embedded store keeps artefacts beside its database, not in ./mlartifacts of whatever directory.
-        location = (self.root / "mlruns" / "artifacts").as_uri() if _is_embedded(self.uri) else None
-        try:
-            return self.client.create_experiment(self.cfg.experiment, artifact_location=location)
-        except Exception:  # created meanwhile by a concurrent stage
+        if found is None:
+            # The embedded store keeps artefacts beside its database, not in ./mlartifacts of whatever directory.
+            location = (self.root / "mlruns" / "artifacts").as_uri() if _is_embedded(self.uri) else None
+            try:
+                self.client.create_experiment(self.cfg.experiment, artifact_location=location)
+            except Exception:  # created meanwhile by a concurrent stage, or a real failure
+                if self.client.get_experiment_by_name(self.cfg.experiment) is None:
+                    raise
             found = self.client.get_experiment_by_name(self.cfg.experiment)
-            if found is None:
-                raise
-            return found.experiment_id
+        # Model training, not GenAI: the UI opens the experiment on its runs (a kind set by a user is kept).
+        if EXPERIMENT_KIND_TAG not in found.tags:
+            self.client.set_experiment_tag(found.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
+        return found.experiment_id
 
     def _find(self, filter_string: str):
         runs = self.client.search_runs(
@@ -277,10 +305,24 @@ class Store:
         run = self.client.create_run(
             self.experiment_id,
             run_name=context.name,
-            tags={PARENT_KEY_TAG: context.key, KIND_TAG: "pipeline", **context.tags},
+            tags={
+                PARENT_KEY_TAG: context.key,
+                KIND_TAG: "pipeline",
+                DESCRIPTION_TAG: PARENT_DESCRIPTION.format(name=context.name),
+                **context.tags,
+            },
         )
-        self.client.set_terminated(run.info.run_id)  # a container for the runs below it, not a process
+        # Finished from the start (no process holds it open); `extend_parent` moves its end with every stage.
+        self.client.set_terminated(run.info.run_id)
         return run.info.run_id
+
+    def extend_parent(self, parent: str) -> None:
+        """The parent run now ends no earlier than now: it spans the stages that have finished so far."""
+        try:
+            if (self.client.get_run(parent).info.end_time or 0) < (now := _now_ms()):
+                self.client.set_terminated(parent, "FINISHED", end_time=now)
+        except Exception as exc:  # the span is a courtesy: never worth a stage
+            log.warning("could not extend the parent run %s: %s", parent, _short(exc))
 
     def training_run(self, context: PipelineContext, run: RunInfo, stage: str) -> tuple[str, bool]:
         """(run id, created) for this (variant, seed): the one in its checkpoint, an unfinished one of the same
@@ -332,10 +374,35 @@ def _pending_epochs(history: list[EpochRecord], gradients: list[GradientRow], lo
     return [(r.epoch, epoch_metrics(r, by_epoch.get(r.epoch, []))) for r in history if r.epoch not in logged]
 
 
+def input_example(data_dir: Path) -> np.ndarray | None:
+    """The model's input example: the first two test images of the prepared data, normalised as the network sees
+    them (N x 3 x 32 x 32 float32); None, with a warning, when the prepared data is not there."""
+    import torch
+
+    from vggdepth.batches import DeviceDataset
+    from vggdepth.data import load_prepared
+
+    try:
+        data = load_prepared(data_dir)
+    except Exception as exc:
+        log.warning("the model is logged without an input example: no prepared data at %s (%s)", data_dir, _short(exc))
+        return None
+    test = DeviceDataset(data.test, data.mean, data.std, torch.device("cpu"))
+    return test.normalise(test.images[:2]).contiguous().numpy()
+
+
 def log_run_artifacts(
-    store: Store, run_id: str, files: RunFiles, gradients: list[GradientRow], title: str, *, model: bool = True
+    store: Store,
+    run_id: str,
+    files: RunFiles,
+    gradients: list[GradientRow],
+    title: str,
+    *,
+    model: bool = True,
+    data_dir: Path | None = None,
 ) -> None:
-    """Tables, checkpoints, the gradient-flow figure and the best checkpoint as an MLflow PyTorch model."""
+    """Tables, checkpoints, the gradient-flow figure and the best checkpoint as an MLflow PyTorch model, named after
+    the run (`BN-VGG-38-s0`), in the run's experiment, with real test images (`data_dir`) as input example."""
     import mlflow
     import torch
 
@@ -346,11 +413,14 @@ def log_run_artifacts(
     if store.cfg.log_model and model:
         best = load_checkpoint(files.best)
         net = load_network(best, torch.device("cpu"))
-        example = torch.zeros(2, 3, 32, 32).numpy()  # normalised images, N x 3 x 32 x 32
+        example = input_example(data_dir or store.root / "data" / "prepared")
+        # A logged model belongs to the active experiment, not to the run given by id: make it the run's.
+        owner = client.get_run(run_id).info
+        mlflow.set_experiment(experiment_id=owner.experiment_id)
         # Pickled, not torch.export: load_model gives back the nn.Module, and the code travels with it.
         info = mlflow.pytorch.log_model(
             net,
-            name="model",
+            name=owner.run_name,  # `<variant>-s<seed>`
             input_example=example,
             serialization_format="pickle",
             code_paths=[str(Path(__file__).parent)],
@@ -383,13 +453,20 @@ def _title(run: RunInfo) -> str:
     return f"{run.variant} seed {run.seed}"
 
 
-def complete_run_artifacts(store: Store, run_id: str, files: RunFiles, gradients: list[GradientRow], title: str):
+def complete_run_artifacts(
+    store: Store,
+    run_id: str,
+    files: RunFiles,
+    gradients: list[GradientRow],
+    title: str,
+    data_dir: Path | None = None,
+):
     """Log the artefacts and the model only when the MLflow run lacks them; return whether anything was sent."""
     has_files = bool(store.client.list_artifacts(run_id))
     has_model = bool(store.client.get_run(run_id).data.tags.get("vggdepth.model_uri"))
     if has_files and (has_model or not store.cfg.log_model):
         return False
-    log_run_artifacts(store, run_id, files, gradients, title, model=not has_model)
+    log_run_artifacts(store, run_id, files, gradients, title, model=not has_model, data_dir=data_dir)
     return True
 
 
@@ -404,7 +481,7 @@ class MlflowCallback(Callback):
         # Sampled in this process: only meaningful where the run trains (the grid turns it off for other nodes).
         self.system_metrics = system_metrics and store.cfg.system_metrics
         self.client = store.client
-        self.run_id = ""
+        self.run_id = self.parent = ""
         self.pending: list[tuple[int, list]] = []
         self.offline_since: int | None = None
         self.monitor = None
@@ -413,6 +490,7 @@ class MlflowCallback(Callback):
 
     def on_run_start(self, run: RunInfo) -> None:
         self.run_id, created = self.store.training_run(self.context, run, self.stage)
+        self.parent = self.client.get_run(self.run_id).data.tags.get("mlflow.parentRunId", "")
         run.extra[RUN_ID_KEY] = self.run_id
         with _store_errors(self.store.uri, f"record the params and inputs of {run.variant}-s{run.seed}"):
             if created:
@@ -442,9 +520,11 @@ class MlflowCallback(Callback):
             log.error("could not record the node of MLflow run %s: %s", self.run_id, _short(exc))
         try:
             if _finished(run):  # nothing trained: the outputs were restored; send only what MLflow lacks
-                complete_run_artifacts(self.store, self.run_id, run.files, run.gradients, _title(run))
+                complete_run_artifacts(self.store, self.run_id, run.files, run.gradients, _title(run), self.data_dir)
             else:
-                log_run_artifacts(self.store, self.run_id, run.files, run.gradients, _title(run))
+                log_run_artifacts(
+                    self.store, self.run_id, run.files, run.gradients, _title(run), data_dir=self.data_dir
+                )
             artefacts = True
         except Exception as exc:  # tracking must never cost the run its outputs
             artefacts = False
@@ -512,6 +592,9 @@ class MlflowCallback(Callback):
             self.client.set_terminated(self.run_id, status)
         except Exception as exc:
             log.error("could not close MLflow run %s: %s", self.run_id, _short(exc))
+            return
+        if self.parent:
+            self.store.extend_parent(self.parent)
 
     def _log_inputs(self, run: RunInfo) -> None:
         """The data set of each split, with the archive's md5 as digest and the split as context."""
@@ -602,6 +685,8 @@ def log_evaluation(store: Store | None, files: RunFiles, result: dict) -> None:
     run_id = _run_id_of(files)
     try:
         _send_evaluation(store, run_id, files, result)
+        if parent := store.client.get_run(run_id).data.tags.get("mlflow.parentRunId"):
+            store.extend_parent(parent)
     except Exception as exc:
         if store.answers():
             raise TrackingError(
@@ -741,23 +826,18 @@ def log_report(
 
 def _log_report(store: Store, params: Params, out: Path, runs: Path, context: PipelineContext | None):
     import mlflow
-    from mlflow.entities import Metric
 
     client = store.client
     parent = store.parent_run(context or PipelineContext.detect(params))
     for name in ("table1.md", "table1.csv", "summary.json"):
         client.log_artifact(parent, str(out / name))
     client.log_artifacts(parent, str(out / "figures"), "figures")
-    summary = json.loads((out / "summary.json").read_text())
-    now = _now_ms()
-    client.log_batch(
-        parent,
-        metrics=[
-            Metric(f"{variant}/{key}", float(value), now, 0)
-            for variant, values in summary.items()
-            for key, value in values.items()
-        ],
-    )
+    # Table 1 as an MLflow table (the UI shows it as one, and mlflow.load_table reads it back): one row per variant,
+    # not one metric per cell, which would fill the chart view with single-bar charts before the runs' curves.
+    with (out / "table1.csv").open(newline="") as f:
+        rows = list(csv.DictReader(f))
+    columns = {name: [row[name] for row in rows] for name in (rows[0] if rows else [])}
+    mlflow.log_table(data=columns, artifact_file=TABLE1_ARTIFACT, run_id=parent)
 
     # The final variant's best run over the seeds, by its best validation accuracy.
     final = params.report.final_variant
@@ -773,6 +853,7 @@ def _log_report(store: Store, params: Params, out: Path, runs: Path, context: Pi
     version = mlflow.register_model(model_uri, name, tags={"variant": final, "run": best_files.root.name})
     client.set_registered_model_alias(name, alias, version.version)
     client.set_tag(parent, "vggdepth.registered_model", f"models:/{name}@{alias} (version {version.version})")
+    store.extend_parent(parent)
     log.info(
         "registered %s of %s as models:/%s@%s (version %s)", model_uri, best_files.root, name, alias, version.version
     )
