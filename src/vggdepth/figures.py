@@ -20,6 +20,7 @@ from vggdepth.outputs import CURVE_COLUMNS, read_epochs, run_of
 
 # Values at or below this are drawn on the floor of the log axis (float32 gradients that vanished entirely).
 GRADIENT_FLOOR = 1e-20
+LAYER_AXIS = "layer, input to output (s: stage, b: block, r: reduction, c: conv, bn: batch norm)"
 
 
 def short_layer(name: str) -> str:
@@ -66,7 +67,7 @@ def draw_gradient_flow(ax: Axes, rows: Sequence[GradientRow], title: str, statis
     ax.set_xticks(range(len(layers)), [short_layer(layer) for layer in layers], rotation=90, fontsize=7)
     ax.set_xlim(-0.5, len(layers) - 0.5)
     _mark_stages(ax, layers)
-    ax.set_xlabel("layer, input to output (s: stage, b: block, r: reduction, c: conv, bn: batch norm)")
+    ax.set_xlabel(LAYER_AXIS)
     ax.set_ylabel("mean |gradient|" + (" (last step of epoch)" if statistic == "last_mean_abs" else ""))
     ax.set_title(title, pad=14)
     ax.grid(True, which="major", axis="y", alpha=0.3)
@@ -95,13 +96,22 @@ def draw_accuracy(ax: Axes, label: str, epochs: Sequence[dict], *, color, refere
     """Train (dashed) and validation (solid) accuracy per epoch of one run."""
     x = [int(e["epoch"]) if "epoch" in e else i for i, e in enumerate(epochs)]
     style = {"alpha": 0.6, "linewidth": 1} if reference else {"linewidth": 1.5}
+    if len(x) <= 20:  # few epochs: mark each (one epoch is a point, not a line)
+        style.update(marker="o", markersize=3)
     ax.plot(x, [e["train_acc"] for e in epochs], linestyle="--", color=color, label=f"{label} train", **style)
     ax.plot(x, [e["val_acc"] for e in epochs], linestyle="-", color=color, label=f"{label} validation", **style)
 
 
 def _epoch_axis(ax: Axes) -> None:
+    """Whole epochs on x, half an epoch of room on either side; accuracy on y from 0, no offset notation."""
     ax.set_xlabel("epoch")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    data = [line for line in ax.get_lines() if not line.get_label().startswith("chance")]
+    last = max((max(line.get_xdata(), default=0) for line in data), default=0)
+    top = max((max(line.get_ydata(), default=0) for line in ax.get_lines()), default=0)
+    ax.set_xlim(-0.5, max(last, 1) + 0.5)
+    ax.set_ylim(0, max(top * 1.15, 0.02))
+    ax.ticklabel_format(axis="y", useOffset=False)
 
 
 def _chance(ax: Axes, classes: int) -> None:
@@ -140,9 +150,13 @@ def gradient_flow_panels(results: dict, variants: Sequence[str], seed: int, stat
         gridspec_kw={"width_ratios": widths},
         sharey=True,
     )
-    for ax, run, table in zip(axes[0], runs, tables, strict=True):
+    for k, (ax, run, table) in enumerate(zip(axes[0], runs, tables, strict=True)):
         draw_gradient_flow(ax, table, f"{run.variant} (seed {seed})", statistic)
-    fig.suptitle(title)
+        if k < len(runs) - 1:  # the key to the layer names once, under the widest (last) panel
+            ax.set_xlabel("layer")
+        if k:  # the y axis is shared: its label once
+            ax.set_ylabel("")
+    fig.suptitle(title, y=1.04)
     return fig
 
 
@@ -169,13 +183,17 @@ def seeds_figure(results: dict, variants: Sequence[str], title: str, colors: dic
                 label=f"min-max over {len(runs)} seeds",
             )
         label = f"mean of {len(runs)} seeds" if len(runs) > 1 else "one seed"
-        ax.plot(x, [sum(v) / len(v) for v in per_epoch], color=colors[variant], label=label)
+        marks = {"marker": "o", "markersize": 3} if length <= 20 else {}
+        ax.plot(x, [sum(v) / len(v) for v in per_epoch], color=colors[variant], label=label, **marks)
         _chance(ax, classes)
         ax.set_title(variant)
         _epoch_axis(ax)
         ax.set_ylabel("validation accuracy")
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=8)
+    # The panels share their y axis: from 0 to above every band, not only the last panel's.
+    top = max(r.epochs[e]["val_acc"] for v in variants for r in results[v] for e in range(len(r.epochs)))
+    axes.flat[0].set_ylim(0, max(top * 1.15, 1.5 / classes))
     fig.suptitle(title)
     fig.tight_layout()
     return fig
