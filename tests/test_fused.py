@@ -159,7 +159,7 @@ def test_fused_runs_write_the_outputs_of_runs_trained_alone(small_data, params, 
         ga, gb = _rows(a.gradients_csv), _rows(b.gradients_csv)
         assert [(r["epoch"], r["layer"], r["numel"]) for r in ga] == [(r["epoch"], r["layer"], r["numel"]) for r in gb]
         for ra, rb in zip(ga, gb, strict=True):
-            # Measured worst cases: 1.2% (mean_abs), 1.3% (grad_l2); the last step's value alone, 3.8% on one
+            # Measured worst cases: 1.2% (mean_abs), 1.3% (grad_l2); the last step's value alone, 3.8% in one
             # run and 6.7% in another (after other tests changed the thread count: other sums); weights 4e-5.
             tolerances = (("mean_abs", 5e-2), ("last_mean_abs", 0.15), ("grad_l2", 5e-2), ("weight_l2", 2e-3))
             for statistic, rel in tolerances:
