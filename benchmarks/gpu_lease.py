@@ -54,7 +54,7 @@ sys.path.insert(0, str(ROOT / "src"))  # the library from source: the machine ha
 from vggdepth.config import Params, load_params  # noqa: E402
 from vggdepth.data import PreparedData, load_prepared, prepare  # noqa: E402
 from vggdepth.download import md5sum  # noqa: E402
-from vggdepth.engine import Callback, RunFiles, Trainer, make_trainer, train_run  # noqa: E402
+from vggdepth.engine import Callback, RunFiles, make_trainer, train_run  # noqa: E402
 from vggdepth.evaluation import evaluate_run  # noqa: E402
 from vggdepth.files import write_json  # noqa: E402
 from vggdepth.fused import WARMUP_STEPS, FusedTrainer, fusion_groups, train_fused  # noqa: E402
@@ -111,22 +111,16 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def first_batches(params: Params, variant: str, data: PreparedData, steps: int) -> PreparedData:
+    """`data` with only the training images of its first `steps` batches of `variant`: a throughput row's epoch."""
+    n = min(len(data.train), steps * params.variants[variant].batch_size)
+    return PreparedData(train=data.train.take(np.arange(n)), val=data.val, test=data.test, stats=data.stats)
+
+
 def step_throughput(params: Params, variant: str, data: PreparedData, steps: int, workdir: Path) -> float:
     """Training images/s of the production step (Trainer.train_epoch) over `steps` batches, after one warm-up
     pass over the same batches."""
-    batch = params.variants[variant].batch_size
-    n = min(len(data.train), steps * batch)
-    train = data.train.take(np.arange(n))
-    trainer = Trainer(
-        model=params.model,
-        train=params.train,
-        runtime=params.runtime,
-        variant_name=variant,
-        variant=params.variants[variant],
-        seed=0,
-        data=PreparedData(train=train, val=data.val, test=data.test, stats=data.stats),
-        files=RunFiles(workdir / variant),
-    )
+    trainer = make_trainer(params, variant, 0, first_batches(params, variant, data, steps), workdir / variant)
     from tqdm import tqdm
 
     with tqdm(total=steps, disable=True) as bar:
@@ -135,15 +129,13 @@ def step_throughput(params: Params, variant: str, data: PreparedData, steps: int
         started = time.perf_counter()
         trainer.train_epoch(1, bar)
         _sync(trainer.device)
-    return n / (time.perf_counter() - started)
+    return len(trainer.train_data) / (time.perf_counter() - started)
 
 
 def fused_group(params: Params, variant: str, data: PreparedData, steps: int, k: int, workdir: Path) -> FusedTrainer:
     """`k` runs of `variant` (seeds 0..k-1) fused as the study fuses them (their initial state loaded, each its own
     learning rate), on the first `steps` batches of the training set."""
-    batch = params.variants[variant].batch_size
-    n = min(len(data.train), steps * batch)
-    small = PreparedData(train=data.train.take(np.arange(n)), val=data.val, test=data.test, stats=data.stats)
+    small = first_batches(params, variant, data, steps)
     group = FusedTrainer(
         [make_trainer(params, variant, seed, small, workdir / f"{variant}-fused{k}-s{seed}") for seed in range(k)]
     )
