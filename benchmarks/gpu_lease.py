@@ -58,11 +58,21 @@ from vggdepth.engine import Callback, RunFiles, make_trainer, train_run  # noqa:
 from vggdepth.evaluation import evaluate_run  # noqa: E402
 from vggdepth.files import write_json  # noqa: E402
 from vggdepth.fused import WARMUP_STEPS, FusedTrainer, fusion_groups, train_fused  # noqa: E402
+from vggdepth.labels import Labels, load_labels, write_labels  # noqa: E402
 from vggdepth.outputs import read_epochs  # noqa: E402
 
 NETWORKS = "VGG-08,VGG-38,BN-VGG-38"  # the table's networks alone
 FUSE_NETWORK = "BN-VGG-38"  # the study's most common network: its fused rows set how the study trains
-TABLES = ("epochs.csv", "gradients.csv", "train.json", "test.json")
+TABLES = (
+    "epochs.csv",
+    "gradients.csv",
+    "train.json",
+    "test.json",
+    "predictions.npz",
+    "per_class.csv",
+    "superclass_confusion.csv",
+)
+LABELS = "labels.json"  # beside prepared/: the superclasses, for the evaluation
 
 
 class TimeUp(Exception):
@@ -387,9 +397,10 @@ def train_and_test(
     try:
         params = Params.model_validate_json(params_json)
         data = load_prepared(data_dir)
+        labels = load_labels(Path(data_dir).parent / LABELS, data.stats)
         started = time.time()
         if not fused:
-            return [_alone(params, *group[0], data, Path(runs), deadline, states[0])]
+            return [_alone(params, *group[0], data, labels, Path(runs), deadline, states[0])]
         trainer = train_fused(params, group, data, Path(runs), lambda v, s: [Deadline(deadline)])
         seconds = time.time() - started
         for state, run, outcome in zip(states, trainer.trainers, trainer.outcome, strict=True):
@@ -399,7 +410,9 @@ def train_and_test(
             elif isinstance(outcome, BaseException):
                 state["state"] = f"failed: {type(outcome).__name__}: {outcome}"
             else:
-                write_json(run.files.test_json, evaluate_run(run.files, data, params.train, params.runtime))
+                evaluate_run(run.files, data, labels, params.train, params.runtime, params.evaluate).write(
+                    run.files, labels
+                )
                 state.update(
                     state="finished", images_per_second=outcome["images_per_second"], val_acc=outcome["val_acc"]
                 )
@@ -410,7 +423,14 @@ def train_and_test(
 
 
 def _alone(
-    params: Params, variant: str, seed: int, data: PreparedData, runs: Path, deadline: float, state: dict
+    params: Params,
+    variant: str,
+    seed: int,
+    data: PreparedData,
+    labels: Labels,
+    runs: Path,
+    deadline: float,
+    state: dict,
 ) -> dict:
     """One run trained alone by the trainer, as the stage does: the lease's fallback."""
     started = time.time()
@@ -419,7 +439,7 @@ def _alone(
         trainer = train_run(params, variant, seed, data, files.root, [Deadline(deadline)])
     except TimeUp as exc:
         return {**state, "state": str(exc), "epochs": _epochs_done(files), "seconds": time.time() - started}
-    write_json(files.test_json, evaluate_run(files, data, params.train, params.runtime))
+    evaluate_run(files, data, labels, params.train, params.runtime, params.evaluate).write(files, labels)
     summary = trainer.summary()
     return {
         **state,
@@ -568,6 +588,8 @@ def main() -> None:
     data_dir = args.work / "prepared"
     if not (data_dir / "stats.json").exists():
         prepare(args.archive, data_dir, params.prepare)
+    if not (args.work / LABELS).exists():
+        write_labels(args.archive, args.work / LABELS)
     data = load_prepared(data_dir)
     say(f"prepared: {len(data.train)} train, {len(data.val)} val, {len(data.test)} test images")
 

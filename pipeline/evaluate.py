@@ -1,5 +1,7 @@
-"""DVC stage `evaluate@<variant>-<seed>`: test loss and accuracy of the best and the final checkpoint."""
+"""DVC stage `evaluate@<variant>-<seed>`: the best and the final checkpoint on the test set: loss, accuracy, top-k,
+superclass accuracy, calibration, per-class results and the predictions they come from."""
 
+from functools import partial
 from pathlib import Path
 from typing import Annotated
 
@@ -11,7 +13,8 @@ from vggdepth.data import load_prepared
 from vggdepth.engine import RunFiles
 from vggdepth.errors import VggdepthError
 from vggdepth.evaluation import evaluate_run
-from vggdepth.files import ready_to_write, write_json
+from vggdepth.files import ready_to_write
+from vggdepth.labels import load_labels
 from vggdepth.tracking import log_evaluation, open_store
 
 
@@ -19,6 +22,7 @@ from vggdepth.tracking import log_evaluation, open_store
 def main(
     run: Annotated[Path, typer.Option(help="the run folder written by `train`")],
     data: Annotated[Path, typer.Option(help="prepared data folder")] = Path("data/prepared"),
+    labels: Annotated[Path, typer.Option(help="superclass labels written by `labels`")] = Path("data/labels.json"),
     params: Annotated[Path, typer.Option(help="parameters file")] = Path("params.yaml"),
 ) -> None:
     p = load_params(params)
@@ -27,9 +31,11 @@ def main(
         raise VggdepthError(f"{files.checkpoints} does not exist: train the run first (the train stage)")
     ready_to_write(files.test_json)
     store = open_store(p)  # before any work: an unreachable tracking server stops the stage here
-    result = evaluate_run(files, load_prepared(data), p.train, p.runtime)
-    log_evaluation(store, files, result)  # first: a stage that fails here leaves no test.json behind
-    write_json(files.test_json, result)
+    prepared = load_prepared(data)
+    known = load_labels(labels, prepared.stats)
+    evaluation = evaluate_run(files, prepared, known, p.train, p.runtime, p.evaluate)
+    # MLflow first: a stage that fails there leaves no test.json behind
+    evaluation.write(files, known, publish=partial(log_evaluation, store, files, evaluation.result))
 
 
 if __name__ == "__main__":

@@ -65,7 +65,10 @@ def make_cifar_archive(path: Path, *, train_per_class: int = 2, test_per_class: 
     members = {
         "train": batch(train_per_class),
         "test": batch(test_per_class),
-        "meta": {"fine_label_names": [f"class{i:02d}" for i in range(100)], "coarse_label_names": []},
+        "meta": {
+            "fine_label_names": [f"class{i:02d}" for i in range(100)],
+            "coarse_label_names": [f"super{i:02d}" for i in range(20)],
+        },
     }
     with tarfile.open(path, "w:gz") as tar:
         for name, obj in members.items():
@@ -146,6 +149,14 @@ def tiny_data(tiny_data_dir):
 def small_data(archive_path, params, tmp_path_factory):
     """500 training images of the real data set, 5 per class, so the class prior is uniform."""
     return prepare_subset(archive_path, tmp_path_factory.mktemp("small"), params, train=5, val=1, test=1)
+
+
+@pytest.fixture(scope="session")
+def labels(archive_path):
+    """The real archive's class and superclass names (what the labels stage writes)."""
+    from vggdepth.labels import read_labels
+
+    return read_labels(archive_path)
 
 
 @pytest.fixture

@@ -5,13 +5,16 @@ output locations. Each case runs a real stage (or command) as a process and must
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import os
+import pickle
 import resource
 import shutil
 import signal
 import subprocess
 import sys
+import tarfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,7 +24,7 @@ import pytest
 import torch
 import yaml
 
-from tests.conftest import ROOT, free_port, prepare_subset
+from tests.conftest import ROOT, free_port, make_cifar_archive, prepare_subset
 from vggdepth.engine import RunFiles, train_run
 from vggdepth.evaluation import evaluate_run
 from vggdepth.files import write_json
@@ -73,6 +76,7 @@ class Workspace:
     prepared: Path
     runs: Path
     archive: Path
+    labels: Path
     env: dict = field(default_factory=dict)
     preexec: Callable[[], None] | None = None
     stack: contextlib.ExitStack = field(default_factory=contextlib.ExitStack)
@@ -131,8 +135,9 @@ class Workspace:
             str(data or self.prepared),
         )
 
-    def evaluate(self, run: RunFiles, data: Path | None = None) -> list[str]:
-        return self.stage("evaluate", "--run", str(run.root), "--data", str(data or self.prepared))
+    def evaluate(self, run: RunFiles, data: Path | None = None, labels: Path | None = None) -> list[str]:
+        data, labels = str(data or self.prepared), str(labels or self.labels)
+        return self.stage("evaluate", "--run", str(run.root), "--data", data, "--labels", labels)
 
     def report(self, runs: Path) -> list[str]:
         return self.stage("report", "--runs", str(runs), "--out", str(self.root / "report"))
@@ -189,6 +194,13 @@ PARAMS_CASES = {
     "betas-out-of-range": ("train.betas", [0.9, 1.5], "train.betas.1: input should be less than 1"),
     "grid-threads-zero": ("grid.threads_per_run", 0, "grid.threads_per_run: a positive whole number or 'auto' (got 0)"),
     "grid-runs-per-gpu-word": ("grid.runs_per_gpu", "many", "grid.runs_per_gpu: a positive whole number or 'auto'"),
+    "top-k-above-classes": ("evaluate.top_k", 101, "evaluate.top_k: 101 is more than the 100 classes"),
+    "calibration-one-bin": ("evaluate.calibration_bins", 1, "evaluate.calibration_bins: input should be greater than"),
+    "per-class-figure-of-three": (
+        "report.figures.fig7-per-class-final-vs-vgg08.variants",
+        ["VGG-08", "VGG-38", "BN-VGG-38"],
+        "a per_class figure draws 2 variant(s), got 3",
+    ),
 }
 for _name, (_key, _value, _message) in PARAMS_CASES.items():
     case(f"params-{_name}", _message)(lambda ws, k=_key, v=_value: ws.set(k, v) and ws.train())
@@ -432,6 +444,60 @@ def _(ws):
     return ws.evaluate(run)
 
 
+EVALUATE_ABSENT = tuple(f"runs/VGG-08-s0/{name}" for name in ("test.json", "predictions.npz", "per_class.csv"))
+
+
+def _evaluate_again(ws: Workspace) -> RunFiles:
+    """A copy of a finished run without its evaluation."""
+    run = ws.run_folder()
+    for name in EVALUATE_ABSENT:
+        (ws.root / name).unlink()
+    return run
+
+
+@case("labels-missing", "labels.json is missing; run `dvc repro labels`", absent=EVALUATE_ABSENT)
+def _(ws):
+    return ws.evaluate(_evaluate_again(ws), labels=ws.root / "labels.json")
+
+
+@case("labels-of-another-archive", "is of the archive with md5 00000000", absent=EVALUATE_ABSENT)
+def _(ws):
+    data = json.loads(ws.labels.read_text())
+    (ws.root / "labels.json").write_text(json.dumps({**data, "archive_md5": "0" * 32}))
+    return ws.evaluate(_evaluate_again(ws), labels=ws.root / "labels.json")
+
+
+@case("labels-class-names-differ", "does not name the prepared data's classes", absent=EVALUATE_ABSENT)
+def _(ws):
+    data = json.loads(ws.labels.read_text())
+    (ws.root / "labels.json").write_text(json.dumps({**data, "classes": data["classes"][:10]}))
+    return ws.evaluate(_evaluate_again(ws), labels=ws.root / "labels.json")
+
+
+@case("labels-archive-without-superclasses", "names 100 classes and 0 superclasses", absent=("labels.json",))
+def _(ws):
+    archive = make_cifar_archive(ws.root / "no-superclasses.tar.gz")
+    with tarfile.open(archive) as tar:
+        members = {m.name: pickle.loads(tar.extractfile(m).read()) for m in tar.getmembers()}  # noqa: S301
+    members["cifar-100-python/meta"]["coarse_label_names"] = []
+    with tarfile.open(archive, "w:gz") as tar:
+        for name, obj in members.items():
+            payload = pickle.dumps(obj)
+            info = tarfile.TarInfo(name)
+            info.size = len(payload)
+            tar.addfile(info, io.BytesIO(payload))
+    return [sys.executable, str(ROOT / "pipeline" / "labels.py"), "--archive", str(archive), "--out", "labels.json"]
+
+
+@case("checkpoint-of-other-classes", "is a network of 10 classes, the test set has 100", absent=EVALUATE_ABSENT)
+def _(ws):
+    run = _evaluate_again(ws)
+    state = torch.load(run.best, weights_only=True)
+    state["model_config"]["num_classes"] = 10
+    torch.save(state, run.best)
+    return ws.evaluate(run)
+
+
 @case("checkpoint-missing-for-evaluate", "does not exist: train the run first", absent=("runs/VGG-08-s0/test.json",))
 def _(ws):
     run = ws.run_folder()
@@ -564,6 +630,27 @@ def _(ws):
     return _damaged_report(ws, lambda runs: (runs / "VGG-08-s0" / "test.json").write_text('{"best": '))
 
 
+@case("report-predictions-wrong-length", "predictions.npz holds 50 images, the test set 100", absent=REPORT_ABSENT)
+def _(ws):
+    def damage(runs):
+        path = runs / "HIGHLR-BN-38-s0" / "predictions.npz"
+        with np.load(path) as f:
+            arrays = {name: f[name] if f[name].ndim == 0 else f[name][:50] for name in f.files}
+        np.savez_compressed(path, **arrays)
+
+    return _damaged_report(ws, damage)
+
+
+@case("report-predictions-damaged", "predictions.npz is damaged", absent=REPORT_ABSENT)
+def _(ws):
+    return _damaged_report(ws, lambda runs: (runs / "BN-VGG-38-s0" / "predictions.npz").write_bytes(b"PK\x03\x04"))
+
+
+@case("report-per-class-missing", "per_class.csv is missing", absent=REPORT_ABSENT)
+def _(ws):
+    return _damaged_report(ws, lambda runs: (runs / "VGG-08-s0" / "per_class.csv").unlink())
+
+
 @case("report-test-json-without-keys", "test.json lacks best with test_acc, test_loss", absent=REPORT_ABSENT)
 def _(ws):
     return _damaged_report(ws, lambda runs: (runs / "MBS50-BN-38-s0" / "test.json").write_text('{"best": {}}'))
@@ -666,7 +753,7 @@ def _(ws):
 
 
 @pytest.fixture(scope="module")
-def fixtures(archive_path, archive_md5, params, tmp_path_factory, http_server_module):
+def fixtures(archive_path, archive_md5, params, labels, tmp_path_factory, http_server_module):
     """Prepared data (200/100/100 real images) and a finished run of every variant (1 epoch, no tracking)."""
     root = tmp_path_factory.mktemp("bad-inputs")
     prepared = root / "prepared"
@@ -682,7 +769,7 @@ def fixtures(archive_path, archive_md5, params, tmp_path_factory, http_server_mo
     for variant in quick.variants:
         files = RunFiles.of(root / "runs", variant, SEED)
         train_run(quick, variant, SEED, data, files.root)
-        write_json(files.test_json, evaluate_run(files, data, quick.train, quick.runtime))
+        evaluate_run(files, data, labels, quick.train, quick.runtime, quick.evaluate).write(files, labels)
     raw = yaml.safe_load((ROOT / "params.yaml").read_text())
     raw["data"].update(url=str(archive_path), md5=archive_md5)
     raw["prepare"]["subset"] = {"train": 2, "val": 1, "test": 1}
@@ -690,7 +777,15 @@ def fixtures(archive_path, archive_md5, params, tmp_path_factory, http_server_mo
     raw["runtime"]["device"] = "cpu"
     raw["seeds"] = [SEED]
     raw["tracking"]["enabled"] = False
-    return {"raw": raw, "prepared": prepared, "runs": root / "runs", "archive": archive_path, "md5": archive_md5}
+    write_json(root / "labels.json", labels.to_json())
+    return {
+        "raw": raw,
+        "prepared": prepared,
+        "runs": root / "runs",
+        "archive": archive_path,
+        "md5": archive_md5,
+        "labels": root / "labels.json",
+    }
 
 
 @pytest.fixture(scope="module")
@@ -741,6 +836,7 @@ def test_bad_input_ends_in_one_clear_error_and_leaves_nothing_half_written(
         fixtures["prepared"],
         fixtures["runs"],
         fixtures["archive"],
+        fixtures["labels"],
         env={"NOT_MLFLOW_URL": http_server_module, "ARCHIVE_MD5": fixtures["md5"]},
     )
     ws.write_params()

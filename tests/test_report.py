@@ -8,9 +8,11 @@ import json
 import statistics
 import subprocess
 import sys
+from functools import partial
 from pathlib import Path
 
 import mlflow
+import numpy as np
 import pytest
 import torch
 from matplotlib.collections import PolyCollection
@@ -19,16 +21,15 @@ from tests.conftest import ROOT, write_yaml
 from vggdepth.batches import DeviceDataset
 from vggdepth.engine import RunFiles, Trainer, load_checkpoint, load_network
 from vggdepth.evaluation import evaluate_run
-from vggdepth.figures import build_figures
-from vggdepth.files import write_json
 from vggdepth.report import ReportError, build_report, collect
+from vggdepth.report_figures import build_figures
 from vggdepth.tracking import MlflowCallback, PipelineContext, Store, log_evaluation, log_report
 
 SEEDS = [0, 1]
 
 
 @pytest.fixture(scope="session")
-def study(params, tiny_data, tmp_path_factory):
+def study(params, tiny_data, labels, tmp_path_factory):
     """Real train and evaluate outputs of every variant for two seeds (1 epoch, 200 images), tracked in an
     embedded MLflow store under a temporary project root."""
     root = tmp_path_factory.mktemp("study")
@@ -57,9 +58,8 @@ def study(params, tiny_data, tmp_path_factory):
                 files=files,
                 callbacks=[tracker],
             ).fit()
-            result = evaluate_run(files, tiny_data, p.train, p.runtime)
-            log_evaluation(store, files, result)
-            write_json(files.test_json, result)
+            evaluation = evaluate_run(files, tiny_data, labels, p.train, p.runtime, p.evaluate)
+            evaluation.write(files, labels, publish=partial(log_evaluation, store, files, evaluation.result))
     return {"params": p, "root": root, "runs": root / "runs", "store": store, "context": context}
 
 
@@ -88,7 +88,8 @@ def test_table_holds_the_metrics_files_values(study, built):
         last = _epochs(study, variant, 0)[-1]
         for metric in ("train_acc", "train_loss", "val_acc", "val_loss"):
             assert float(row[metric]) == float(last[metric]), (variant, metric)
-        assert float(row["test_acc"]) == _test(study, variant, 0)["best"]["test_acc"]
+        for metric in ("test_acc", "test_top5", "test_ece", "test_superclass_acc"):
+            assert float(row[metric]) == _test(study, variant, 0)["best"][metric], (variant, metric)
         assert (row["epochs"], row["comparable"], row["seeds"]) == ("1", "False", "2")
     assert rows["VGG-08"]["parameters"] == "59716"
     assert rows["BN-VGG-38"]["parameters"] == "338500"
@@ -141,10 +142,17 @@ def test_summary_has_one_entry_per_variant_and_metric(built, study):
         "val_acc_mean",
         "test_acc",
         "test_acc_mean",
+        "test_top5",
+        "test_ece",
+        "test_superclass_acc",
         "epochs",
         "entry_grad_min",
         "entry_grad_max",
     }
+    # what the evaluation adds, from the run's test.json (best checkpoint, seed 0)
+    best = _test(study, "VGG-08", 0)["best"]
+    assert summary["VGG-08"]["test_top5"] == best["test_top5"] >= best["test_acc"]
+    assert summary["VGG-08"]["test_ece"] == best["test_ece"]
     # The guard's mechanism, from the real gradient tables: VGG-38's entry layer gets nothing, VGG-08's does.
     assert summary["VGG-38"]["entry_grad_max"] < 1e-10 < 1e-6 < summary["VGG-08"]["entry_grad_min"]
 
@@ -220,6 +228,33 @@ def test_figures_carry_the_expected_series(study):
     ]
     assert "drawn only when they match" in figures["reference-overlay-vgg08-vgg38"]
 
+    # Figure 7: per-class accuracy differences, sorted, from the two runs' per_class.csv; the extremes named.
+    (ax,) = figures["fig7-per-class-final-vs-vgg08"].axes
+    heights = [bar.get_height() for bar in ax.patches]
+    accuracy = {}
+    for v in ("WR50-HIGHLR-BN-38", "VGG-08"):
+        with open(study["runs"] / f"{v}-s0" / "per_class.csv") as f:
+            accuracy[v] = {r["name"]: float(r["accuracy_best"]) for r in csv.DictReader(f)}
+    differences = sorted(accuracy["WR50-HIGHLR-BN-38"][c] - accuracy["VGG-08"][c] for c in accuracy["VGG-08"])
+    assert heights == pytest.approx(differences) and len(heights) == 100
+    assert len(ax.get_xticklabels()) == 20
+    worst = ax.get_xticklabels()[0].get_text()
+    assert accuracy["WR50-HIGHLR-BN-38"][worst] - accuracy["VGG-08"][worst] == pytest.approx(differences[0])
+
+    # Figure 8: the superclass matrix, rows normalised, labelled with the archive's superclass names.
+    (ax, _colorbar) = figures["fig8-superclass-confusion-final"].axes
+    shares = ax.get_images()[0].get_array()
+    assert shares.shape == (20, 20)
+    assert np.allclose(shares.sum(axis=1), 1)  # every superclass has test images, so every row sums to 1
+    assert [t.get_text() for t in ax.get_yticklabels()][:2] == ["aquatic mammals", "fish"]
+
+    # Figure 9: one reliability curve per variant (ECE in its label) and the diagonal.
+    top, _bottom = figures["fig9-reliability"].axes
+    labels = [line.get_label() for line in top.get_lines()]
+    assert labels[0] == "perfectly calibrated"
+    for variant, label in zip(("BN-VGG-38", "HIGHLR-BN-38", "WR50-HIGHLR-BN-38"), labels[1:], strict=True):
+        assert label == f"{variant} (ECE {_test(study, variant, 0)['best']['test_ece']:.3f})"
+
 
 def test_reference_overlay_is_drawn_for_runs_as_long_as_the_reference(study):
     p = study["params"]
@@ -256,6 +291,9 @@ def test_final_model_is_registered_and_loads_by_alias(study, built, tiny_data):
     parent = study["store"].parent_run(study["context"])
     artefacts = {a.path for a in study["store"].client.list_artifacts(parent)}
     assert {"table1.json", "table1.md", "table1.csv", "summary.json", "figures"} <= artefacts
+    logged_figures = {a.path for a in study["store"].client.list_artifacts(parent, "figures")}
+    for name in ("fig7-per-class-final-vs-vgg08", "fig8-superclass-confusion-final", "fig9-reliability"):
+        assert f"figures/{name}.png" in logged_figures
     # Table 1 as an MLflow table with the CSV's rows, and no per-cell metrics on the parent.
     table = mlflow.load_table("table1.json", run_ids=[parent])
     with (built["out"] / "table1.csv").open() as f:
@@ -276,6 +314,10 @@ def test_report_command_prints_table1(study, tmp_path):
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("### Table 1: seed 0")
     assert "| MBS50-BN-38 | 338,500 |" in result.stdout
+    assert "| test acc | test loss | test top-5 | test ECE |" in result.stdout
+    best = _test(study, "MBS50-BN-38", 0)["best"]
+    row = next(line for line in result.stdout.splitlines() if line.startswith("| MBS50-BN-38 | 338,500 |"))
+    assert row.endswith(f"| {best['test_top5']:.3f} | {best['test_ece']:.3f} |")
 
 
 def test_report_names_missing_runs(study, tmp_path):
@@ -382,6 +424,14 @@ def test_dvc_plots_show_renders_every_chart_offline(study, built, tmp_path):
     (repo / "runs" / "VGG-38-s0").mkdir(parents=True)
     shutil.copy(study["runs"] / "VGG-38-s0" / "epochs.csv", repo / epochs)
     plots = [*project["plots"], {epochs: {k: v for k, v in props.items() if k != "cache"}}]
+    evaluated = {}  # the evaluate stage's plots of one run: superclass confusion, per-class accuracy
+    for entry in project["stages"]["evaluate"]["plots"]:
+        ((path, props),) = entry.items()
+        path = path.replace("${item.variant}-s${item.seed}", "VGG-08-s0")
+        (repo / path).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(study["runs"] / "VGG-08-s0" / Path(path).name, repo / path)
+        plots.append({path: {k: v for k, v in props.items() if k != "cache"}})
+        evaluated[Path(path).name] = path
     (repo / "dvc.yaml").write_text(yaml.safe_dump({"plots": plots}, sort_keys=False))
 
     shown = subprocess.run([dvc, "plots", "show", "-o", "shown"], cwd=repo, capture_output=True, text=True, timeout=300)
@@ -401,3 +451,33 @@ def test_dvc_plots_show_renders_every_chart_offline(study, built, tmp_path):
     assert {row["variant"] for row in lr["data"]["values"]} == set(study["params"].variants)
     run = by_title[epochs]
     assert run["encoding"]["y"]["axis"]["format"] == ".3f" and run["encoding"]["y"]["scale"]["domainMin"] == 0
+    confusion = by_title[evaluated["superclass_confusion.csv"]]
+    assert confusion["spec"]["transform"][0]["aggregate"] == [{"op": "sum", "field": "count", "as": "images"}]
+    assert len(confusion["data"]["values"]) == 400  # 20 x 20 superclass pairs, not one row per image
+    assert sum(int(v["count"]) for v in confusion["data"]["values"]) == _test(study, "VGG-08", 0)["test_images"]
+    per_class = by_title[evaluated["per_class.csv"]]
+    assert len(per_class["data"]["values"]) == 100
+    assert {per_class["encoding"]["x"]["field"], per_class["encoding"]["y"]["field"]} == {"accuracy_best", "name"}
+
+
+def test_evaluation_reaches_each_runs_mlflow_run(study):
+    """Every test metric of both checkpoints is a run metric (what the compare view and `dvc metrics` show), and
+    the evaluation's tables are the run's artefacts."""
+    store = study["store"]
+    parent = store.parent_run(study["context"])
+    query = f"attributes.run_name = 'HIGHLR-BN-38-s1' and tags.`mlflow.parentRunId` = '{parent}'"
+    (run,) = store.client.search_runs([store.experiment_id], query)
+    result = _test(study, "HIGHLR-BN-38", 1)
+    for kind in ("best", "final"):
+        for name in (
+            "test_loss",
+            "test_acc",
+            "test_top5",
+            "test_superclass_acc",
+            "test_macro_f1",
+            "test_ece",
+            "test_nll",
+        ):
+            assert run.data.metrics[f"{name}_{kind}"] == pytest.approx(result[kind][name]), (name, kind)
+    tables = {a.path for a in store.client.list_artifacts(run.info.run_id, "evaluation")}
+    assert tables == {f"evaluation/{n}" for n in ("predictions.npz", "per_class.csv", "superclass_confusion.csv")}

@@ -145,6 +145,13 @@ class Variant(_Section):
     batch_size: PositiveInt
 
 
+class EvaluateConfig(_Section):
+    """What the evaluate stage measures beyond test loss and accuracy (README "Evaluation")."""
+
+    top_k: Annotated[int, Field(ge=2)]  # top-k accuracy: the true class among the k most probable
+    calibration_bins: Annotated[int, Field(ge=2)]  # equal-width confidence bins of the ECE
+
+
 class TrackingConfig(_Section):
     """MLflow tracking of every training run (the store comes from MLFLOW_TRACKING_URI or mlruns/)."""
 
@@ -167,8 +174,17 @@ class ReferenceConfig(_Section):
 
 
 class FigureConfig(_Section):
-    kind: Literal["accuracy", "gradient_flow", "seeds", "reference_overlay"]
+    kind: Literal[
+        "accuracy", "gradient_flow", "seeds", "reference_overlay", "per_class", "superclass_confusion", "reliability"
+    ]
     variants: Annotated[list[VariantName], Field(min_length=1)]
+
+    @model_validator(mode="after")
+    def _variant_count(self) -> FigureConfig:
+        wanted = {"per_class": 2, "superclass_confusion": 1}.get(self.kind)
+        if wanted is not None and len(self.variants) != wanted:
+            raise ValueError(f"a {self.kind} figure draws {wanted} variant(s), got {len(self.variants)}")
+        return self
 
 
 class GuardConfig(_Section):
@@ -213,6 +229,7 @@ class Params(_Section):
     model: ModelConfig
     train: TrainConfig
     runtime: RuntimeConfig
+    evaluate: EvaluateConfig
     grid: GridConfig
     variants: Annotated[dict[VariantName, Variant], Field(min_length=1)]
     seeds: Annotated[list[Seed], Field(min_length=1)]
@@ -225,6 +242,8 @@ class Params(_Section):
             raise ValueError(f"seeds: each seed must appear once, got {self.seeds}")
         if self.train.lr_min >= min(v.lr for v in self.variants.values()):
             raise ValueError(f"train.lr_min: the floor {self.train.lr_min} must be below every variant's lr")
+        if self.evaluate.top_k > self.model.num_classes:
+            raise ValueError(f"evaluate.top_k: {self.evaluate.top_k} is more than the {self.model.num_classes} classes")
         self.variant(self.report.final_variant, field="report.final_variant")
         if self.report.seed not in self.seeds:
             raise ValueError(f"report.seed: {self.report.seed} is not one of the seeds {self.seeds}")

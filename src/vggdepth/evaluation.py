@@ -1,26 +1,80 @@
 """Test-set evaluation of a trained run: the best-validation checkpoint (as the reference framework reported)
-and the final one."""
+and the final one, with what their predictions say (vggdepth.metrics)."""
 
 from __future__ import annotations
 
 import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
 
 from vggdepth.batches import DeviceDataset
-from vggdepth.config import RuntimeConfig, TrainConfig
+from vggdepth.config import EvaluateConfig, RuntimeConfig, TrainConfig
 from vggdepth.data import PreparedData
-from vggdepth.engine import CheckpointError, RunFiles, evaluate_model, load_checkpoint, load_network, resolve_device
+from vggdepth.engine import CheckpointError, RunFiles, load_checkpoint, load_network, resolve_device
+from vggdepth.files import write_json
+from vggdepth.labels import Labels
+from vggdepth.metrics import KINDS, PREDICTIONS_FILE, Predictions, save_predictions, score, write_tables
 
 log = logging.getLogger(__name__)
 
 
-def evaluate_run(files: RunFiles, data: PreparedData, train: TrainConfig, runtime: RuntimeConfig) -> dict:
-    """Test loss and accuracy of `files`' best and last checkpoints. Writes nothing: the stage writes
-    `test.json` once the result is safely elsewhere too (see pipeline/evaluate.py)."""
+@dataclass(frozen=True)
+class Evaluation:
+    """`test.json`'s content and the predictions it was computed from."""
+
+    result: dict
+    predictions: dict[str, Predictions]
+
+    def write(self, files: RunFiles, labels: Labels, publish: Callable[[Path], object] | None = None) -> None:
+        """`predictions.npz`, `per_class.csv`, `superclass_confusion.csv` and last `test.json` into the run folder.
+        The tables are made in a staging folder that `publish` (MLflow) gets first; an old `test.json` goes
+        before anything moves, so a stage that fails anywhere leaves no `test.json` and is run again whole."""
+        files.test_json.unlink(missing_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{files.test_json.name}.", dir=files.root))  # see clean_leftovers
+        try:
+            save_predictions(staging / PREDICTIONS_FILE, self.predictions)
+            write_tables(staging, self.predictions, labels)
+            if publish is not None:
+                publish(staging)
+            for table in staging.iterdir():
+                os.replace(table, files.root / table.name)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        write_json(files.test_json, self.result)
+
+
+def log_probabilities(net: torch.nn.Module, data: DeviceDataset, batch_size: int, autocast: bool) -> np.ndarray:
+    """(N, classes) float32 log-softmax of `net` (in eval mode) over `data`, in the data's order."""
+    out = []
+    with torch.inference_mode(), torch.autocast(data.device.type, dtype=torch.bfloat16, enabled=autocast):
+        for x, _ in data.batches(batch_size):
+            out.append(F.log_softmax(net(x).float(), dim=1).cpu())
+    return torch.cat(out).numpy()
+
+
+def evaluate_run(
+    files: RunFiles,
+    data: PreparedData,
+    labels: Labels,
+    train: TrainConfig,
+    runtime: RuntimeConfig,
+    evaluate: EvaluateConfig,
+) -> Evaluation:
+    """Test metrics of `files`' best and last checkpoints. Writes nothing: the stage writes its outputs once the
+    result is safely elsewhere too (see pipeline/evaluate.py)."""
     device = resolve_device(runtime.device)
     test = DeviceDataset(data.test, data.mean, data.std, device)
     autocast = device.type == "cuda" and train.bf16
-    result = {}
-    for kind, path in (("best", files.best), ("final", files.last)):
+    result, predictions = {}, {}
+    for kind, path in zip(KINDS, (files.best, files.last), strict=True):
         try:
             checkpoint = load_checkpoint(path, device)
         except CheckpointError as exc:
@@ -30,9 +84,31 @@ def evaluate_run(files: RunFiles, data: PreparedData, train: TrainConfig, runtim
                 f"{exc}. Re-run the train stage (`dvc repro {stage}`): it restores the {kind} checkpoint of a "
                 "finished run, or trains it"
             ) from None
-        loss, acc = evaluate_model(load_network(checkpoint, device), test, runtime.eval_batch_size, autocast)
+        classes = checkpoint["model_config"].get("num_classes")
+        if classes != len(labels.classes):
+            raise CheckpointError(
+                f"{path} is a network of {classes} classes, the test set has {len(labels.classes)}: it is not a "
+                "checkpoint of this study"
+            )
+        log_probs = log_probabilities(load_network(checkpoint, device), test, runtime.eval_batch_size, autocast)
+        pred = Predictions.from_log_probs(log_probs, data.test.labels, data.test.index, labels, evaluate.top_k)
         epoch = checkpoint["epoch"] - 1  # a checkpoint counts completed epochs; tables number epochs from 0
-        result[kind] = {"epoch": epoch, "test_loss": loss, "test_acc": acc}
-        log.info("%s %s checkpoint (epoch %d): test loss %.4f, accuracy %.4f", files.root, kind, epoch, loss, acc)
+        # the loss in float64 from every image's log-probability: the mean cross-entropy
+        loss = float(-log_probs[np.arange(len(pred)), pred.fine].astype(np.float64).mean())
+        metrics = score(pred, labels, evaluate.calibration_bins)
+        result[kind] = {"epoch": epoch, "test_loss": loss, **metrics}
+        predictions[kind] = pred
+        log.info(
+            "%s %s checkpoint (epoch %d): test loss %.4f, accuracy %.4f, top-%d %.4f, superclass %.4f, ECE %.4f",
+            files.root,
+            kind,
+            epoch,
+            loss,
+            metrics["test_acc"],
+            evaluate.top_k,
+            metrics[f"test_top{evaluate.top_k}"],
+            metrics["test_superclass_acc"],
+            metrics["test_ece"],
+        )
     result["test_images"] = len(test)
-    return result
+    return Evaluation(result, predictions)

@@ -16,7 +16,7 @@ from matplotlib.ticker import MaxNLocator
 
 from vggdepth.files import atomic_path
 from vggdepth.gradients import GradientRow
-from vggdepth.outputs import CURVE_COLUMNS, read_epochs, run_of
+from vggdepth.outputs import run_of
 
 # Values at or below this are drawn on the floor of the log axis (float32 gradients that vanished entirely).
 GRADIENT_FLOOR = 1e-20
@@ -254,46 +254,3 @@ def comparison(params, variants: Sequence[str]) -> str:
     differences = [f"{prefix}{show(a)} vs {show(b)}" for prefix, show in aspects if show(a) != show(b)]
     names = f"{variants[0]} vs {variants[1]}"
     return f"{'; '.join(differences)} ({names})" if differences else names
-
-
-def build_figures(params, results: dict, project: Path) -> dict[str, Figure | str]:
-    """Every figure of `report.figures`: the Figure, or why it was not drawn."""
-    report, seed = params.report, params.report.seed
-    colors, classes = variant_colors(list(params.variants)), params.model.num_classes
-    built: dict[str, Figure | str] = {}
-    for name, spec in report.figures.items():
-        number = name.split("-", 1)[0]
-        label = number.replace("fig", "Figure ") if number.startswith("fig") and number[3:].isdigit() else "Figure"
-        if spec.kind == "accuracy":
-            title = f"{label}: {comparison(params, spec.variants)}, seed {seed}"
-            built[name] = accuracy_figure(results, spec.variants, seed, title, colors, classes)
-        elif spec.kind == "gradient_flow":
-            title = f"{label}: gradient flow of {' and '.join(spec.variants)}, seed {seed}"
-            built[name] = gradient_flow_panels(results, spec.variants, seed, report.gradient_statistic, title)
-        elif spec.kind == "seeds":
-            seeds = min(len(results[v]) for v in spec.variants)
-            title = f"{label}: validation accuracy of each variant over {seeds} seed(s)"
-            built[name] = seeds_figure(results, spec.variants, title, colors, classes)
-        else:
-            lengths = {len(run_of(results, v, seed).epochs) for v in spec.variants}
-            if lengths != {report.reference.epochs} or not set(spec.variants) <= set(report.reference.curves):
-                built[name] = (
-                    f"{name}: our runs last {sorted(lengths)} epochs, the reference runs "
-                    f"{report.reference.epochs}; drawn only when they match"
-                )
-                continue
-            curves = {v: read_epochs(project / report.reference.curves[v], CURVE_COLUMNS) for v in spec.variants}
-            title = f"{label}: {', '.join(spec.variants)}, ours (seed {seed}) vs the course's reference framework"
-            built[name] = reference_overlay_figure(results, spec.variants, seed, curves, title, colors, classes)
-    return built
-
-
-def report_figures(params, results: dict, project: Path, out: Path) -> list[str]:
-    """Save every figure as `<name>.png` under `out`; return the notes on figures not drawn."""
-    skipped = []
-    for name, figure in build_figures(params, results, project).items():
-        if isinstance(figure, str):
-            skipped.append(figure)
-        else:
-            save_figure(figure, out / f"{name}.png")
-    return skipped

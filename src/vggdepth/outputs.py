@@ -98,7 +98,12 @@ def _number(value: object) -> bool:
 
 
 TRAIN_KEYS: dict[str, tuple[str, ...]] = {"parameters": (), "best_val_acc": (), "epochs": ()}
-TEST_KEYS: dict[str, tuple[str, ...]] = {"best": ("test_acc", "test_loss"), "final": ("test_acc", "test_loss")}
+
+
+def test_keys(params: Params) -> dict[str, tuple[str, ...]]:
+    """What `test.json` holds for each checkpoint (vggdepth.evaluation)."""
+    keys = ("test_acc", "test_loss", f"test_top{params.evaluate.top_k}", "test_superclass_acc", "test_ece")
+    return {"best": keys, "final": keys}
 
 
 @dataclass(frozen=True)
@@ -151,7 +156,7 @@ def collect(params: Params, runs: Path) -> dict[str, list[RunOutputs]]:
                     f"one of them is stale; {_remedy(files.epochs_csv)}"
                 )
             found[variant].append(
-                RunOutputs(variant, seed, files, epochs, train, read_json(files.test_json, TEST_KEYS))
+                RunOutputs(variant, seed, files, epochs, train, read_json(files.test_json, test_keys(params)))
             )
     if missing:
         raise ReportError(

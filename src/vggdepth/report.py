@@ -18,7 +18,12 @@ __all__ = ["ReportError", "build_report", "check_guard", "collect", "table1", "t
 log = logging.getLogger(__name__)
 
 METRICS = ("train_acc", "train_loss", "val_acc", "val_loss")
-TEST_METRICS = ("test_acc", "test_loss")
+TEST_METRICS = ("test_acc", "test_loss")  # the report has these, so they are compared with it
+
+
+def evaluation_metrics(params: Params) -> tuple[str, str, str]:
+    """The evaluate stage's further test metrics in Table 1 and the summary (the report has none of them)."""
+    return f"test_top{params.evaluate.top_k}", "test_ece", "test_superclass_acc"
 
 
 def read_paper_table(path: Path) -> dict[str, dict[str, float]]:
@@ -59,7 +64,7 @@ def table1(params: Params, results: dict[str, list[RunOutputs]], paper: dict[str
         for metric in METRICS:
             row[metric] = shown.last[metric]
             row[f"{metric}_mean"], row[f"{metric}_std"] = _mean_std([r.last[metric] for r in runs])
-        for metric in TEST_METRICS:
+        for metric in (*TEST_METRICS, *evaluation_metrics(params)):
             row[metric] = shown.test["best"][metric]
             row[f"{metric}_mean"], row[f"{metric}_std"] = _mean_std([r.test["best"][metric] for r in runs])
         published = dict(paper.get(variant, {}))
@@ -72,17 +77,20 @@ def table1(params: Params, results: dict[str, list[RunOutputs]], paper: dict[str
     return rows
 
 
-TABLE_COLUMNS = (
-    "variant",
-    "parameters",
-    "epochs",
-    "comparable",
-    "seeds",
-    "entry_grad_min",
-    "entry_grad_max",
-    *(f"{m}{suffix}" for m in (*METRICS, *TEST_METRICS) for suffix in ("", "_mean", "_std")),
-    *(f"{kind}_{m}" for m in (*METRICS, *TEST_METRICS) for kind in ("paper", "diff")),
-)
+def table_columns(params: Params) -> tuple[str, ...]:
+    """The columns of `table1.csv`."""
+    shown = (*METRICS, *TEST_METRICS, *evaluation_metrics(params))
+    return (
+        "variant",
+        "parameters",
+        "epochs",
+        "comparable",
+        "seeds",
+        "entry_grad_min",
+        "entry_grad_max",
+        *(f"{m}{suffix}" for m in shown for suffix in ("", "_mean", "_std")),
+        *(f"{kind}_{m}" for m in (*METRICS, *TEST_METRICS) for kind in ("paper", "diff")),
+    )
 
 
 def _cell(value: float | None, digits: int = 3) -> str:
@@ -95,32 +103,30 @@ def _signed(value: float | None) -> str:
 
 def table_markdown(params: Params, rows: list[dict]) -> str:
     """Table 1 as the report printed it (seed `report.seed`), then over seeds, then against the report."""
-    seed, ref_epochs = params.report.seed, params.report.reference.epochs
+    seed, ref_epochs, k = params.report.seed, params.report.reference.epochs, params.evaluate.top_k
+    shown = (*METRICS, *TEST_METRICS, f"test_top{k}", "test_ece")
+    headers = f"train acc | train loss | val acc | val loss | test acc | test loss | test top-{k} | test ECE"
     lines = [
         f"### Table 1: seed {seed}, after the last epoch; test of the best-validation checkpoint",
         "",
-        "| variant | parameters | epochs | train acc | train loss | val acc | val loss | test acc | test loss |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        f"| variant | parameters | epochs | {headers} |",
+        "| --- | ---: | ---: |" + " ---: |" * len(shown),
     ]
     for r in rows:
         epochs = f"{r['epochs']}" if r["comparable"] else f"{r['epochs']} (not {ref_epochs}: not comparable)"
         lines.append(
-            f"| {r['variant']} | {r['parameters']:,} | {epochs} | "
-            + " | ".join(_cell(r[m]) for m in (*METRICS, *TEST_METRICS))
-            + " |"
+            f"| {r['variant']} | {r['parameters']:,} | {epochs} | " + " | ".join(_cell(r[m]) for m in shown) + " |"
         )
     lines += [
         "",
         f"### Over {rows[0]['seeds']} seed(s): mean ± std",
         "",
-        "| variant | train acc | train loss | val acc | val loss | test acc | test loss |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+        f"| variant | {headers} |",
+        "| --- |" + " ---: |" * len(shown),
     ]
     for r in rows:
         lines.append(
-            f"| {r['variant']} | "
-            + " | ".join(f"{r[m + '_mean']:.3f} ± {r[m + '_std']:.3f}" for m in (*METRICS, *TEST_METRICS))
-            + " |"
+            f"| {r['variant']} | " + " | ".join(f"{r[m + '_mean']:.3f} ± {r[m + '_std']:.3f}" for m in shown) + " |"
         )
     lines += [
         "",
@@ -144,7 +150,7 @@ def table_markdown(params: Params, rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def summary_metrics(rows: list[dict]) -> dict:
+def summary_metrics(params: Params, rows: list[dict]) -> dict:
     """A few numbers per variant, so `dvc exp show` has one column per variant and metric."""
     keys = (
         "val_acc",
@@ -152,6 +158,7 @@ def summary_metrics(rows: list[dict]) -> dict:
         "val_acc_mean",
         "test_acc",
         "test_acc_mean",
+        *evaluation_metrics(params),
         "epochs",
         "entry_grad_min",
         "entry_grad_max",
@@ -178,15 +185,16 @@ def build_report(
 ) -> dict:
     """Write Table 1 (Markdown, CSV), the summary metrics, the curves and the figures into `out`, atomically.
     `publish` (MLflow) gets the finished report before it is put in place: when it fails, `out` is unchanged."""
-    from vggdepth.figures import report_figures
+    from vggdepth.report_figures import report_figures
 
     results = collect(params, runs)
     paper = read_paper_table(project / params.report.reference.table)
     rows = table1(params, results, paper)
     with atomic_dir(out) as staging:
         (staging / "table1.md").write_text(table_markdown(params, rows))
-        write_csv(staging / "table1.csv", TABLE_COLUMNS, [[r[c] for c in TABLE_COLUMNS] for r in rows])
-        summary = summary_metrics(rows)
+        columns = table_columns(params)
+        write_csv(staging / "table1.csv", columns, [[r[c] for c in columns] for r in rows])
+        summary = summary_metrics(params, rows)
         write_json(staging / "summary.json", summary)
         write_curves(results, params.report.seed, staging / "curves.csv")
         for note in report_figures(params, results, project, staging / "figures"):

@@ -659,32 +659,41 @@ def _test_metrics(result: dict):
     from mlflow.entities import Metric
 
     now = _now_ms()
+    # test_loss_best, test_acc_best, test_top5_best, test_ece_best, ...: every test metric of both checkpoints
     return [
-        Metric(f"test_{name}_{kind}", float(result[kind][f"test_{name}"]), now, 0)
+        Metric(f"{name}_{kind}", float(value), now, 0)
         for kind in ("best", "final")
-        for name in ("loss", "acc")
+        for name, value in result[kind].items()
+        if name.startswith("test_")
     ]
 
 
-def _send_evaluation(store: Store, run_id: str, files: RunFiles, result: dict) -> None:
-    """The test metrics, and `test.json` as an artefact (written here from `result`: the stage writes its own after)."""
+EVALUATION_TABLES = ("predictions.npz", "per_class.csv", "superclass_confusion.csv")  # vggdepth.metrics
+
+
+def _send_evaluation(store: Store, run_id: str, files: RunFiles, result: dict, tables: Path | None) -> None:
+    """The test metrics, `test.json` as an artefact (written here from `result`: the stage writes its own after),
+    and the evaluation's tables from `tables` under `evaluation/`."""
     store.client.log_batch(run_id, metrics=_test_metrics(result))
     with tempfile.TemporaryDirectory() as tmp:
         copy = Path(tmp) / files.test_json.name
         copy.write_text(json.dumps(result, indent=2) + "\n")
         store.client.log_artifact(run_id, str(copy))
+    for name in EVALUATION_TABLES if tables is not None else ():
+        if (tables / name).exists():
+            store.client.log_artifact(run_id, str(tables / name), "evaluation")
 
 
-def log_evaluation(store: Store | None, files: RunFiles, result: dict) -> None:
-    """Test metrics and `test.json` of the evaluate stage, into the training run they belong to; called before
-    the stage writes `test.json`, so a stage that fails here leaves no output. A server lost since the stage
-    started costs the log, not the stage (the gap is reported, `sync` sends it later); a store that answers but
-    refuses fails the stage, with its reason."""
+def log_evaluation(store: Store | None, files: RunFiles, result: dict, tables: Path | None = None) -> None:
+    """Test metrics, `test.json` and the tables in `tables` (predictions, per-class, superclass confusion) of the
+    evaluate stage, into the training run they belong to; called before the stage puts its outputs in place, so a
+    stage that fails here leaves none. A server lost since the stage started costs the log, not the stage (the
+    gap is reported, `sync` sends it later); a store that answers but refuses fails the stage, with its reason."""
     if store is None:
         return
     run_id = _run_id_of(files)
     try:
-        _send_evaluation(store, run_id, files, result)
+        _send_evaluation(store, run_id, files, result, tables)
         if parent := store.client.get_run(run_id).data.tags.get("mlflow.parentRunId"):
             store.extend_parent(parent)
     except Exception as exc:
@@ -725,7 +734,7 @@ def _sync(store: Store, files: RunFiles, state: dict, run_id: str) -> list[str]:
     if files.train_json.exists() and complete_run_artifacts(store, run_id, files, gradients, title):
         sent.append("artefacts and model")
     if files.test_json.exists() and not store.client.get_metric_history(run_id, "test_acc_best"):
-        log_evaluation(store, files, json.loads(files.test_json.read_text()))
+        log_evaluation(store, files, json.loads(files.test_json.read_text()), files.root)
         sent.append("test metrics")
     if store.client.get_run(run_id).info.status != "FINISHED" and files.train_json.exists():
         store.client.set_terminated(run_id, "FINISHED")
@@ -807,7 +816,7 @@ def import_run(store: Store, params: Params, files: RunFiles) -> list[str]:
             _log_tables(store, run_id, files, gradients, f"{variant} seed {seed}")
             sent.append("tables")
         if files.test_json.exists() and not store.client.get_metric_history(run_id, "test_acc_best"):
-            _send_evaluation(store, run_id, files, json.loads(files.test_json.read_text()))
+            _send_evaluation(store, run_id, files, json.loads(files.test_json.read_text()), files.root)
             sent.append("test metrics")
         if store.client.get_run(run_id).info.status != "FINISHED":
             store.client.set_terminated(run_id, "FINISHED")
