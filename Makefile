@@ -46,6 +46,8 @@ EXP ?=
 reduced: install
 	PATH="$(BIN):$$PATH" dvc exp run $(if $(EXP),-n $(EXP)) $(REDUCED) $(DATA_OVERRIDES)
 
-# The MLflow UI on the embedded store (mlruns/), at http://127.0.0.1:5000
+# The MLflow UI on the embedded store (mlruns/), at http://127.0.0.1:5000. MLflow 3.17 opens experiments in GenAI
+# mode until the user picks "Model training" (README "Compare the Table-1 runs in the UI").
 ui: install
+	@echo "MLflow UI: open http://127.0.0.1:5000 and pick 'Model training' at the top left (once per browser)"
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(abspath mlruns)/mlflow.db --host 127.0.0.1 --port 5000

@@ -128,7 +128,8 @@ def _mlflow_runs(repo: Path) -> list:
     experiment = client.get_experiment_by_name("vggdepth").experiment_id
     runs = client.search_runs([experiment], "attributes.run_name = 'VGG-08-s0'")
     return [
-        (r.info.status, sorted(m.step for m in client.get_metric_history(r.info.run_id, "train_loss"))) for r in runs
+        (r.info.status, sorted(m.step for m in client.get_metric_history(r.info.run_id, "curves/train_loss")))
+        for r in runs
     ]
 
 

@@ -217,7 +217,7 @@ def test_the_lease_end_to_end_on_the_cpu_and_its_results_rendered_here(archive_p
     assert sorted(r.info.run_name for r in trained) == sorted(r["run"] for r in lease["runs"])
     for run in trained:
         assert run.info.status == "FINISHED" and run.data.tags["mlflow.parentRunId"] == parent.info.run_id
-        assert [m.step for m in client.get_metric_history(run.info.run_id, "val_acc")] == [0, 1]
+        assert [m.step for m in client.get_metric_history(run.info.run_id, "curves/val_acc")] == [0, 1]
         test = json.loads((folder / "runs" / run.info.run_name / "test.json").read_text())
         assert run.data.metrics["test_acc_best"] == test["best"]["test_acc"]
     again = subprocess.run(sync, cwd=tmp_path, env=project_env(tmp_path), capture_output=True, text=True, timeout=900)

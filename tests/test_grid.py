@@ -79,7 +79,7 @@ def tracked(uri: str, experiment: str = "vggdepth") -> dict[str, dict]:
             "status": run.info.status,
             "parent": run.data.tags.get("mlflow.parentRunId"),
             "node": run.data.tags.get("node", ""),
-            "steps": [m.step for m in client.get_metric_history(run.info.run_id, "train_loss")],
+            "steps": [m.step for m in client.get_metric_history(run.info.run_id, "curves/train_loss")],
             "grad_steps": [m.step for m in client.get_metric_history(run.info.run_id, "grad_mean_abs/entry.conv")],
             "interval": (run.info.start_time, run.info.end_time),
         }

@@ -145,7 +145,7 @@ def test_train_killed_resumes_to_the_undisturbed_run(project, undisturbed, tmp_p
         [client.get_experiment_by_name("vggdepth").experiment_id], "attributes.run_name = 'BN-VGG-38-s0'"
     )
     assert [r.info.status for r in runs] == ["FINISHED"]  # one run, continued, closed
-    assert sorted(m.step for m in client.get_metric_history(runs[0].info.run_id, "train_loss")) == [0, 1, 2]
+    assert sorted(m.step for m in client.get_metric_history(runs[0].info.run_id, "curves/train_loss")) == [0, 1, 2]
 
 
 def test_download_killed_mid_transfer_completes_on_rerun(project, archive_path, archive_md5, tmp_path):

@@ -85,7 +85,9 @@ def test_training_run_is_fully_tracked(store, params, tiny_data, tiny_data_dir, 
     client = store.client
     run = client.get_run(_run_id(tmp_path / "run"))
     # The experiment opens as a model-training one, not in the UI's GenAI mode.
-    assert client.get_experiment(store.experiment_id).tags["mlflow.experimentKind"] == "custom_model_development"
+    experiment_tags = client.get_experiment(store.experiment_id).tags
+    assert experiment_tags["mlflow.experimentKind"] == "custom_model_development"
+    assert experiment_tags["mlflow.note.content"].startswith("CIFAR-100, VGG-style networks of Table 1")
 
     assert run.info.run_name == "VGG-08-s0"
     assert run.info.status == "FINISHED"
@@ -107,9 +109,9 @@ def test_training_run_is_fully_tracked(store, params, tiny_data, tiny_data_dir, 
     # Every per-epoch metric at step=epoch, with the values of the DVC output.
     with open(tmp_path / "run" / "epochs.csv") as f:
         epochs = list(csv.DictReader(f))
-    history = client.get_metric_history(run.info.run_id, "train_loss")
+    history = client.get_metric_history(run.info.run_id, "curves/train_loss")
     assert [(m.step, m.value) for m in history] == [(int(r["epoch"]), float(r["train_loss"])) for r in epochs]
-    for key in ("train_acc", "val_loss", "val_acc", "lr", "epoch_seconds"):
+    for key in ("curves/train_acc", "curves/val_loss", "curves/val_acc", "curves/lr", "curves/epoch_seconds"):
         assert _steps(client, run.info.run_id, key) == [0, 1], key
     for layer, _ in weight_tensors(VGG(params.model, params.variant(VARIANT))):
         for stat in ("grad_mean_abs", "grad_last_mean_abs", "grad_l2", "weight_l2"):
@@ -158,7 +160,7 @@ def test_resumed_run_continues_its_mlflow_run_with_one_value_per_epoch(store, pa
         _fit(params, tiny_data, quick_train, store, out, epochs=3, before=[KillAfter(2)])
     run_id = _run_id(out)
     assert store.client.get_run(run_id).info.status == "KILLED"
-    assert _steps(store.client, run_id, "train_loss") == [0]
+    assert _steps(store.client, run_id, "curves/train_loss") == [0]
 
     _fit(params, tiny_data, quick_train, store, out, epochs=3)
 
@@ -167,7 +169,7 @@ def test_resumed_run_continues_its_mlflow_run_with_one_value_per_epoch(store, pa
     query = f"attributes.run_name = 'VGG-08-s0' and tags.`mlflow.parentRunId` = '{parent}'"
     runs = store.client.search_runs([store.experiment_id], query)
     assert [r.info.run_id for r in runs] == [run_id]
-    assert _steps(store.client, run_id, "train_loss") == [0, 1, 2]
+    assert _steps(store.client, run_id, "curves/train_loss") == [0, 1, 2]
     assert _steps(store.client, run_id, "grad_mean_abs/entry.conv") == [0, 1, 2]
     assert store.client.get_run(run_id).info.status == "FINISHED"
 
@@ -202,7 +204,7 @@ def test_server_lost_mid_run_loses_no_epoch(own_server, tracking_cfg, params, ti
     run_id = _run_id(out)
     assert "stopped answering at epoch 0" in caplog.text
     assert "answers again: sent the epochs queued since epoch 0" in caplog.text
-    assert _steps(store.client, run_id, "train_loss") == [0, 1, 2, 3]
+    assert _steps(store.client, run_id, "curves/train_loss") == [0, 1, 2, 3]
     assert _steps(store.client, run_id, "grad_l2/head.linear") == [0, 1, 2, 3]
     with open(out / "epochs.csv") as f:
         assert len(list(csv.DictReader(f))) == 4
@@ -228,7 +230,7 @@ def test_server_down_until_the_end_reports_what_was_not_sent_and_sync_sends_it(
     sent = sync_run(params.model_copy(update={"tracking": tracking_cfg}), RunFiles(out))
 
     assert sent == ["epoch 0", "epoch 1", "epoch 2", "artefacts and model", "status FINISHED"]
-    assert _steps(store.client, run_id, "train_loss") == [0, 1, 2]
+    assert _steps(store.client, run_id, "curves/train_loss") == [0, 1, 2]
     assert "checkpoints" in {a.path for a in store.client.list_artifacts(run_id)}
     assert store.client.get_run(run_id).info.status == "FINISHED"
     assert sync_run(params.model_copy(update={"tracking": tracking_cfg}), RunFiles(out)) == []

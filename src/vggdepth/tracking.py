@@ -44,6 +44,10 @@ NODE_TAG = "node"  # where the run's newest epoch was trained (engine.this_node)
 RUN_ID_KEY = "mlflow_run_id"  # where a run's id is kept in its checkpoints, so a resumed run continues it
 EXPERIMENT_KIND_TAG, EXPERIMENT_KIND = "mlflow.experimentKind", "custom_model_development"  # the UI's "Model training"
 DESCRIPTION_TAG = "mlflow.note.content"  # a run's description in the UI
+EXPERIMENT_DESCRIPTION = (
+    "CIFAR-100, VGG-style networks of Table 1: one parent run per pipeline run, with one run per (variant, seed) "
+    "under it. Pick 'Model training' at the top left to open it on its runs."
+)
 TABLE1_ARTIFACT = "table1.json"  # Table 1 on the parent run, as an MLflow table
 PARENT_DESCRIPTION = (
     "The pipeline run {name}: the parent of one training run per (variant, seed) of Table 1. It spans the "
@@ -60,13 +64,15 @@ GRADIENT_METRICS = {
 # sit on the floor; in log10 the vanishing gradient is visible without any chart setting.
 LOG10_GRADIENT_METRICS = {"mean_abs": "log10_grad_mean_abs", "last_mean_abs": "log10_grad_last_mean_abs"}
 LOG10_FLOOR = -46.0  # an exact zero: float32's smallest positive value is 1.4e-45
+# The learning curves under `curves/`: the MLflow UI draws prefixed sections in alphabetical order and unprefixed
+# metrics last, so `curves/` puts them above the hundreds of per-layer gradient charts (README "Tracking").
 EPOCH_METRICS = {
-    "train_loss": "train_loss",
-    "train_acc": "train_acc",
-    "val_loss": "val_loss",
-    "val_acc": "val_acc",
-    "lr": "lr",
-    "seconds": "epoch_seconds",
+    "train_loss": "curves/train_loss",
+    "train_acc": "curves/train_acc",
+    "val_loss": "curves/val_loss",
+    "val_acc": "curves/val_acc",
+    "lr": "curves/lr",
+    "seconds": "curves/epoch_seconds",
 }
 
 
@@ -282,9 +288,10 @@ class Store:
                 if self.client.get_experiment_by_name(self.cfg.experiment) is None:
                     raise
             found = self.client.get_experiment_by_name(self.cfg.experiment)
-        # Model training, not GenAI: the UI opens the experiment on its runs (a kind set by a user is kept).
-        if EXPERIMENT_KIND_TAG not in found.tags:
-            self.client.set_experiment_tag(found.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
+        # A model-training experiment, described in the experiments list (what a user set by hand is kept).
+        for tag, value in ((EXPERIMENT_KIND_TAG, EXPERIMENT_KIND), (DESCRIPTION_TAG, EXPERIMENT_DESCRIPTION)):
+            if tag not in found.tags:
+                self.client.set_experiment_tag(found.experiment_id, tag, value)
         return found.experiment_id
 
     def _find(self, filter_string: str):
@@ -358,7 +365,7 @@ class Store:
         return created.info.run_id, True
 
     def logged_epochs(self, run_id: str) -> set[int]:
-        return {m.step for m in self.client.get_metric_history(run_id, "train_loss")}
+        return {m.step for m in self.client.get_metric_history(run_id, EPOCH_METRICS["train_loss"])}
 
 
 def _training_tags(parent: str, variant: str, seed: int) -> dict[str, str]:
