@@ -16,7 +16,9 @@ that fits, and the profile gets at most a quarter of what is left.
 3. The study: params.yaml's variants and seeds in fused groups (runs of one shape: vggdepth.fused.fusion_groups),
    seed 0 of every variant first, at least as many processes at once as seed 0 has groups, a fresh process per
    group. Every run writes the usual run folder (epochs.csv, gradients.csv, train.json, checkpoints) and, once
-   finished, its test.json. If no row of the fast path could be measured, each run trains alone, eagerly.
+   finished, its evaluation (test.json, predictions.npz, per_class.csv, superclass_confusion.csv; the superclasses
+   read from the archive into labels.json beside the prepared data). If no row of the fast path could be measured,
+   each run trains alone, eagerly.
 4. Into `--out`, after the table and again after every group (so a lease cut short still brings its finished
    runs home): `lease.json` (device, torch, commit, command, the throughput table and its errors, the plan, each
    run's state), `profile.txt` and `results.tar.gz` (those two and every run folder's tables and test.json, no

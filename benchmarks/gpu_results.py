@@ -4,7 +4,8 @@ runs it holds, here, with no GPU (and no MLflow or DVC needed).
     python benchmarks/gpu_results.py OUT/results.tar.gz [--name 2026-11-28-h100]
 
 results/<name>/ then holds lease.json (device, torch version, commit, command, throughput table, each run's state),
-profile.txt, runs/<variant>-s<seed>/ (epochs.csv, gradients.csv, train.json, test.json) and report/ (table1.md,
+profile.txt, runs/<variant>-s<seed>/ (epochs.csv, gradients.csv, train.json, and the evaluation's test.json,
+predictions.npz, per_class.csv, superclass_confusion.csv) and report/ (table1.md,
 table1.csv, summary.json, curves.csv, figures/), the report over the seeds whose runs all finished.
 """
 
