@@ -61,19 +61,12 @@ from vggdepth.evaluation import evaluate_run  # noqa: E402
 from vggdepth.files import write_json  # noqa: E402
 from vggdepth.fused import WARMUP_STEPS, FusedTrainer, fusion_groups, train_fused  # noqa: E402
 from vggdepth.labels import Labels, load_labels, write_labels  # noqa: E402
+from vggdepth.metrics import TABLES as EVALUATION_TABLES  # noqa: E402
 from vggdepth.outputs import read_epochs  # noqa: E402
 
 NETWORKS = "VGG-08,VGG-38,BN-VGG-38"  # the table's networks alone
 FUSE_NETWORK = "BN-VGG-38"  # the study's most common network: its fused rows set how the study trains
-TABLES = (
-    "epochs.csv",
-    "gradients.csv",
-    "train.json",
-    "test.json",
-    "predictions.npz",
-    "per_class.csv",
-    "superclass_confusion.csv",
-)
+TABLES = ("epochs.csv", "gradients.csv", "train.json", "test.json", *EVALUATION_TABLES)
 LABELS = "labels.json"  # beside prepared/: the superclasses, for the evaluation
 
 

@@ -23,17 +23,10 @@ sys.path.insert(0, str(ROOT / "src"))
 
 from vggdepth.config import Params  # noqa: E402
 from vggdepth.files import atomic_dir  # noqa: E402
+from vggdepth.metrics import TABLES as EVALUATION_TABLES  # noqa: E402
 from vggdepth.report import build_report  # noqa: E402
 
-ALLOWED = (  # benchmarks/gpu_lease.py's TABLES
-    "epochs.csv",
-    "gradients.csv",
-    "train.json",
-    "test.json",
-    "predictions.npz",
-    "per_class.csv",
-    "superclass_confusion.csv",
-)
+ALLOWED = ("epochs.csv", "gradients.csv", "train.json", "test.json", *EVALUATION_TABLES)  # gpu_lease.py's TABLES
 
 
 def unpack(archive: Path, dest: Path) -> dict:

@@ -19,6 +19,7 @@ import yaml
 
 from tests.conftest import ROOT
 from tests.helpers import narrow, project_env
+from vggdepth.metrics import TABLES as EVALUATION_TABLES
 
 LEASE_FILES = ("benchmarks", "src", "params.yaml", "reference")
 
@@ -172,7 +173,7 @@ def test_the_lease_end_to_end_on_the_cpu_and_its_results_rendered_here(archive_p
     assert names == {"lease.json", "profile.txt"} | {
         f"runs/{r['run']}/{table}"
         for r in lease["runs"]
-        for table in ("epochs.csv", "gradients.csv", "train.json", "test.json")
+        for table in ("epochs.csv", "gradients.csv", "train.json", "test.json", *EVALUATION_TABLES)
     }
     assert (out / "results.tar.gz").stat().st_size < 5_000_000
 
@@ -197,6 +198,7 @@ def test_the_lease_end_to_end_on_the_cpu_and_its_results_rendered_here(archive_p
         assert f"| {variant} |" in table
     assert "Over 2 seed(s)" in table
     assert list((folder / "report" / "figures").glob("*.png"))
+    assert "| test top-5 | test ECE |" in table  # the evaluation came home with the runs
     assert not list(folder.rglob("*.pt"))
 
     # Into MLflow with `sync`, as a user back from a lease does: one finished run per lease run, under one parent

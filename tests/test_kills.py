@@ -11,6 +11,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 from mlflow import MlflowClient
@@ -18,6 +19,7 @@ from mlflow import MlflowClient
 from tests.conftest import ROOT, prepare_subset
 from tests.helpers import IN_CREATE, Watch, project_env, same_run
 from vggdepth.engine import RunFiles
+from vggdepth.labels import write_labels
 
 pytestmark = pytest.mark.slow
 
@@ -35,6 +37,7 @@ def project(archive_path, archive_md5, params, tmp_path_factory):
     raw["tracking"].update(enabled=False, system_metrics=False)
     (root / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
     prepare_subset(archive_path, root / "data" / "prepared", params, train=2, val=1, test=1)
+    write_labels(archive_path, root / "data" / "labels.json")
     shutil.copytree(ROOT / "reference", root / "reference")
     return root
 
@@ -201,7 +204,8 @@ def test_evaluate_killed_writes_the_same_test_json_on_rerun(project, undisturbed
     root = _copy(project, tmp_path / "p")
     shutil.copytree(undisturbed / "runs", root / "runs")
     test_json = root / "runs" / "VGG-38-s0" / "test.json"
-    test_json.unlink()
+    for name in ("test.json", "predictions.npz", "per_class.csv", "superclass_confusion.csv"):
+        (test_json.parent / name).unlink()
     args = ("--run", "runs/VGG-38-s0", "--data", "data/prepared")
 
     def moment(process):
@@ -214,6 +218,14 @@ def test_evaluate_killed_writes_the_same_test_json_on_rerun(project, undisturbed
     _run(root, "evaluate", *args)
 
     assert test_json.read_text() == (undisturbed / "runs" / "VGG-38-s0" / "test.json").read_text()
+    for name in ("per_class.csv", "superclass_confusion.csv"):
+        assert (test_json.parent / name).read_text() == (undisturbed / "runs" / "VGG-38-s0" / name).read_text()
+    with (
+        np.load(test_json.parent / "predictions.npz") as got,
+        np.load(undisturbed / "runs/VGG-38-s0/predictions.npz") as want,
+    ):
+        assert sorted(got.files) == sorted(want.files)
+        assert all(np.array_equal(got[key], want[key]) for key in got.files)
     assert _leftovers(root) == []
 
 

@@ -196,3 +196,13 @@ def test_the_archives_superclasses(labels):
     assert of["apple"] == "fruit_and_vegetables" and of["whale"] == "aquatic_mammals"
     assert of["maple_tree"] == "trees" and of["tractor"] == "vehicles_2"
     assert math.isclose(len(set(of.values())), 20)
+
+
+def test_tracking_logs_every_table_the_evaluation_writes(evaluated):
+    """tracking names the evaluation's files itself (so the training stages need not import vggdepth.metrics):
+    the names must be the ones the evaluate stage writes."""
+    from vggdepth.metrics import TABLES
+    from vggdepth.tracking import EVALUATION_TABLES
+
+    assert EVALUATION_TABLES == TABLES
+    assert all((evaluated["files"].root / name).is_file() for name in TABLES)

@@ -237,9 +237,13 @@ def test_figures_carry_the_expected_series(study):
             accuracy[v] = {r["name"]: float(r["accuracy_best"]) for r in csv.DictReader(f)}
     differences = sorted(accuracy["WR50-HIGHLR-BN-38"][c] - accuracy["VGG-08"][c] for c in accuracy["VGG-08"])
     assert heights == pytest.approx(differences) and len(heights) == 100
-    assert len(ax.get_xticklabels()) == 20
-    worst = ax.get_xticklabels()[0].get_text()
-    assert accuracy["WR50-HIGHLR-BN-38"][worst] - accuracy["VGG-08"][worst] == pytest.approx(differences[0])
+    named = [t.get_text() for t in ax.get_xticklabels()]
+    gap = {c: accuracy["WR50-HIGHLR-BN-38"][c] - accuracy["VGG-08"][c] for c in accuracy["VGG-08"]}
+    losses, gains = sum(d < 0 for d in differences), sum(d > 0 for d in differences)
+    assert len(named) == min(losses, 10) + min(gains, 10)  # classes that differ only, at most 10 a side
+    assert all(gap[c] != 0 for c in named)
+    if losses:
+        assert gap[named[0]] == pytest.approx(differences[0])
 
     # Figure 8: the superclass matrix, rows normalised, labelled with the archive's superclass names.
     (ax, _colorbar) = figures["fig8-superclass-confusion-final"].axes

@@ -20,6 +20,7 @@ from vggdepth.labels import Labels
 PREDICTIONS_FILE = "predictions.npz"  # in the run folder, beside test.json
 PER_CLASS_FILE = "per_class.csv"  # per fine class: support, precision, recall (= accuracy), F1 of both checkpoints
 CONFUSION_FILE = "superclass_confusion.csv"  # best checkpoint: actual, predicted, count (every pair, zeros too)
+TABLES = (PREDICTIONS_FILE, PER_CLASS_FILE, CONFUSION_FILE)  # what the evaluate stage writes beside test.json
 KINDS = ("best", "final")
 
 

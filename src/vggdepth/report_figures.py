@@ -47,10 +47,12 @@ def per_class_figure(results: dict, variants: Sequence[str], seed: int, title: s
     fig, ax = plt.subplots(figsize=(12, 5))
     ax.bar(range(len(values)), values, color=["tab:green" if v > 0 else "tab:red" for v in values], width=0.8)
     ax.axhline(0, color="black", linewidth=0.8)
-    shown = sorted({*range(min(named, len(values))), *range(max(len(values) - named, 0), len(values))})
+    # the `named` biggest losses and gains: classes that differ, not the ties around zero
+    shown = [i for i in range(min(named, len(values))) if values[i] < 0]
+    shown += [i for i in range(max(len(values) - named, len(shown)), len(values)) if values[i] > 0]
     ax.set_xticks(shown, [diffs[i][1] for i in shown], rotation=90, fontsize=8)
     ax.set_xlim(-0.8, len(values) - 0.2)
-    ax.set_xlabel(f"the {len(values)} classes, sorted by the difference (the {named} biggest losses and gains named)")
+    ax.set_xlabel(f"the {len(values)} classes, sorted by the difference (up to {named} biggest losses and gains named)")
     ax.set_ylabel(f"test accuracy: {variants[0]} - {variants[1]}")
     mean = sum(values) / len(values)
     better = sum(v > 0 for v in values)

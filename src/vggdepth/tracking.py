@@ -675,7 +675,8 @@ def _test_metrics(result: dict):
     ]
 
 
-EVALUATION_TABLES = ("predictions.npz", "per_class.csv", "superclass_confusion.csv")  # vggdepth.metrics
+# vggdepth.metrics.TABLES, named here: importing the evaluation's code would make the training stages depend on it
+EVALUATION_TABLES = ("predictions.npz", "per_class.csv", "superclass_confusion.csv")
 
 
 def _send_evaluation(store: Store, run_id: str, files: RunFiles, result: dict, tables: Path | None) -> None:
