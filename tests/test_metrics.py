@@ -10,7 +10,14 @@ import math
 import numpy as np
 import pytest
 import torch
-from sklearn.metrics import accuracy_score, confusion_matrix, log_loss, recall_score, top_k_accuracy_score
+from sklearn.metrics import (
+    accuracy_score,
+    confusion_matrix,
+    f1_score,
+    log_loss,
+    recall_score,
+    top_k_accuracy_score,
+)
 
 from vggdepth.batches import DeviceDataset
 from vggdepth.engine import RunFiles, evaluate_model, load_checkpoint, load_network, train_run
@@ -144,6 +151,8 @@ def test_real_metrics_equal_scikit_learns_on_the_full_probabilities(evaluated, t
         pred = evaluated["evaluation"].predictions[kind]
         matrix = confusion_matrix(coarse, labels.superclass_of[predicted], labels=range(20))
         assert superclass_confusion(pred, labels).tolist() == matrix.tolist()
+        macro_f1 = f1_score(fine, predicted, labels=range(100), average="macro", zero_division=0)
+        assert result["test_macro_f1"] == pytest.approx(macro_f1)
         recall = recall_score(fine, predicted, labels=range(100), average=None, zero_division=0)
         np.testing.assert_allclose(per_class(pred, labels)["recall"], recall)
         # ECE by its definition, bin by bin, with bins closed on the right as calibration_curve's are

@@ -151,6 +151,11 @@ class EvaluateConfig(_Section):
     top_k: Annotated[int, Field(ge=2)]  # top-k accuracy: the true class among the k most probable
     calibration_bins: Annotated[int, Field(ge=2)]  # equal-width confidence bins of the ECE
 
+    @property
+    def top_k_metric(self) -> str:
+        """The name of the top-k accuracy in test.json, MLflow and the report: `test_top5`."""
+        return f"test_top{self.top_k}"
+
 
 class TrackingConfig(_Section):
     """MLflow tracking of every training run (the store comes from MLFLOW_TRACKING_URI or mlruns/)."""

@@ -93,9 +93,8 @@ def evaluate_run(
         log_probs = log_probabilities(load_network(checkpoint, device), test, runtime.eval_batch_size, autocast)
         pred = Predictions.from_log_probs(log_probs, data.test.labels, data.test.index, labels, evaluate.top_k)
         epoch = checkpoint["epoch"] - 1  # a checkpoint counts completed epochs; tables number epochs from 0
-        # the loss in float64 from every image's log-probability: the mean cross-entropy
-        loss = float(-log_probs[np.arange(len(pred)), pred.fine].astype(np.float64).mean())
         metrics = score(pred, labels, evaluate.calibration_bins)
+        loss = metrics["test_nll"]  # the mean cross-entropy, from each image's log-probability of its true class
         result[kind] = {"epoch": epoch, "test_loss": loss, **metrics}
         predictions[kind] = pred
         log.info(
@@ -106,7 +105,7 @@ def evaluate_run(
             loss,
             metrics["test_acc"],
             evaluate.top_k,
-            metrics[f"test_top{evaluate.top_k}"],
+            metrics[evaluate.top_k_metric],
             metrics["test_superclass_acc"],
             metrics["test_ece"],
         )

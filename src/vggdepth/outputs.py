@@ -102,7 +102,7 @@ TRAIN_KEYS: dict[str, tuple[str, ...]] = {"parameters": (), "best_val_acc": (), 
 
 def test_keys(params: Params) -> dict[str, tuple[str, ...]]:
     """What `test.json` holds for each checkpoint (vggdepth.evaluation)."""
-    keys = ("test_acc", "test_loss", f"test_top{params.evaluate.top_k}", "test_superclass_acc", "test_ece")
+    keys = ("test_acc", "test_loss", params.evaluate.top_k_metric, "test_superclass_acc", "test_ece")
     return {"best": keys, "final": keys}
 
 

@@ -23,7 +23,7 @@ TEST_METRICS = ("test_acc", "test_loss")  # the report has these, so they are co
 
 def evaluation_metrics(params: Params) -> tuple[str, str, str]:
     """The evaluate stage's further test metrics in Table 1 and the summary (the report has none of them)."""
-    return f"test_top{params.evaluate.top_k}", "test_ece", "test_superclass_acc"
+    return params.evaluate.top_k_metric, "test_ece", "test_superclass_acc"
 
 
 def read_paper_table(path: Path) -> dict[str, dict[str, float]]:
@@ -104,7 +104,7 @@ def _signed(value: float | None) -> str:
 def table_markdown(params: Params, rows: list[dict]) -> str:
     """Table 1 as the report printed it (seed `report.seed`), then over seeds, then against the report."""
     seed, ref_epochs, k = params.report.seed, params.report.reference.epochs, params.evaluate.top_k
-    shown = (*METRICS, *TEST_METRICS, f"test_top{k}", "test_ece")
+    shown = (*METRICS, *TEST_METRICS, *evaluation_metrics(params)[:2])  # top-k and ECE; the CSV has all three
     headers = f"train acc | train loss | val acc | val loss | test acc | test loss | test top-{k} | test ECE"
     lines = [
         f"### Table 1: seed {seed}, after the last epoch; test of the best-validation checkpoint",
