@@ -6,6 +6,7 @@ The loop calls no tracking API: whatever watches a run (MLflow, tests) subscribe
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -137,6 +138,7 @@ class RunInfo:
     files: RunFiles
     start_epoch: int  # 0, or the number of epochs restored from the last checkpoint
     node: str  # where it trains (`this_node`), or where its newest epoch was trained when restored
+    precision: str = "float32"  # what it computes in (`training_precision`), or what it was trained in when restored
     extra: dict = field(default_factory=dict)  # kept in checkpoints: a callback may store its own state here
     history: list[EpochRecord] = field(default_factory=list)  # every epoch so far, restored ones included
     gradients: list[GradientRow] = field(default_factory=list)
@@ -166,6 +168,34 @@ def resolve_device(name: str) -> torch.device:
             f"runtime.device is {name!r} but this machine has {torch.cuda.device_count()} CUDA device(s)"
         )
     return device
+
+
+BFLOAT16, FLOAT32 = "bfloat16", "float32"
+
+
+@functools.cache
+def cpu_computes_bf16() -> bool:
+    """Whether this CPU has bfloat16 arithmetic (AVX512-BF16 or AMX-BF16): without it, PyTorch emulates bfloat16,
+    which is slower than float32."""
+    capabilities = torch.cpu.get_capabilities()
+    return bool(capabilities.get("avx512_bf16") or capabilities.get("amx_bf16"))
+
+
+def training_precision(device: torch.device, bf16: bool) -> str:
+    """What a run on `device` computes in: bfloat16 autocast when `train.bf16` asks for it and the device computes
+    bfloat16 natively (CUDA, or a CPU that `cpu_computes_bf16`), else float32, said once per process."""
+    if not bf16:
+        return FLOAT32
+    if device.type == "cuda" or (device.type == "cpu" and cpu_computes_bf16()):
+        return BFLOAT16
+    _say_float32(device.type)
+    return FLOAT32
+
+
+@functools.cache
+def _say_float32(device_type: str) -> None:
+    what = "this CPU has no bfloat16 arithmetic (AVX512-BF16 or AMX)" if device_type == "cpu" else device_type
+    log.warning("train.bf16 is set but %s: training in float32 instead, which is faster here", what)
 
 
 def make_scheduler(optimizer: torch.optim.Optimizer, variant: Variant, lr_min: float):
@@ -389,7 +419,8 @@ class Trainer:
             torch.set_num_threads(runtime.threads)
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = True  # fixed input shapes: let cuDNN pick the fastest kernels
-        self.autocast = self.device.type == "cuda" and train.bf16
+        self.precision = training_precision(self.device, train.bf16)
+        self.autocast = self.precision == BFLOAT16
 
         seed_everything(seed)
         self.net = VGG(model, variant).to(self.device, memory_format=torch.channels_last)
@@ -406,6 +437,7 @@ class Trainer:
         self.best_model: dict | None = None  # the best epoch's weights, kept in last.pt so best.pt can be rebuilt
         self.trained_on = str(self.device)  # the device of the newest epoch, restored with a finished run
         self.node = this_node()  # where the newest epoch was trained, restored likewise
+        self.trained_in = self.precision  # what the newest epoch computed in, restored likewise
         self.run = RunInfo(
             variant=variant_name,
             seed=seed,
@@ -422,6 +454,7 @@ class Trainer:
             files=files,
             start_epoch=0,
             node=self.node,
+            precision=self.precision,
         )
         self.history, self.gradients = self.run.history, self.run.gradients
 
@@ -441,6 +474,8 @@ class Trainer:
         self.net.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
+        # Every checkpoint of this code records its precision (older code has another fingerprint: never resumed).
+        trained_in = state.get("precision", FLOAT32)
         if state["epoch"] < self.cfg.epochs:  # random states matter only to epochs still to train
             if torch.device(state["trained_on"]).type != self.device.type:
                 raise TrainingError(
@@ -449,12 +484,20 @@ class Trainer:
                     f"{torch.device(state['trained_on']).type} to finish it, or move {self.files.checkpoints} "
                     "away to train it here from the start"
                 )
+            if trained_in != self.precision:
+                raise TrainingError(
+                    f"{source} was trained in {trained_in} up to epoch {state['epoch']}; here it would continue in "
+                    f"{self.precision}, and a run never changes precision midway. Finish it where it computes in "
+                    f"{trained_in} (train.bf16 and a device with bfloat16 arithmetic decide it), or move "
+                    f"{self.files.checkpoints} away to train it here from the start"
+                )
             _set_rng_state(state["rng"], self.generator)
         self.history.extend(EpochRecord(**r) for r in state["history"])
         self.gradients.extend(GradientRow(**r) for r in state["gradients"])
         self.best = state["best"]
         self.best_model = state["best_model"]
         self.trained_on = state["trained_on"]
+        self.trained_in = self.run.precision = trained_in
         self.node = self.run.node = state.get("node", self.node)  # older checkpoints recorded no node
         self.run.start_epoch = state["epoch"]
         self.run.extra = state.get("extra", {})
@@ -575,6 +618,7 @@ class Trainer:
     def start_epoch(self) -> float:
         """Mark where and on what the epoch trains; its learning rate."""
         self.trained_on = str(self.device)
+        self.trained_in = self.run.precision = self.precision
         self.node = self.run.node = this_node()
         return self.optimizer.param_groups[0]["lr"]
 
@@ -639,6 +683,7 @@ class Trainer:
                 "best": self.best,
                 "best_model": self.best_model,
                 "trained_on": self.trained_on,
+                "precision": self.trained_in,
                 "node": self.node,
                 "extra": self.run.extra,
             },
@@ -687,6 +732,7 @@ class Trainer:
             "seconds": train_seconds,
             "images_per_second": len(self.train_data) * len(self.history) / train_seconds,
             "device": self.trained_on,
+            "precision": self.trained_in,
             "node": self.node,
         }
 

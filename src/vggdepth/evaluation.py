@@ -18,7 +18,15 @@ import torch.nn.functional as F
 from vggdepth.batches import DeviceDataset
 from vggdepth.config import EvaluateConfig, RuntimeConfig, TrainConfig
 from vggdepth.data import PreparedData
-from vggdepth.engine import CheckpointError, RunFiles, load_checkpoint, load_network, resolve_device
+from vggdepth.engine import (
+    BFLOAT16,
+    CheckpointError,
+    RunFiles,
+    load_checkpoint,
+    load_network,
+    resolve_device,
+    training_precision,
+)
 from vggdepth.files import write_json
 from vggdepth.labels import Labels
 from vggdepth.metrics import KINDS, PREDICTIONS_FILE, Predictions, save_predictions, score, write_tables
@@ -72,7 +80,7 @@ def evaluate_run(
     result is safely elsewhere too (see pipeline/evaluate.py)."""
     device = resolve_device(runtime.device)
     test = DeviceDataset(data.test, data.mean, data.std, device)
-    autocast = device.type == "cuda" and train.bf16
+    autocast = training_precision(device, train.bf16) == BFLOAT16  # as the run's own validation computed
     result, predictions = {}, {}
     for kind, path in zip(KINDS, (files.best, files.last), strict=True):
         try:

@@ -33,6 +33,7 @@ from tqdm import tqdm
 from vggdepth.config import Params, Variant
 from vggdepth.data import PreparedData
 from vggdepth.engine import (
+    BFLOAT16,
     SUPERSEDED,
     Callback,
     CheckpointError,
@@ -43,6 +44,7 @@ from vggdepth.engine import (
     load_checkpoint,
     run_fingerprint,
     train_run,
+    training_precision,
 )
 from vggdepth.errors import VggdepthError
 from vggdepth.files import atomic_path, write_json
@@ -222,7 +224,7 @@ def _probe_here(params: Params, variants: list[str], device: str, threads: int, 
             optimizer = torch.optim.Adam(net.parameters(), lr=cfg.lr)
             x = torch.randn(cfg.batch_size, 3, 32, 32, device=device).contiguous(memory_format=torch.channels_last)
             y = torch.randint(0, params.model.num_classes, (cfg.batch_size,), device=device)
-            autocast = device.type == "cuda" and params.train.bf16
+            autocast = training_precision(device, params.train.bf16) == BFLOAT16
             elapsed = 0.0
             for step in range(steps + 1):  # the first step warms up (allocations, kernel choice)
                 started = time.perf_counter()

@@ -41,6 +41,7 @@ URI_ENV = "MLFLOW_TRACKING_URI"
 PARENT_KEY_TAG = "vggdepth.pipeline"
 KIND_TAG = "vggdepth.kind"
 NODE_TAG = "node"  # where the run's newest epoch was trained (engine.this_node)
+PRECISION_TAG = "precision"  # what the run computes in: bfloat16 or float32 (engine.training_precision)
 RUN_ID_KEY = "mlflow_run_id"  # where a run's id is kept in its checkpoints, so a resumed run continues it
 EXPERIMENT_KIND_TAG, EXPERIMENT_KIND = "mlflow.experimentKind", "custom_model_development"  # the UI's "Model training"
 DESCRIPTION_TAG = "mlflow.note.content"  # a run's description in the UI
@@ -507,6 +508,7 @@ class MlflowCallback(Callback):
             self.pending = _pending_epochs(run.history, run.gradients, self.store.logged_epochs(self.run_id))
             if not _finished(run):
                 self.client.set_tag(self.run_id, NODE_TAG, run.node)
+                self.client.set_tag(self.run_id, PRECISION_TAG, run.precision)
         self._flush()
         if self.system_metrics and not _finished(run):
             from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
@@ -807,6 +809,7 @@ def import_run(store: Store, params: Params, files: RunFiles) -> list[str]:
                     **_training_tags(parent, variant, seed),
                     NODE_TAG: str(summary.get("node", "")),
                     "device": str(summary.get("device", "")),
+                    PRECISION_TAG: str(summary.get("precision", "")),
                     "vggdepth.source": f"GPU lease {lease_name}",
                     **context.tags,
                 },
