@@ -9,12 +9,16 @@ import json
 import os
 import select
 import struct
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
+import yaml
 
+from tests.conftest import ROOT
 from vggdepth.engine import RunFiles, load_checkpoint
 
 
@@ -87,3 +91,46 @@ def narrow(raw: dict, variants: dict) -> dict:
     report["reference"]["curves"] = {k: c for k, c in report["reference"]["curves"].items() if k in variants}
     report["guard"].update(vanishing="VGG-38", learning=[v for v in variants if v not in ("VGG-38", "NAN")])
     return raw
+
+
+DVC = str(Path(sys.executable).parent / "dvc")
+
+
+def dvc_env() -> dict:
+    """The environment of a `dvc` command in a test repository: this Python's `dvc` and `python`, no DVC, MLflow
+    or Ray settings of the calling shell."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("DVC_", "MLFLOW_", "RAY_"))}
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"  # stages call `python`: this one
+    return env
+
+
+def run_ok(*args: str, cwd: Path) -> str:
+    """Run a command in `cwd` (`dvc_env`); its stdout, or a failed assertion with everything it printed."""
+    result = subprocess.run(args, cwd=cwd, capture_output=True, text=True, env=dvc_env())
+    assert result.returncode == 0, f"{' '.join(args)} failed:\n{result.stdout}\n{result.stderr}"
+    return result.stdout
+
+
+def tiny_clone(
+    folder: Path, archive_path: Path, archive_md5: str, *, epochs: int, tracking: bool, variants: tuple = ()
+) -> Path:
+    """A clone of this repository (with this checkout's pipeline, benchmarks and params, committed or not) whose
+    params train on 200 real images for `epochs` epochs, one seed, on the CPU; tracked in its own mlruns/ or not;
+    only `variants` when given."""
+    repo = folder / "repo"
+    run_ok("git", "clone", "--quiet", str(ROOT), str(repo), cwd=folder)
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params["data"].update(url=str(archive_path), md5=archive_md5)
+    params["prepare"]["subset"] = {"train": 2, "val": 1, "test": 1}
+    params["train"]["epochs"] = epochs
+    params["runtime"]["device"] = "cpu"
+    params["seeds"] = [0]
+    params["tracking"].update(enabled=tracking, system_metrics=False)
+    if variants:
+        narrow(params, {v: params["variants"][v] for v in variants})
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    for name in ("dvc.yaml", "pipeline", "src", "benchmarks"):
+        run_ok("cp", "-r", str(ROOT / name), str(repo), cwd=repo)
+    run_ok("git", "-c", "user.name=t", "-c", "user.email=t@t", "add", "-A", ".", cwd=repo)
+    run_ok("git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "--quiet", "-m", "tiny", cwd=repo)
+    return repo

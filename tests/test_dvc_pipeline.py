@@ -4,65 +4,25 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
-from tests.conftest import ROOT
-from tests.helpers import narrow
-
-DVC = str(Path(sys.executable).parent / "dvc")
-
-
-def _env() -> dict:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("DVC_", "MLFLOW_", "RAY_"))}
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"  # stages call `python`: this one
-    return env
-
-
-def _run(*args: str, cwd: Path) -> str:
-    result = subprocess.run(args, cwd=cwd, capture_output=True, text=True, env=_env())
-    assert result.returncode == 0, f"{' '.join(args)} failed:\n{result.stdout}\n{result.stderr}"
-    return result.stdout
+from tests.helpers import DVC, dvc_env, tiny_clone
+from tests.helpers import run_ok as _run
 
 
 def _md5(path: Path) -> str:
     return hashlib.md5(path.read_bytes(), usedforsecurity=False).hexdigest()
 
 
-def _tiny_clone(
-    folder: Path, archive_path: Path, archive_md5: str, *, epochs: int, tracking: bool, variants: tuple = ()
-) -> Path:
-    """A clone of this repository (with this checkout's pipeline and params, committed or not) whose params
-    train on 200 real images for `epochs` epochs, one seed, on the CPU; tracked in its own mlruns/ or not; only
-    `variants` when given."""
-    repo = folder / "repo"
-    _run("git", "clone", "--quiet", str(ROOT), str(repo), cwd=folder)
-    params = yaml.safe_load((ROOT / "params.yaml").read_text())
-    params["data"].update(url=str(archive_path), md5=archive_md5)
-    params["prepare"]["subset"] = {"train": 2, "val": 1, "test": 1}
-    params["train"]["epochs"] = epochs
-    params["runtime"]["device"] = "cpu"
-    params["seeds"] = [0]
-    params["tracking"].update(enabled=tracking, system_metrics=False)
-    if variants:
-        narrow(params, {v: params["variants"][v] for v in variants})
-    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    for name in ("dvc.yaml", "pipeline", "src"):
-        _run("cp", "-r", str(ROOT / name), str(repo), cwd=repo)
-    _run("git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "--quiet", "-am", "tiny", cwd=repo)
-    return repo
-
-
 @pytest.fixture(scope="module")
 def tiny_repo(tmp_path_factory, archive_path, archive_md5) -> Path:
     """VGG-08 trains one epoch, untracked."""
-    return _tiny_clone(tmp_path_factory.mktemp("dvc"), archive_path, archive_md5, epochs=1, tracking=False)
+    return tiny_clone(tmp_path_factory.mktemp("dvc"), archive_path, archive_md5, epochs=1, tracking=False)
 
 
 @pytest.mark.slow
@@ -106,7 +66,7 @@ def test_push_to_a_remote_and_pull_into_a_fresh_clone(tiny_repo, tmp_path):
 @pytest.fixture(scope="module")
 def tracked_repo(tmp_path_factory, archive_path, archive_md5) -> Path:
     """Two epochs, tracked in the embedded MLflow store under the repository's mlruns/."""
-    return _tiny_clone(tmp_path_factory.mktemp("dvc-tracked"), archive_path, archive_md5, epochs=2, tracking=True)
+    return tiny_clone(tmp_path_factory.mktemp("dvc-tracked"), archive_path, archive_md5, epochs=2, tracking=True)
 
 
 def _outputs(repo: Path) -> dict[str, bytes]:
@@ -167,7 +127,7 @@ def test_rerun_for_any_reason_keeps_the_finished_run(tracked_repo):
 
     # A run that failed on invalid params, then fixed.
     _edit_params(repo, lambda p: p["variants"]["VGG-08"].update(batch_size=0))
-    failed = subprocess.run([DVC, "repro", "train@VGG-08-0"], cwd=repo, capture_output=True, text=True, env=_env())
+    failed = subprocess.run([DVC, "repro", "train@VGG-08-0"], cwd=repo, capture_output=True, text=True, env=dvc_env())
     assert failed.returncode != 0
     assert "variants.VGG-08.batch_size: input should be greater than 0" in failed.stdout + failed.stderr
     _edit_params(repo, lambda p: p["variants"]["VGG-08"].update(batch_size=100))
@@ -191,7 +151,7 @@ def test_repro_trains_the_grid_concurrently_and_dvc_stays_the_source_of_truth(tm
     """Three variants, one seed, one epoch: `dvc repro` trains the runs in the grid stage (on Ray), the train
     stages record them; DVC then knows every output, and changes retrain exactly what they touch. (Tracking in the
     grid: tests/test_grid.py; every variant through the grid: the reduced pipeline of .ci/run.)"""
-    repo = _tiny_clone(
+    repo = tiny_clone(
         tmp_path, archive_path, archive_md5, epochs=1, tracking=False, variants=("VGG-08", "VGG-38", "BN-VGG-38")
     )
     variants = list(yaml.safe_load((repo / "params.yaml").read_text())["variants"])

@@ -752,41 +752,48 @@ def _sync(store: Store, files: RunFiles, state: dict, run_id: str) -> list[str]:
     return sent
 
 
-LEASE_FILE = "lease.json"  # beside the runs/ folder of a GPU lease's results (benchmarks/gpu_results.py)
+# What trained a folder of runs brought home as tables, by the record beside its runs/ folder: a GPU lease
+# (benchmarks/gpu_results.py) or a study on this machine's CPU (benchmarks/cpu_study.py).
+RECORDS = {"lease.json": "GPU lease", "study.json": "CPU study"}
 
 
 def import_run(store: Store, params: Params, files: RunFiles) -> list[str]:
-    """A run trained without tracking and brought back as tables (a GPU lease: results/<lease>/runs/<run>/) becomes
-    a finished MLflow run from them: every epoch with its gradient statistics, the test metrics, the tables and the
-    gradient-flow figure (no checkpoints or model: a lease brings none back). Its parent run stands for the lease,
-    tagged with the lease's device, torch version and commit. Importing again sends only what is missing."""
+    """A run trained without tracking and brought back as tables (results/<name>/runs/<run>/: a GPU lease's or a
+    CPU study's) becomes a finished MLflow run from them: every epoch with its gradient statistics, the test
+    metrics, the tables and the gradient-flow figure (no checkpoints or model: none come back). Its parent run
+    stands for the lease or study, tagged with its device, torch version and commit. Importing again sends only
+    what is missing."""
     from vggdepth.outputs import read_epochs, read_gradients
 
-    lease_path = files.root.parent.parent / LEASE_FILE
+    folder = files.root.parent.parent
+    found = [(folder / name, kind) for name, kind in RECORDS.items() if (folder / name).exists()]
     try:
-        lease = json.loads(lease_path.read_text())
+        if not found:
+            raise FileNotFoundError(f"no {' or '.join(RECORDS)} in {folder}")
+        record_path, kind = found[0]
+        record = json.loads(record_path.read_text())
         summary = json.loads(files.train_json.read_text())
         variant, seed, epochs = summary["variant"], int(summary["seed"]), int(summary["epochs"])
     except (OSError, ValueError, KeyError) as exc:
         raise TrackingError(
-            f"{files.root} has no checkpoints, so it can only be imported as a GPU lease's run, with its "
-            f"train.json and the lease's {lease_path}: {_short(exc)}"
+            f"{files.root} has no checkpoints, so it can only be imported as the run of a GPU lease or a CPU study, "
+            f"with its train.json and the record beside its runs/ folder: {_short(exc)}"
         ) from None
-    if "params" in lease:  # what the runs trained with, whatever params.yaml says now
-        params = Params.model_validate(lease["params"])
+    if "params" in record:  # what the runs trained with, whatever params.yaml says now
+        params = Params.model_validate(record["params"])
     else:
         params = params.model_copy(update={"train": params.train.model_copy(update={"epochs": epochs})})
     history = [EpochRecord(**row) for row in read_epochs(files.epochs_csv)]
     gradients = read_gradients(files.gradients_csv)
-    lease_name = lease_path.parent.name
+    source = f"{kind} {folder.name}"
     context = PipelineContext(
-        key=f"lease:{lease_name}",
-        name=f"GPU lease {lease_name}",
+        key=f"lease:{folder.name}",
+        name=source,
         tags={
-            "git_commit": str(lease.get("commit", "")),
-            "device": str(lease.get("device", "")),
-            "torch": str(lease.get("torch", "")),
-            "lease_command": str(lease.get("command", ""))[:5000],
+            "git_commit": str(record.get("commit", "")),
+            "device": str(record.get("device", "")),
+            "torch": str(record.get("torch", "")),
+            "lease_command": str(record.get("command", ""))[:5000],
         },
     )
     with _store_errors(store.uri, f"import {files.root}"):
@@ -810,7 +817,7 @@ def import_run(store: Store, params: Params, files: RunFiles) -> list[str]:
                     NODE_TAG: str(summary.get("node", "")),
                     "device": str(summary.get("device", "")),
                     PRECISION_TAG: str(summary.get("precision", "")),
-                    "vggdepth.source": f"GPU lease {lease_name}",
+                    "vggdepth.source": source,
                     **context.tags,
                 },
             ).info.run_id

@@ -1,0 +1,301 @@
+"""The real-size study on this machine's CPU: a background job of many hours, a working session at a time.
+
+    python benchmarks/cpu_study.py start [--commit REV]   # (re)start it in the background, lowest CPU priority
+    python benchmarks/cpu_study.py status                  # each run's epochs, and whether the job runs
+    python benchmarks/cpu_study.py collect                 # finished runs and resume points into results/
+    python benchmarks/cpu_study.py stop                    # end it (it resumes from its checkpoints at `start`)
+
+The study trains in `.study/<commit>/`, a git-ignored clone of one fixed commit, so later changes to the code
+neither disturb its runs nor make them stale; its params.yaml is the commit's with the study's overrides (the
+local archive and its md5, seed 0, one thread per run, tracking off: `python -m vggdepth sync` imports the runs
+into MLflow from their tables). It runs `dvc repro` there: first `--first` (VGG-08 through its own train stage:
+the fidelity check, minutes), then the whole pipeline, whose grid stage trains the other runs at once. While the
+grid trains, every run it finishes is evaluated at once (pipeline/evaluate.py), so its row can be committed without
+waiting for the others. Tests get the CPU first (nice 19); a session's end stops the job, and `start` resumes it
+from its checkpoints, on a fresh machine from the resume points committed under results/.
+
+results/<date>-cpu-<commit>/ is what comes home (committed):
+  study.json         the commit, the overrides, the machine, each run's epochs and state
+  runs/<run>/        each finished run's tables as the stages wrote them (no checkpoints)
+  resume/<run>.pt    each run's last checkpoint: a session on a fresh machine resumes the study from these, exactly
+  report/            Table 1, summary, curves and figures, rendered once every run of a seed has finished
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import hashlib
+import json
+import os
+import platform
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+
+from vggdepth.config import Params  # noqa: E402
+from vggdepth.engine import RunFiles, cpu_computes_bf16  # noqa: E402
+from vggdepth.errors import VggdepthError  # noqa: E402
+from vggdepth.files import atomic_dir, atomic_path, write_json  # noqa: E402
+from vggdepth.metrics import TABLES as EVALUATION_TABLES  # noqa: E402
+from vggdepth.outputs import read_epochs  # noqa: E402
+from vggdepth.report import build_report  # noqa: E402
+
+STUDY = ROOT / ".study"
+RESULTS = ROOT / "results"
+ARCHIVE = ROOT.parent / "shared" / "data" / "cifar-100-python.tar.gz"
+OVERRIDES = {
+    "seeds": [0],
+    "tracking.enabled": False,
+    "grid.threads_per_run": 1,  # fixed, not probed: a run resumed in another session continues bit for bit
+}
+FIRST = "evaluate@VGG-08-0"  # the fidelity check: against reference/pipeline-cpu-vgg08-s0 (float32)
+TABLES = ("epochs.csv", "gradients.csv", "train.json", "test.json", *EVALUATION_TABLES)
+
+
+class Study:
+    """One study: its checkout, its results folder, its params."""
+
+    def __init__(self, results: Path):
+        self.results = results
+        self.record = json.loads((results / "study.json").read_text())
+        self.checkout = STUDY / self.record["commit"][:7]
+        self.pid_file = STUDY / f"{results.name}.pid"
+        self.log = STUDY / f"{results.name}.log"
+
+    @property
+    def params(self) -> Params:
+        return Params.model_validate(yaml.safe_load((self.checkout / "params.yaml").read_text()))
+
+    def run_names(self) -> list[str]:
+        p = self.params
+        return [f"{v}-s{s}" for s in p.seeds for v in p.variants]
+
+    # ---- the checkout ------------------------------------------------------------------------------------------
+
+    def prepare(self) -> None:
+        """Clone the commit (once per machine), set the overrides, put every resume point in place."""
+        if not self.checkout.exists():
+            with atomic_dir(self.checkout) as staging:  # a clone cut short is never taken for the study's
+                subprocess.run(["git", "clone", "--quiet", str(ROOT), str(staging)], check=True)
+                subprocess.run(
+                    ["git", "-C", str(staging), "checkout", "--quiet", "--detach", self.record["commit"]], check=True
+                )
+                raw = yaml.safe_load((staging / "params.yaml").read_text())
+                for key, value in self.record["overrides"].items():
+                    *path, last = key.split(".")
+                    section = raw
+                    for part in path:
+                        section = section[part]
+                    section[last] = value
+                try:
+                    Params.model_validate(raw)
+                except (ValueError, VggdepthError) as exc:  # pydantic's ValidationError is a ValueError
+                    raise SystemExit(f"error: the study's params (the commit's with its overrides): {exc}") from None
+                (staging / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+        for point in sorted((self.results / "resume").glob("*.pt")):
+            last = RunFiles(self.checkout / "runs" / point.stem).last
+            if not last.exists() or _epochs_in(last) < _epochs_in(point):
+                last.parent.mkdir(parents=True, exist_ok=True)
+                with atomic_path(last) as tmp:
+                    shutil.copyfile(point, tmp)
+                print(f"resume point {point.name}: epoch {_epochs_in(point)}")
+
+    def env(self) -> dict:
+        """The stages' environment: this Python's `dvc` and `python`, the checkout's own library."""
+        bin_dir = Path(sys.executable).parent
+        return {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "PYTHONPATH": str(self.checkout / "src")}
+
+    # ---- the background job -------------------------------------------------------------------------------------
+
+    def running(self) -> int | None:
+        """The job's process group, while any process of it is alive."""
+        try:
+            pid = int(self.pid_file.read_text())
+            os.killpg(pid, 0)
+            return pid
+        except (OSError, ValueError):
+            return None
+
+    def start(self, poll_s: float) -> None:
+        if pid := self.running():
+            raise SystemExit(f"the study already runs (process group {pid}); `stop` it first")
+        self.prepare()
+        command = [sys.executable, __file__, "run", "--results", str(self.results), "--poll-s", str(poll_s)]
+        with open(self.log, "a") as log:
+            job = subprocess.Popen(
+                ["nice", "-n", "19", *command],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,  # its own process group: stop, pause and resume reach every child
+            )
+        self.pid_file.write_text(str(job.pid))
+        print(f"started in {self.checkout} (process group {job.pid}), lowest priority; log: {self.log}")
+
+    def stop(self, wait_s: float = 60) -> bool:
+        """End every process of the job (checkpoints are written atomically: a kill loses at most the epoch in
+        progress); False when it was not running."""
+        pid = self.running()
+        if not pid:
+            return False
+        os.killpg(pid, signal.SIGTERM)
+        deadline = time.monotonic() + wait_s
+        while self.running() and time.monotonic() < deadline:
+            time.sleep(0.5)
+        if self.running():
+            os.killpg(pid, signal.SIGKILL)
+        return True
+
+    def run(self, poll_s: float) -> None:
+        """The job itself (started by `start`): the first targets, then the whole pipeline."""
+        for target in self.record["first"]:
+            subprocess.run(["dvc", "repro", target], cwd=self.checkout, env=self.env(), check=True)
+        pipeline = subprocess.Popen(["dvc", "repro"], cwd=self.checkout, env=self.env())
+        grid_done = self.checkout / "runs" / "grid.json"
+        while pipeline.poll() is None:
+            time.sleep(poll_s)
+            if not grid_done.exists():  # after the grid, the evaluate stages test every run themselves
+                self._evaluate_finished()
+        if pipeline.returncode:
+            raise SystemExit(f"dvc repro failed with status {pipeline.returncode}")
+        print("the study is complete: `python benchmarks/cpu_study.py collect`, then commit results/", flush=True)
+
+    def _evaluate_finished(self) -> None:
+        epochs = self.params.train.epochs
+        for name in self.run_names():
+            files = RunFiles(self.checkout / "runs" / name)
+            trained = files.train_json.exists() and json.loads(files.train_json.read_text())["epochs"] == epochs
+            if trained and not files.test_json.exists():
+                print(f"{name} finished: evaluating it now", flush=True)
+                cmd = [sys.executable, "pipeline/evaluate.py", "--run", f"runs/{name}"]
+                subprocess.run(cmd, cwd=self.checkout, env=self.env(), check=False)
+
+    # ---- what comes home ----------------------------------------------------------------------------------------
+
+    def collect(self) -> None:
+        """Finished runs' tables and every run's last checkpoint into results/, the record, and the report once
+        a seed is complete."""
+        params, states = self.params, {}
+        for name in self.run_names():
+            files = RunFiles(self.checkout / "runs" / name)
+            done = len(read_epochs(files.epochs_csv)) if files.epochs_csv.exists() else 0
+            finished = done == params.train.epochs and files.test_json.exists()
+            states[name] = {"epochs": done, "state": "finished" if finished else "training" if done else "waiting"}
+            if finished:
+                for table in TABLES:
+                    _copy_if_changed(files.root / table, self.results / "runs" / name / table)
+            if files.last.exists():
+                _copy_if_changed(files.last, self.results / "resume" / f"{name}.pt")
+        self.record["params"] = params.model_dump(mode="json")  # as the runs train, whatever params.yaml says now
+        self.record["runs"] = states
+        self.record["collected_at"] = _now()
+        write_json(self.results / "study.json", self.record)
+        for name, state in states.items():
+            print(f"  {name}: {state['epochs']}/{params.train.epochs} epochs, {state['state']}")
+        seeds = [s for s in params.seeds if all(states[f"{v}-s{s}"]["state"] == "finished" for v in params.variants)]
+        if seeds:
+            report = self.results / "report"
+            build_report(params.model_copy(update={"seeds": seeds}), self.results / "runs", report, ROOT)
+            print((report / "table1.md").read_text())
+
+
+def _this_cpu() -> str:
+    lines = Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []
+    names = [line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")]
+    bf16 = "with" if cpu_computes_bf16() else "without"
+    return f"cpu: {names[0] if names else platform.machine()}, {os.cpu_count()} cores, {bf16} bfloat16 arithmetic"
+
+
+def _epochs_in(checkpoint: Path) -> int:
+    return int(torch.load(checkpoint, map_location="cpu", weights_only=True)["epoch"])
+
+
+def _copy_if_changed(source: Path, target: Path) -> None:
+    if target.exists() and _md5(target) == _md5(source):
+        return
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(target) as tmp:
+        shutil.copyfile(source, tmp)
+
+
+def _md5(path: Path) -> str:
+    return hashlib.md5(path.read_bytes(), usedforsecurity=False).hexdigest()
+
+
+def _now() -> str:
+    return datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
+
+
+def _current(commit: str | None, begin: dict | None) -> Study:
+    """The study of `commit` (begun with `begin`'s settings when there is none yet), else the newest one."""
+    if commit:
+        found = subprocess.run(["git", "-C", str(ROOT), "rev-parse", commit], capture_output=True, text=True)
+        if found.returncode:
+            raise SystemExit(f"error: {commit} is not a commit of {ROOT}")
+        full = found.stdout.strip()
+        existing = [p for p in RESULTS.glob(f"*-cpu-{full[:7]}") if (p / "study.json").exists()]
+        if existing:
+            return Study(existing[0])
+        if begin is None:
+            raise SystemExit(f"error: no CPU study of {full[:7]} under results/; `start --commit {full[:7]}` begins it")
+        archive = begin["archive"].resolve()
+        if not archive.is_file():
+            raise SystemExit(f"error: no archive at {archive}; pass --archive PATH")
+        overrides = {"data.url": str(archive), "data.md5": _md5(archive), **OVERRIDES}
+        results = RESULTS / f"{datetime.date.today():%Y-%m-%d}-cpu-{full[:7]}"
+        results.mkdir(parents=True, exist_ok=True)
+        record = {
+            "commit": full,
+            "overrides": overrides,
+            "first": [t for t in begin["first"] if t],
+            "command": "dvc repro (in a clone of the commit, params.yaml with the overrides), nice -n 19",
+            "device": _this_cpu(),
+            "torch": torch.__version__,
+            "started_at": _now(),
+        }
+        write_json(results / "study.json", record)
+        return Study(results)
+    studies = sorted(RESULTS.glob("*-cpu-*/study.json"), key=lambda p: p.stat().st_mtime)
+    if not studies:
+        raise SystemExit("error: no CPU study under results/ yet: `start --commit REV` begins one")
+    return Study(studies[-1].parent)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("command", choices=("start", "status", "collect", "stop", "run"))
+    parser.add_argument("--commit", help="the study of this commit (start: begun when new; default: the newest)")
+    parser.add_argument("--archive", type=Path, default=ARCHIVE, help="a new study's CIFAR-100 archive")
+    parser.add_argument("--first", action="append", help=f"a new study's targets before the rest ({FIRST}; '' none)")
+    parser.add_argument("--poll-s", type=float, default=60, help="how often the job looks for finished runs")
+    parser.add_argument("--results", type=Path, help=argparse.SUPPRESS)  # `run`: the study `start` chose
+    args = parser.parse_args()
+    begin = {"archive": args.archive, "first": args.first or [FIRST]} if args.command == "start" else None
+    study = Study(args.results) if args.results else _current(args.commit, begin)
+    if args.command == "start":
+        study.start(args.poll_s)
+    elif args.command == "run":
+        study.run(args.poll_s)
+    elif args.command == "collect":
+        study.collect()
+    elif args.command == "stop":
+        print("stopped" if study.stop() else "the study is not running")
+    else:
+        pid = study.running()
+        print(f"{study.results.name}: {'running, process group ' + str(pid) if pid else 'not running'}")
+        for name in study.run_names():
+            csv = RunFiles(study.checkout / "runs" / name).epochs_csv
+            print(f"  {name}: {len(read_epochs(csv)) if csv.exists() else 0} epochs")
+
+
+if __name__ == "__main__":
+    main()

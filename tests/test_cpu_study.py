@@ -1,0 +1,134 @@
+"""The real-size study on the CPU, rehearsed small in a real DVC repository: the background job trains through the
+grid and evaluates each run as it finishes; stopped mid-run and started again on a "fresh machine" (its checkout
+gone, only the committed results/ left), it resumes from the resume points and trains nothing twice; what comes home
+renders Table 1 and imports into MLflow as a CPU study."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import mlflow
+import pytest
+
+from tests.helpers import dvc_env, tiny_clone
+
+EPOCHS = 30  # VGG-38 still mid-run (a minute) when VGG-08, four times faster, has finished and been tested
+
+
+def study(repo: Path, *args: str) -> str:
+    done = subprocess.run(
+        [sys.executable, "benchmarks/cpu_study.py", *args],
+        cwd=repo,
+        capture_output=True,
+        text=True,
+        env=dvc_env(),
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    return done.stdout
+
+
+def wait_for(condition, timeout_s: float, what: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.2)
+
+
+def rows(path: Path) -> list[str]:
+    return path.read_text().splitlines()[1:]
+
+
+@pytest.mark.slow
+def test_the_study_survives_a_stop_and_a_fresh_machine_and_comes_home(tmp_path, archive_path, archive_md5):
+    variants = ("VGG-08", "VGG-38")
+    repo = tiny_clone(tmp_path, archive_path, archive_md5, epochs=EPOCHS, tracking=True, variants=variants)
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True).stdout.strip()
+    name = f"-cpu-{commit[:7]}"
+
+    # Begun with no first target, so that the grid trains both runs and VGG-08 ends long before VGG-38.
+    started = study(repo, "start", "--commit", commit, "--archive", str(archive_path), "--first", "", "--poll-s", "1")
+    assert "lowest priority" in started
+    checkout = repo / ".study" / commit[:7]
+    runs = checkout / "runs"
+    wait_for(lambda: (runs / "VGG-08-s0" / "test.json").exists(), 600, "VGG-08 evaluated while the grid trains")
+    assert not (runs / "VGG-38-s0" / "train.json").exists()  # evaluated mid-grid, not after it
+    assert "stopped" in study(repo, "stop", "--commit", commit)
+    ps = subprocess.run(["pgrep", "-f", str(checkout)], capture_output=True, text=True)
+    assert ps.stdout == "", "a process of the study outlived `stop`"
+    assert "threads_per_run: 1\n" in (checkout / "params.yaml").read_text()
+
+    study(repo, "collect", "--commit", commit)
+    results = next((repo / "results").glob(f"*{name}"))
+    record = json.loads((results / "study.json").read_text())
+    assert record["commit"] == commit and record["overrides"]["data.md5"] == archive_md5
+    assert record["params"]["train"]["epochs"] == EPOCHS and record["params"]["seeds"] == [0]
+    assert record["runs"]["VGG-08-s0"] == {"epochs": EPOCHS, "state": "finished"}
+    stopped_at = record["runs"]["VGG-38-s0"]["epochs"]
+    assert 0 < stopped_at < EPOCHS and record["runs"]["VGG-38-s0"]["state"] == "training"
+    assert sorted(p.name for p in (results / "runs" / "VGG-08-s0").iterdir()) == sorted(
+        [
+            "epochs.csv",
+            "gradients.csv",
+            "train.json",
+            "test.json",
+            "predictions.npz",
+            "per_class.csv",
+            "superclass_confusion.csv",
+        ]
+    )
+    assert not (results / "runs" / "VGG-38-s0").exists()  # unfinished: only its resume point comes home
+    assert sorted(p.name for p in (results / "resume").iterdir()) == ["VGG-08-s0.pt", "VGG-38-s0.pt"]
+    assert not (results / "report").exists()  # no seed has all its runs yet
+    assert json.loads((results / "runs" / "VGG-08-s0" / "train.json").read_text())["precision"] in (
+        "bfloat16",
+        "float32",
+    )
+    vgg08 = (results / "runs" / "VGG-08-s0" / "epochs.csv").read_text()
+    before = rows(runs / "VGG-38-s0" / "epochs.csv")[:stopped_at]
+
+    # A fresh machine: the checkout and its run folders are gone; results/ (committed) is all there is.
+    subprocess.run(["rm", "-rf", str(repo / ".study")], check=True)
+    study(repo, "start", "--commit", commit, "--poll-s", "1")
+    wait_for(lambda: "not running" in study(repo, "status", "--commit", commit), 900, "the study to end")
+    log = next((repo / ".study").glob("*.log")).read_text()
+    assert "the study is complete" in log, log[-3000:]
+    assert "resuming runs/VGG-38-s0/checkpoints/last.pt from epoch" in log
+
+    study(repo, "collect", "--commit", commit)
+    record = json.loads((results / "study.json").read_text())
+    assert record["runs"] == {f"{v}-s0": {"epochs": EPOCHS, "state": "finished"} for v in variants}
+    assert (results / "runs" / "VGG-08-s0" / "epochs.csv").read_text() == vgg08  # restored, not trained again
+    after = rows(results / "runs" / "VGG-38-s0" / "epochs.csv")
+    assert len(after) == EPOCHS and after[:stopped_at] == before  # the epochs before the stop kept, seconds too
+    table = (results / "report" / "table1.md").read_text()
+    assert "| VGG-08 |" in table and "| VGG-38 |" in table
+
+    # Home: the runs become MLflow runs under a parent named after the study.
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    env = {**dvc_env(), "MLFLOW_TRACKING_URI": uri}
+    synced = subprocess.run(
+        [sys.executable, "-m", "vggdepth", "sync", *map(str, sorted((results / "runs").iterdir()))],
+        cwd=repo,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert synced.returncode == 0, synced.stdout + synced.stderr
+    client = mlflow.MlflowClient(uri)
+    experiment = client.get_experiment_by_name("vggdepth")
+    found = {r.info.run_name: r for r in client.search_runs([experiment.experiment_id])}
+    parent = found[f"CPU study {results.name}"]
+    assert parent.data.tags["git_commit"] == commit and parent.data.tags["device"] == record["device"]
+    child = found["VGG-38-s0"]
+    assert child.data.tags["mlflow.parentRunId"] == parent.info.run_id
+    assert (
+        child.data.tags["precision"]
+        == json.loads((results / "runs" / "VGG-38-s0" / "train.json").read_text())["precision"]
+    )
+    assert len(client.get_metric_history(child.info.run_id, "curves/val_acc")) == EPOCHS
