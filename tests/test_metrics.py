@@ -20,7 +20,15 @@ from sklearn.metrics import (
 )
 
 from vggdepth.batches import DeviceDataset
-from vggdepth.engine import RunFiles, evaluate_model, load_checkpoint, load_network, train_run
+from vggdepth.engine import (
+    BFLOAT16,
+    RunFiles,
+    evaluate_model,
+    load_checkpoint,
+    load_network,
+    train_run,
+    training_precision,
+)
 from vggdepth.evaluation import evaluate_run, log_probabilities
 from vggdepth.labels import Labels
 from vggdepth.metrics import (
@@ -128,11 +136,12 @@ def evaluated(params, tiny_data, labels, tmp_path_factory):
     evaluation = evaluate_run(files, tiny_data, labels, p.train, p.runtime, p.evaluate)
     evaluation.write(files, labels)
     test = DeviceDataset(tiny_data.test, tiny_data.mean, tiny_data.std, torch.device("cpu"))
+    autocast = training_precision(torch.device("cpu"), p.train.bf16) == BFLOAT16  # as evaluate_run computes
     full = {
-        kind: log_probabilities(load_network(load_checkpoint(path, "cpu"), torch.device("cpu")), test, 500, False)
+        kind: log_probabilities(load_network(load_checkpoint(path, "cpu"), torch.device("cpu")), test, 500, autocast)
         for kind, path in (("best", files.best), ("final", files.last))
     }
-    return {"params": p, "files": files, "evaluation": evaluation, "full": full, "test": test}
+    return {"params": p, "files": files, "evaluation": evaluation, "full": full, "test": test, "autocast": autocast}
 
 
 def test_real_metrics_equal_scikit_learns_on_the_full_probabilities(evaluated, tiny_data, labels):
@@ -166,7 +175,7 @@ def test_real_metrics_equal_scikit_learns_on_the_full_probabilities(evaluated, t
         assert result["test_ece"] == pytest.approx(ece, abs=1e-6)
     # the test loss is the one the trainer's own evaluation gives
     net = load_network(load_checkpoint(evaluated["files"].best, "cpu"), torch.device("cpu"))
-    loss, acc = evaluate_model(net, evaluated["test"], 500, False)
+    loss, acc = evaluate_model(net, evaluated["test"], 500, evaluated["autocast"])
     assert evaluated["evaluation"].result["best"]["test_loss"] == pytest.approx(loss, rel=1e-6)
     assert evaluated["evaluation"].result["best"]["test_acc"] == acc
 
