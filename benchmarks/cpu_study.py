@@ -18,7 +18,7 @@ results/<date>-cpu-<commit>/ is what comes home (committed):
   study.json         the commit, the overrides, the machine, each run's epochs and state
   runs/<run>/        each finished run's tables as the stages wrote them (no checkpoints)
   resume/<run>.pt    each run's last checkpoint: a session on a fresh machine resumes the study from these, exactly
-  report/            Table 1, summary, curves and figures, rendered once every run of a seed has finished
+  report/            Table 1, summary, curves and figures, rendered from the finished runs (the rest named)
 """
 
 from __future__ import annotations
@@ -182,8 +182,8 @@ class Study:
     # ---- what comes home ----------------------------------------------------------------------------------------
 
     def collect(self) -> None:
-        """Finished runs' tables and every run's last checkpoint into results/, the record, and the report once
-        a seed is complete."""
+        """Finished runs' tables and every run's last checkpoint into results/, the record, and the report of the
+        variants finished so far."""
         params, states = self.params, {}
         for name in self.run_names():
             files = RunFiles(self.checkout / "runs" / name)
@@ -201,10 +201,9 @@ class Study:
         write_json(self.results / "study.json", self.record)
         for name, state in states.items():
             print(f"  {name}: {state['epochs']}/{params.train.epochs} epochs, {state['state']}")
-        seeds = [s for s in params.seeds if all(states[f"{v}-s{s}"]["state"] == "finished" for v in params.variants)]
-        if seeds:
+        if any(state["state"] == "finished" for state in states.values()):
             report = self.results / "report"
-            build_report(params.model_copy(update={"seeds": seeds}), self.results / "runs", report, ROOT)
+            build_report(params, self.results / "runs", report, ROOT, partial=True)
             print((report / "table1.md").read_text())
 
 

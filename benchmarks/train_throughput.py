@@ -2,11 +2,13 @@
 
 For VGG-08, VGG-38 and BN-VGG-38 it measures images per second of training steps:
   ours         the production loop (`Trainer.train_epoch`): uint8 data on the device, batched crops and flips,
-               channels-last, no host sync but the progress bar's, per-layer gradient capture on or off;
+               channels-last, no host sync but the progress bar's; in float32 with per-layer gradient capture on
+               and off, and in bfloat16 autocast (`train.bf16`, where this CPU computes bfloat16) with capture on;
   baseline     torchvision-style data set with per-image PIL `transforms`, a `DataLoader`, NCHW tensors, and
-               `.item()` on loss and accuracy every step.
-It also measures this machine's float32 matrix-multiply throughput (`torch.mm`, 4096 x 4096) as the ceiling for
-VGG-38's training FLOP/s. Configurations are interleaved over several rounds and the median is reported.
+               `.item()` on loss and accuracy every step (float32).
+It also measures this machine's float32 and bfloat16 matrix-multiply throughput (`torch.mm`, 4096 x 4096) as the
+ceilings for each precision's training FLOP/s. Configurations are interleaved over several rounds and the median is
+reported.
 
     python benchmarks/train_throughput.py [--threads 2] [--images 2000] [--rounds 3]
 """
@@ -30,7 +32,7 @@ from tqdm import tqdm
 
 from vggdepth.config import load_params
 from vggdepth.data import PreparedData, Split
-from vggdepth.engine import RunFiles, Trainer
+from vggdepth.engine import RunFiles, Trainer, cpu_computes_bf16
 from vggdepth.gradients import GradientRecorder
 from vggdepth.models import VGG
 
@@ -57,9 +59,9 @@ def synthetic_data(images: int, seed: int = 0) -> PreparedData:
     return PreparedData(train=split, val=split, test=split, stats=stats)
 
 
-def ours(params, variant: str, data: PreparedData, grad_stats: bool, workdir: Path) -> float:
+def ours(params, variant: str, data: PreparedData, grad_stats: bool, bf16: bool, workdir: Path) -> float:
     """Images per second of one epoch of the production training loop."""
-    train = params.train.model_copy(update={"grad_stats": grad_stats})
+    train = params.train.model_copy(update={"grad_stats": grad_stats, "bf16": bf16})
     trainer = Trainer(
         model=params.model,
         train=train,
@@ -142,8 +144,8 @@ def capture_ms_per_step(params, variant: str, steps: int = 200) -> float:
     return (time.perf_counter() - started) / steps * 1e3
 
 
-def matmul_gflops(size: int = 4096, repeats: int = 5) -> float:
-    a, b = torch.randn(size, size), torch.randn(size, size)
+def matmul_gflops(dtype: torch.dtype, size: int = 4096, repeats: int = 5) -> float:
+    a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
     torch.mm(a, b)
     started = time.perf_counter()
     for _ in range(repeats):
@@ -168,6 +170,9 @@ def training_gflop_per_image(net: nn.Module) -> float:
     return 3 * 2 * sum(macs) / 1e9
 
 
+KINDS = ("float32, capture on", "float32, capture off", "bf16, capture on", "baseline")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--threads", type=int, default=2, help="torch threads (this machine has 2 cores)")
@@ -179,46 +184,51 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     params = load_params(ROOT / "params.yaml")
     data = synthetic_data(args.images)
-    configs = [(net, kind) for net in NETWORKS for kind in ("ours, capture on", "ours, capture off", "baseline")]
+    configs = [(net, kind) for net in NETWORKS for kind in KINDS]
     results: dict[tuple[str, str], list[float]] = {c: [] for c in configs}
-    ceiling = []
+    ceilings: dict[torch.dtype, list[float]] = {torch.float32: [], torch.bfloat16: []}
     with tempfile.TemporaryDirectory() as tmp:
         for r in range(args.rounds):
-            ceiling.append(matmul_gflops())
+            for dtype, measured in ceilings.items():
+                measured.append(matmul_gflops(dtype))
             for net, kind in configs:
                 workdir = Path(tmp) / f"{net}-{r}"
                 if kind == "baseline":
                     ips = baseline(params, net, data, args.workers)
                 else:
-                    ips = ours(params, net, data, kind.endswith("on"), workdir)
+                    ips = ours(params, net, data, "capture on" in kind, kind.startswith("bf16"), workdir)
                 results[(net, kind)].append(ips)
-                print(f"  round {r + 1}/{args.rounds} {net:10s} {kind:18s} {ips:7.1f} img/s", flush=True)
+                print(f"  round {r + 1}/{args.rounds} {net:10s} {kind:20s} {ips:7.1f} img/s", flush=True)
 
     med = {c: statistics.median(v) for c, v in results.items()}
-    mm = statistics.median(ceiling)
+    mm32, mm16 = (statistics.median(ceilings[d]) for d in (torch.float32, torch.bfloat16))
+    bf16 = "bfloat16 autocast" if cpu_computes_bf16() else "float32: this CPU has no bfloat16 arithmetic"
     print(
         f"\ntorch {torch.__version__}, {args.threads} threads, {args.images} images per epoch, "
-        f"median of {args.rounds} rounds; baseline DataLoader workers: {args.workers}"
+        f"median of {args.rounds} rounds; baseline DataLoader workers: {args.workers}; bf16 rows: {bf16}"
     )
-    print(f"float32 matmul ceiling (torch.mm 4096x4096): {mm:.1f} GFLOP/s\n")
+    print(f"matmul ceilings (torch.mm 4096x4096): float32 {mm32:.1f} GFLOP/s, bfloat16 {mm16:.1f} GFLOP/s\n")
     print(
-        "| network | ours, capture on (img/s) | ours, capture off (img/s) | baseline (img/s) | ours / baseline "
-        "| capture cost, end to end | capture cost, timed directly | GFLOP/img | training GFLOP/s "
-        "| % of matmul ceiling |"
+        "| network | float32 (img/s) | bf16 (img/s) | bf16 / float32 | float32 capture off (img/s) | baseline (img/s) "
+        "| float32 / baseline | capture cost, end to end | capture cost, timed directly | GFLOP/img "
+        "| float32 GFLOP/s (% of its matmul) | bf16 GFLOP/s (% of its matmul) |"
     )
-    print("| --- " * 10 + "|")
+    print("| --- " * 12 + "|")
     for net in NETWORKS:
-        on, off, base = med[(net, "ours, capture on")], med[(net, "ours, capture off")], med[(net, "baseline")]
+        on, off, base = med[(net, "float32, capture on")], med[(net, "float32, capture off")], med[(net, "baseline")]
+        half = med[(net, "bf16, capture on")]
         gflop = training_gflop_per_image(VGG(params.model, params.variant(net)))
         step_ms = params.variant(net).batch_size / off * 1e3
         direct = capture_ms_per_step(params, net) / step_ms * 100
         print(
-            f"| {net} | {on:.1f} | {off:.1f} | {base:.1f} | {on / base:.2f}x | {(off / on - 1) * 100:+.1f}% "
-            f"| {direct:.2f}% | {gflop:.3f} | {on * gflop:.1f} | {on * gflop / mm * 100:.0f}% |"
+            f"| {net} | {on:.1f} | {half:.1f} | {half / on:.2f}x | {off:.1f} | {base:.1f} | {on / base:.2f}x "
+            f"| {(off / on - 1) * 100:+.1f}% | {direct:.2f}% | {gflop:.3f} "
+            f"| {on * gflop:.1f} ({on * gflop / mm32 * 100:.0f}%) "
+            f"| {half * gflop:.1f} ({half * gflop / mm16 * 100:.0f}%) |"
         )
     print(
-        "\nCapture cost end to end compares two epochs timed apart and carries their noise; timed directly, it is "
-        "GradientRecorder.after_backward alone against a step without capture."
+        "\nCapture cost end to end compares two float32 epochs timed apart and carries their noise; timed directly, "
+        "it is GradientRecorder.after_backward alone against a float32 step without capture."
     )
 
 

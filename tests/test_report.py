@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 import statistics
 import subprocess
 import sys
@@ -329,6 +330,29 @@ def test_report_names_missing_runs(study, tmp_path):
     with pytest.raises(ReportError, match=r"missing: .*VGG-08-s2/epochs.csv"):
         build_report(p, study["runs"], tmp_path / "report", project=ROOT)
     assert not (tmp_path / "report").exists()
+
+
+def test_a_partial_report_covers_the_finished_variants_and_names_the_rest(study, tmp_path):
+    """A study still training: VGG-08 and VGG-38 have both seeds, BN-VGG-38 only seed 0, the rest nothing."""
+    runs = tmp_path / "runs"
+    for name in ("VGG-08-s0", "VGG-08-s1", "VGG-38-s0", "VGG-38-s1", "BN-VGG-38-s0"):
+        shutil.copytree(study["runs"] / name, runs / name, ignore=shutil.ignore_patterns("checkpoints"))
+
+    build_report(study["params"], runs, tmp_path / "report", project=ROOT, partial=True)
+
+    with open(tmp_path / "report" / "table1.csv") as f:
+        assert [row["variant"] for row in csv.DictReader(f)] == ["VGG-08", "VGG-38"]
+    table = (tmp_path / "report" / "table1.md").read_text()
+    assert "Still training, so not in this table yet: BN-VGG-38, HIGHLR-BN-38, WR50-HIGHLR-BN-38, MBS50-BN-38." in table
+    drawn = sorted(p.name for p in (tmp_path / "report" / "figures").iterdir())
+    assert drawn == ["fig1-accuracy-vgg08-vs-vgg38.png", "fig2-gradient-flow-vgg08-vs-vgg38.png"]
+    assert set(json.loads((tmp_path / "report" / "summary.json").read_text())) == {"VGG-08", "VGG-38"}
+    with pytest.raises(ReportError, match=r"missing: .*BN-VGG-38-s1/epochs.csv"):
+        build_report(study["params"], runs, tmp_path / "strict", project=ROOT)
+    shutil.rmtree(runs)
+    runs.mkdir()
+    with pytest.raises(ReportError, match="missing"):  # nothing finished: nothing to render
+        build_report(study["params"], runs, tmp_path / "none", project=ROOT, partial=True)
 
 
 def _guard(params, tmp_path: Path, **changes: dict) -> subprocess.CompletedProcess:

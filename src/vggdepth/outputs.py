@@ -135,8 +135,9 @@ def run_of(results: dict[str, list[RunOutputs]], variant: str, seed: int) -> Run
     return next(r for r in results[variant] if r.seed == seed)
 
 
-def collect(params: Params, runs: Path) -> dict[str, list[RunOutputs]]:
-    """Every variant's runs, one per seed, in params order; a clear error naming what is missing or damaged."""
+def collect(params: Params, runs: Path, partial: bool = False) -> dict[str, list[RunOutputs]]:
+    """Every variant's runs, one per seed, in params order; a clear error naming what is missing or damaged.
+    `partial` (a study still training): the variants whose every run is there, the others left out."""
     found: dict[str, list[RunOutputs]] = {}
     missing = []
     for variant in params.variants:
@@ -147,6 +148,9 @@ def collect(params: Params, runs: Path) -> dict[str, list[RunOutputs]]:
             absent = [p for p in needed if not p.exists()]
             if absent:
                 missing += [str(p) for p in absent]
+                if partial:
+                    found.pop(variant, None)
+                    break
                 continue
             epochs = read_epochs(files.epochs_csv)
             train = read_json(files.train_json, TRAIN_KEYS)
@@ -158,7 +162,7 @@ def collect(params: Params, runs: Path) -> dict[str, list[RunOutputs]]:
             found[variant].append(
                 RunOutputs(variant, seed, files, epochs, train, read_json(files.test_json, test_keys(params)))
             )
-    if missing:
+    if missing and not (partial and found):
         raise ReportError(
             f"the report needs every run's outputs; missing: {', '.join(missing)}. Run `dvc repro` to make them."
         )

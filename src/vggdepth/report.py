@@ -141,6 +141,9 @@ def table_markdown(params: Params, rows: list[dict]) -> str:
             for m in (*METRICS, *TEST_METRICS)
         ]
         lines.append(f"| {r['variant']} | " + " | ".join(cells) + " |")
+    waiting = [v for v in params.variants if v not in {r["variant"] for r in rows}]
+    if waiting:
+        lines += ["", f"Still training, so not in this table yet: {', '.join(waiting)}."]
     if not all(r["comparable"] for r in rows):
         lines += [
             "",
@@ -181,13 +184,20 @@ def write_curves(results: dict[str, list[RunOutputs]], seed: int, path: Path) ->
 
 
 def build_report(
-    params: Params, runs: Path, out: Path, project: Path, publish: Callable[[Path], object] | None = None
+    params: Params,
+    runs: Path,
+    out: Path,
+    project: Path,
+    publish: Callable[[Path], object] | None = None,
+    partial: bool = False,
 ) -> dict:
     """Write Table 1 (Markdown, CSV), the summary metrics, the curves and the figures into `out`, atomically.
-    `publish` (MLflow) gets the finished report before it is put in place: when it fails, `out` is unchanged."""
+    `publish` (MLflow) gets the finished report before it is put in place: when it fails, `out` is unchanged.
+    `partial`: over the variants whose every run has finished (a study still training), the others named as
+    still to come and the figures that need them left out."""
     from vggdepth.report_figures import report_figures
 
-    results = collect(params, runs)
+    results = collect(params, runs, partial)
     paper = read_paper_table(project / params.report.reference.table)
     rows = table1(params, results, paper)
     with atomic_dir(out) as staging:

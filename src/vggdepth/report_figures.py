@@ -139,6 +139,10 @@ def build_figures(params, results: dict, project: Path) -> dict[str, Figure | st
     colors, classes = variant_colors(list(params.variants)), params.model.num_classes
     built: dict[str, Figure | str] = {}
     for name, spec in report.figures.items():
+        waiting = [v for v in spec.variants if v not in results]
+        if waiting:  # a partial report: this figure needs runs that have not finished
+            built[name] = f"{name}: needs {', '.join(waiting)}, whose runs have not all finished"
+            continue
         number = name.split("-", 1)[0]
         label = number.replace("fig", "Figure ") if number.startswith("fig") and number[3:].isdigit() else "Figure"
         if spec.kind == "accuracy":
