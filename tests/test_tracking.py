@@ -4,6 +4,7 @@ metrics, artefacts, the model, data lineage, resume, and a server that goes away
 from __future__ import annotations
 
 import csv
+import json
 import logging
 import math
 import subprocess
@@ -96,6 +97,7 @@ def test_training_run_is_fully_tracked(store, params, tiny_data, tiny_data_dir, 
     assert (tags["variant"], tags["seed"], tags["data_md5"]) == (VARIANT, "0", archive_md5)
     assert (tags["git_commit"], tags["dvc_stage"]) == (commit, "train@VGG-08-0")
     assert tags["git_dirty"] in ("true", "false")
+    assert tags["precision"] == trainer.precision == json.loads(trainer.files.train_json.read_text())["precision"]
     parent = client.get_run(tags["mlflow.parentRunId"])
     assert parent.data.tags["vggdepth.kind"] == "pipeline"
     # The parent describes itself and spans its stages: it ends no earlier than its child.
