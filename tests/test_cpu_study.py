@@ -6,6 +6,7 @@ renders Table 1 and imports into MLflow as a CPU study."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -55,6 +56,10 @@ def test_the_study_survives_a_stop_and_a_fresh_machine_and_comes_home(tmp_path, 
     assert "lowest priority" in started
     checkout = repo / ".study" / commit[:7]
     runs = checkout / "runs"
+    job = int(next((repo / ".study").glob("*.pid")).read_text())
+    assert os.getpriority(os.PRIO_PROCESS, job) == 19  # the lowest priority, for its session's group too:
+    autogroup = Path(f"/proc/{job}/autogroup")  # under autogroup scheduling nice alone does not yield the CPU
+    assert not autogroup.exists() or autogroup.read_text().strip().endswith("nice 19")
     wait_for(lambda: (runs / "VGG-08-s0" / "test.json").exists(), 600, "VGG-08 evaluated while the grid trains")
     assert not (runs / "VGG-38-s0" / "train.json").exists()  # evaluated mid-grid, not after it
     assert "stopped" in study(repo, "stop", "--commit", commit)
