@@ -120,7 +120,7 @@ def test_a_run_never_continues_in_another_precision(run_params, tiny_data, tmp_p
 
     cpu_arithmetic(True)  # back where it computes bfloat16, it continues
     trainer = train_run(run_params, VARIANT, 0, tiny_data, files.root)
-    assert (trainer.run.start_epoch, len(trainer.history), trainer.trained_in) == (1, 2, BFLOAT16)
+    assert (trainer.run.start_epoch, len(trainer.history), trainer.run.precision) == (1, 2, BFLOAT16)
 
 
 def test_a_finished_run_restores_anywhere_and_keeps_its_precision(run_params, tiny_data, tmp_path, cpu_arithmetic):

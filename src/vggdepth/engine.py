@@ -437,7 +437,6 @@ class Trainer:
         self.best_model: dict | None = None  # the best epoch's weights, kept in last.pt so best.pt can be rebuilt
         self.trained_on = str(self.device)  # the device of the newest epoch, restored with a finished run
         self.node = this_node()  # where the newest epoch was trained, restored likewise
-        self.trained_in = self.precision  # what the newest epoch computed in, restored likewise
         self.run = RunInfo(
             variant=variant_name,
             seed=seed,
@@ -497,7 +496,7 @@ class Trainer:
         self.best = state["best"]
         self.best_model = state["best_model"]
         self.trained_on = state["trained_on"]
-        self.trained_in = self.run.precision = trained_in
+        self.run.precision = trained_in
         self.node = self.run.node = state.get("node", self.node)  # older checkpoints recorded no node
         self.run.start_epoch = state["epoch"]
         self.run.extra = state.get("extra", {})
@@ -618,7 +617,7 @@ class Trainer:
     def start_epoch(self) -> float:
         """Mark where and on what the epoch trains; its learning rate."""
         self.trained_on = str(self.device)
-        self.trained_in = self.run.precision = self.precision
+        self.run.precision = self.precision
         self.node = self.run.node = this_node()
         return self.optimizer.param_groups[0]["lr"]
 
@@ -683,7 +682,7 @@ class Trainer:
                 "best": self.best,
                 "best_model": self.best_model,
                 "trained_on": self.trained_on,
-                "precision": self.trained_in,
+                "precision": self.run.precision,
                 "node": self.node,
                 "extra": self.run.extra,
             },
@@ -732,7 +731,7 @@ class Trainer:
             "seconds": train_seconds,
             "images_per_second": len(self.train_data) * len(self.history) / train_seconds,
             "device": self.trained_on,
-            "precision": self.trained_in,
+            "precision": self.run.precision,
             "node": self.node,
         }
 
