@@ -136,7 +136,7 @@ class Study:
                 ["nice", "-n", "19", *command],
                 stdout=log,
                 stderr=subprocess.STDOUT,
-                start_new_session=True,  # its own process group: stop, pause and resume reach every child
+                start_new_session=True,  # its own process group, which `stop` ends whole
             )
         self.pid_file.write_text(str(job.pid))
         _lowest_priority(job.pid)
