@@ -12,6 +12,7 @@ import sys
 from functools import partial
 from pathlib import Path
 
+import matplotlib.pyplot as plt
 import mlflow
 import numpy as np
 import pytest
@@ -27,6 +28,13 @@ from vggdepth.report_figures import build_figures
 from vggdepth.tracking import MlflowCallback, PipelineContext, Store, log_evaluation, log_report
 
 SEEDS = [0, 1]
+
+
+@pytest.fixture(autouse=True)
+def _close_figures():
+    """Tests that inspect figures keep them open; close them after each test, so none piles up for the next."""
+    yield
+    plt.close("all")
 
 
 @pytest.fixture(scope="session")
