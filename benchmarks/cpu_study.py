@@ -46,7 +46,7 @@ from vggdepth.config import Params  # noqa: E402
 from vggdepth.engine import RunFiles, cpu_computes_bf16  # noqa: E402
 from vggdepth.errors import VggdepthError  # noqa: E402
 from vggdepth.files import atomic_dir, atomic_path, write_json  # noqa: E402
-from vggdepth.metrics import TABLES as EVALUATION_TABLES  # noqa: E402
+from vggdepth.metrics import RUN_TABLES  # noqa: E402
 from vggdepth.outputs import read_epochs  # noqa: E402
 from vggdepth.report import build_report  # noqa: E402
 
@@ -59,7 +59,6 @@ OVERRIDES = {
     "grid.threads_per_run": 1,  # fixed, not probed: a run resumed in another session continues bit for bit
 }
 FIRST = "evaluate@VGG-08-0"  # the fidelity check: against reference/pipeline-cpu-vgg08-s0 (float32)
-TABLES = ("epochs.csv", "gradients.csv", "train.json", "test.json", *EVALUATION_TABLES)
 
 
 class Study:
@@ -192,7 +191,7 @@ class Study:
             finished = done == params.train.epochs and files.test_json.exists()
             states[name] = {"epochs": done, "state": "finished" if finished else "training" if done else "waiting"}
             if finished:
-                for table in TABLES:
+                for table in RUN_TABLES:
                     _copy_if_changed(files.root / table, self.results / "runs" / name / table)
             if files.last.exists():
                 _copy_if_changed(files.last, self.results / "resume" / f"{name}.pt")

@@ -61,12 +61,11 @@ from vggdepth.evaluation import evaluate_run  # noqa: E402
 from vggdepth.files import write_json  # noqa: E402
 from vggdepth.fused import WARMUP_STEPS, FusedTrainer, fusion_groups, train_fused  # noqa: E402
 from vggdepth.labels import Labels, load_labels, write_labels  # noqa: E402
-from vggdepth.metrics import TABLES as EVALUATION_TABLES  # noqa: E402
+from vggdepth.metrics import RUN_TABLES  # noqa: E402
 from vggdepth.outputs import read_epochs  # noqa: E402
 
 NETWORKS = "VGG-08,VGG-38,BN-VGG-38"  # the table's networks alone
 FUSE_NETWORK = "BN-VGG-38"  # the study's most common network: its fused rows set how the study trains
-TABLES = ("epochs.csv", "gradients.csv", "train.json", "test.json", *EVALUATION_TABLES)
 LABELS = "labels.json"  # beside prepared/: the superclasses, for the evaluation
 
 
@@ -504,7 +503,7 @@ def pack(runs: Path, lease: dict, out: Path) -> Path:
         if (out / "profile.txt").exists():
             tar.add(out / "profile.txt", arcname="profile.txt")
         for folder in sorted(p for p in runs.iterdir() if p.is_dir()) if runs.exists() else []:
-            for name in TABLES:
+            for name in RUN_TABLES:
                 if (folder / name).exists():
                     tar.add(folder / name, arcname=f"runs/{folder.name}/{name}")
     partial.replace(target)

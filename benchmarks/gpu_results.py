@@ -23,10 +23,8 @@ sys.path.insert(0, str(ROOT / "src"))
 
 from vggdepth.config import Params  # noqa: E402
 from vggdepth.files import atomic_dir  # noqa: E402
-from vggdepth.metrics import TABLES as EVALUATION_TABLES  # noqa: E402
+from vggdepth.metrics import RUN_TABLES  # noqa: E402
 from vggdepth.report import build_report  # noqa: E402
-
-ALLOWED = ("epochs.csv", "gradients.csv", "train.json", "test.json", *EVALUATION_TABLES)  # gpu_lease.py's TABLES
 
 
 def unpack(archive: Path, dest: Path) -> dict:
@@ -35,7 +33,7 @@ def unpack(archive: Path, dest: Path) -> dict:
     with tarfile.open(archive, "r:gz") as tar, atomic_dir(dest) as staging:
         for member in tar.getmembers():
             parts = Path(member.name).parts
-            run_table = len(parts) == 3 and parts[0] == "runs" and parts[2] in ALLOWED
+            run_table = len(parts) == 3 and parts[0] == "runs" and parts[2] in RUN_TABLES
             wanted = parts in (("lease.json",), ("profile.txt",)) or run_table
             if not member.isfile() or not wanted or ".." in parts:
                 raise SystemExit(f"error: {archive} holds {member.name!r}, which a lease's results never hold")

@@ -21,6 +21,8 @@ PREDICTIONS_FILE = "predictions.npz"  # in the run folder, beside test.json
 PER_CLASS_FILE = "per_class.csv"  # per fine class: support, precision, recall (= accuracy), F1 of both checkpoints
 CONFUSION_FILE = "superclass_confusion.csv"  # best checkpoint: actual, predicted, count (every pair, zeros too)
 TABLES = (PREDICTIONS_FILE, PER_CLASS_FILE, CONFUSION_FILE)  # what the evaluate stage writes beside test.json
+# Every table of a finished run folder, checkpoints aside: what a GPU lease or a CPU study brings home.
+RUN_TABLES = ("epochs.csv", "gradients.csv", "train.json", "test.json", *TABLES)
 KINDS = ("best", "final")
 
 
