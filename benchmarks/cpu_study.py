@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import hashlib
 import json
 import os
 import platform
@@ -43,6 +42,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
 from vggdepth.config import Params  # noqa: E402
+from vggdepth.download import md5sum  # noqa: E402
 from vggdepth.engine import RunFiles, cpu_computes_bf16  # noqa: E402
 from vggdepth.errors import VggdepthError  # noqa: E402
 from vggdepth.files import atomic_dir, atomic_path, write_json  # noqa: E402
@@ -103,11 +103,12 @@ class Study:
                 (staging / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
         for point in sorted((self.results / "resume").glob("*.pt")):
             last = RunFiles(self.checkout / "runs" / point.stem).last
-            if not last.exists() or _epochs_in(last) < _epochs_in(point):
+            epochs = _epochs_in(point)
+            if not last.exists() or _epochs_in(last) < epochs:
                 last.parent.mkdir(parents=True, exist_ok=True)
                 with atomic_path(last) as tmp:
                     shutil.copyfile(point, tmp)
-                print(f"resume point {point.name}: epoch {_epochs_in(point)}")
+                print(f"resume point {point.name}: epoch {epochs}")
 
     def env(self) -> dict:
         """The stages' environment: this Python's `dvc` and `python`, the checkout's own library."""
@@ -227,15 +228,11 @@ def _epochs_in(checkpoint: Path) -> int:
 
 
 def _copy_if_changed(source: Path, target: Path) -> None:
-    if target.exists() and _md5(target) == _md5(source):
+    if target.exists() and md5sum(target) == md5sum(source):
         return
     target.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(target) as tmp:
         shutil.copyfile(source, tmp)
-
-
-def _md5(path: Path) -> str:
-    return hashlib.md5(path.read_bytes(), usedforsecurity=False).hexdigest()
 
 
 def _now() -> str:
@@ -257,7 +254,7 @@ def _current(commit: str | None, begin: dict | None) -> Study:
         archive = begin["archive"].resolve()
         if not archive.is_file():
             raise SystemExit(f"error: no archive at {archive}; pass --archive PATH")
-        overrides = {"data.url": str(archive), "data.md5": _md5(archive), **OVERRIDES}
+        overrides = {"data.url": str(archive), "data.md5": md5sum(archive), **OVERRIDES}
         results = RESULTS / f"{datetime.date.today():%Y-%m-%d}-cpu-{full[:7]}"
         results.mkdir(parents=True, exist_ok=True)
         record = {
