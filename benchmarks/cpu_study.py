@@ -43,12 +43,13 @@ sys.path.insert(0, str(ROOT / "src"))
 
 from vggdepth.config import Params  # noqa: E402
 from vggdepth.download import md5sum  # noqa: E402
-from vggdepth.engine import RunFiles, cpu_computes_bf16  # noqa: E402
+from vggdepth.engine import cpu_computes_bf16  # noqa: E402
 from vggdepth.errors import VggdepthError  # noqa: E402
 from vggdepth.files import atomic_dir, atomic_path, write_json  # noqa: E402
-from vggdepth.metrics import RUN_TABLES  # noqa: E402
 from vggdepth.outputs import read_epochs  # noqa: E402
 from vggdepth.report import build_report  # noqa: E402
+from vggdepth.runs import TABLES as RUN_TABLES  # noqa: E402
+from vggdepth.runs import RunFiles  # noqa: E402
 
 STUDY = ROOT / ".study"
 RESULTS = ROOT / "results"

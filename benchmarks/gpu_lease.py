@@ -27,6 +27,7 @@ that fits, and the profile gets at most a quarter of what is left.
 Back on a machine with the project, `benchmarks/gpu_results.py` unpacks it under results/ and renders the report
 (README "A GPU lease").
 
+    export PYTHONPATH=src   # the library from source: the rented machine has no install of it (gpu_lease.sh sets it)
     python3 benchmarks/gpu_lease.py --archive cifar-100-python.tar.gz --md5 <md5> --out OUT [--budget-s 480]
     # a rehearsal on the CPU, end to end in a few minutes:
     python3 benchmarks/gpu_lease.py ... --device cpu --per-class 2 --epochs 2 --bench-steps 2 --fuse 2 --processes 2
@@ -45,24 +46,25 @@ import sys
 import tarfile
 import tempfile
 import time
+from dataclasses import asdict
 from pathlib import Path
 
-import numpy as np
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "src"))  # the library from source: the machine has no install of it
+from vggdepth.config import Params, load_params
+from vggdepth.data import PreparedData, load_prepared, prepare
+from vggdepth.download import md5sum
+from vggdepth.engine import train_run
+from vggdepth.evaluation import evaluate_run
+from vggdepth.files import write_json
+from vggdepth.fused import fusion_groups, train_fused
+from vggdepth.labels import Labels, load_labels, write_labels
+from vggdepth.outputs import read_epochs
+from vggdepth.runs import TABLES as RUN_TABLES
+from vggdepth.runs import Callback, RunFiles
+from vggdepth.throughput import Timing, first_batches, speed_of, time_epoch, training_loop
 
-from vggdepth.config import Params, load_params  # noqa: E402
-from vggdepth.data import PreparedData, load_prepared, prepare  # noqa: E402
-from vggdepth.download import md5sum  # noqa: E402
-from vggdepth.engine import Callback, RunFiles, make_trainer, train_run  # noqa: E402
-from vggdepth.evaluation import evaluate_run  # noqa: E402
-from vggdepth.files import write_json  # noqa: E402
-from vggdepth.fused import WARMUP_STEPS, FusedTrainer, fusion_groups, train_fused  # noqa: E402
-from vggdepth.labels import Labels, load_labels, write_labels  # noqa: E402
-from vggdepth.metrics import RUN_TABLES  # noqa: E402
-from vggdepth.outputs import read_epochs  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 NETWORKS = "VGG-08,VGG-38,BN-VGG-38"  # the table's networks alone
 FUSE_NETWORK = "BN-VGG-38"  # the study's most common network: its fused rows set how the study trains
@@ -110,120 +112,49 @@ def study_order(params: Params) -> list[tuple[str, int]]:
 # ---- throughput ---------------------------------------------------------------------------------------------
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def first_batches(params: Params, variant: str, data: PreparedData, steps: int) -> PreparedData:
-    """`data` with only the training images of its first `steps` batches of `variant`: a throughput row's epoch."""
-    n = min(len(data.train), steps * params.variants[variant].batch_size)
-    return PreparedData(train=data.train.take(np.arange(n)), val=data.val, test=data.test, stats=data.stats)
-
-
-def step_throughput(params: Params, variant: str, data: PreparedData, steps: int, workdir: Path) -> float:
-    """Training images/s of the production step (Trainer.train_epoch) over `steps` batches, after one warm-up
-    pass over the same batches."""
-    trainer = make_trainer(params, variant, 0, first_batches(params, variant, data, steps), workdir / variant)
-    from tqdm import tqdm
-
-    with tqdm(total=steps, disable=True) as bar:
-        trainer.train_epoch(0, bar)  # allocations, cuDNN's choice of kernels
-        _sync(trainer.device)
-        started = time.perf_counter()
-        trainer.train_epoch(1, bar)
-        _sync(trainer.device)
-    return len(trainer.train_data) / (time.perf_counter() - started)
-
-
-def fused_group(params: Params, variant: str, data: PreparedData, steps: int, k: int, workdir: Path) -> FusedTrainer:
-    """`k` runs of `variant` (seeds 0..k-1) fused as the study fuses them (their initial state loaded, each its own
-    learning rate), on the first `steps` batches of the training set."""
-    small = first_batches(params, variant, data, steps)
-    group = FusedTrainer(
-        [make_trainer(params, variant, seed, small, workdir / f"{variant}-fused{k}-s{seed}") for seed in range(k)]
-    )
-    group._load_from_runs()
-    group.optimizer.lr.copy_(torch.tensor([t.start_epoch() for t in group.trainers], dtype=torch.float64))
-    return group
-
-
-def warm_up(group: FusedTrainer, steps: int = WARMUP_STEPS + 2) -> None:
-    """A few steps: allocations, cuDNN's kernels, and on CUDA the capture of the graph and its first replay."""
-    for _, (x, y) in zip(range(steps), group._batches(), strict=False):
-        group._train_step(x, y)
-    _sync(group.device)
-
-
-def fused_throughput(
-    params: Params, variant: str, data: PreparedData, steps: int, k: int, workdir: Path, barrier=None
-) -> dict:
-    """Images/s, all runs together, of `k` runs of `variant` fused (FusedTrainer's step, the study's: a CUDA graph on
-    a GPU when every batch is full) over `steps` batches each, after a short warm-up; with when timing started and
-    ended (wall clock, for processes timed together behind `barrier`) and whether the step was graphed."""
-    group = fused_group(params, variant, data, steps, k, workdir)
-    warm_up(group)
-    if barrier is not None:
-        barrier.wait()
-    from tqdm import tqdm
-
-    with tqdm(total=steps, disable=True) as bar:
-        started = time.time()
-        group.train_epoch(1, bar)
-        _sync(group.device)
-        ended = time.time()
-    images = k * len(group.train_data)
-    return {
-        "images": images,
-        "started": started,
-        "ended": ended,
-        "graphed": group.graph is not None,
-        "speed": images / (ended - started),
-    }
-
-
 def graph_check(params: Params, variant: str, data: PreparedData, workdir: Path, steps: int = 8) -> str | None:
     """On CUDA, the graphed step against the eager one from the same state and batches (2 runs fused, `steps`
-    steps, the graph captured after the warm-up steps): None when their losses and weights agree to 1e-3
-    relative, else what differs. Capture that silently computes something else must not train the study."""
+    steps an epoch, the graph captured in the first): None when their losses and weights agree to 1e-3 relative
+    after two epochs, else what differs. Capture that silently computes something else must not train the study."""
     eager_params = params.model_copy(update={"runtime": params.runtime.model_copy(update={"cuda_graphs": False})})
-    groups = [
-        fused_group(p, variant, data, steps, 2, workdir / name)
+    small = first_batches(params, variant, data, steps)
+    loops = [
+        training_loop(p, [(variant, 0), (variant, 1)], small, workdir / name, fused=True)
         for p, name in ((params, "graphed"), (eager_params, "eager"))
     ]
-    for group in groups:
-        warm_up(group, steps)
-    graphed, eager = groups
+    for loop in loops:
+        time_epoch(loop)
+    graphed, eager = loops
     if graphed.graph is None:
         return "the step was not captured as a CUDA graph"
     checks = {
-        "losses": (graphed.loss_sum, eager.loss_sum),
-        "weights": tuple(torch.cat([p.detach().flatten().double() for p in g.net.parameters()]) for g in groups),
+        "losses": (graphed.tally.loss, eager.tally.loss),
+        "weights": tuple(torch.cat([p.detach().flatten().double() for p in g.net.parameters()]) for g in loops),
     }
     for name, (a, b) in checks.items():
         difference = ((a - b).norm() / b.norm()).item()
         if not difference <= 1e-3:
-            return f"graphed and eager {name} differ by {difference:.2e} (relative) after {steps} steps"
+            return f"graphed and eager {name} differ by {difference:.2e} (relative) after {2 * steps} steps"
     return None
 
 
 def _profile_worker(params_json: str, variant: str, data_dir: str, k: int, steps: int, target: str) -> None:
-    """In a process of its own (a profiler that hangs or crashes takes only it down): warm up and capture first,
-    then profile `steps` steps."""
+    """In a process of its own (a profiler that hangs or crashes takes only it down): a warm-up epoch (and the
+    graph's capture) first, then `steps` steps profiled."""
     from torch.profiler import ProfilerActivity, profile
+    from tqdm import tqdm
 
     params = Params.model_validate_json(params_json)
-    data = load_prepared(data_dir)
+    small = first_batches(params, variant, load_prepared(data_dir), steps)
     with tempfile.TemporaryDirectory() as tmp:
-        group = fused_group(params, variant, data, steps, k, Path(tmp))
-        warm_up(group)
-        cuda = group.device.type == "cuda"
+        loop = training_loop(params, [(variant, seed) for seed in range(k)], small, Path(tmp), fused=True)
+        time_epoch(loop)
+        cuda = loop.device.type == "cuda"
         activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
-        from tqdm import tqdm
-
         with profile(activities=activities) as prof, tqdm(total=steps, disable=True) as bar:
-            group.train_epoch(1, bar)
-            _sync(group.device)
+            loop.train_epoch(2, bar)
+            if cuda:
+                torch.cuda.synchronize()
     table = prof.key_averages().table(sort_by="cuda_time_total" if cuda else "cpu_time_total", row_limit=30)
     Path(target).write_text(table)
 
@@ -245,12 +176,20 @@ def profile_fused(params: Params, variant: str, data_dir: Path, k: int, steps: i
         raise RuntimeError(f"the profile's process ended with exit code {worker.exitcode}")
 
 
+def fused_speed(params: Params, variant: str, data: PreparedData, steps: int, k: int, ready=None) -> Timing:
+    """`k` runs of `variant` (seeds 0..k-1) on the fast path (vggdepth.fused: a CUDA graph on a GPU when every batch
+    is full), timed over `steps` batches each (vggdepth.throughput)."""
+    runs = [(variant, seed) for seed in range(k)]
+    with tempfile.TemporaryDirectory() as tmp:
+        loop = training_loop(params, runs, first_batches(params, variant, data, steps), Path(tmp), fused=True)
+        return time_epoch(loop, ready)
+
+
 def _throughput_worker(params_json: str, variant: str, data_dir: str, steps: int, k: int, barrier, results) -> None:
     try:
         params = Params.model_validate_json(params_json)
         data = load_prepared(data_dir)
-        with tempfile.TemporaryDirectory() as tmp:
-            results.put(fused_throughput(params, variant, data, steps, k, Path(tmp), barrier))
+        results.put(asdict(fused_speed(params, variant, data, steps, k, barrier.wait)))
     except BaseException as exc:
         barrier.abort()  # the others stop waiting
         results.put({"error": f"{type(exc).__name__}: {exc}"})
@@ -321,26 +260,25 @@ def throughput_table(params: Params, data: PreparedData, data_dir: Path, args, u
             errors.append(f"{what}: {type(exc).__name__}: {exc}")
             say(f"throughput {what} failed: {errors[-1]}")
 
-    with tempfile.TemporaryDirectory() as tmp:
-        work = Path(tmp)
-        for variant in args.networks.split(","):
-            attempt(
-                f"{variant} eager",
-                lambda v=variant: row(v, "eager", 1, 1, step_throughput(params, v, data, args.bench_steps, work / "e")),
-            )
+    for variant in args.networks.split(","):
 
-            def fast(v=variant) -> None:
-                found = fused_throughput(params, v, data, args.bench_steps, 1, work / "f")
-                row(v, _path(found["graphed"]), 1, 1, found["speed"])
+        def eager(v=variant) -> None:
+            small = first_batches(params, v, data, args.bench_steps)
+            row(v, "eager", 1, 1, speed_of(params, [(v, 0)], small, fused=False).speed)
 
-            attempt(f"{variant} fast path", fast)
-        for k in sorted({int(x) for x in args.fuse.split(",")} - {1}):
+        def fast(v=variant) -> None:
+            found = fused_speed(params, v, data, args.bench_steps, 1)
+            row(v, _path(found.graphed), 1, 1, found.speed)
 
-            def fused(k=k) -> None:
-                found = fused_throughput(params, args.fuse_network, data, args.bench_steps, k, work / "k")
-                row(args.fuse_network, _path(found["graphed"]), k, 1, found["speed"])
+        attempt(f"{variant} eager", eager)
+        attempt(f"{variant} fast path", fast)
+    for k in sorted({int(x) for x in args.fuse.split(",")} - {1}):
 
-            attempt(f"{args.fuse_network} {k} fused", fused)
+        def fused(k=k) -> None:
+            found = fused_speed(params, args.fuse_network, data, args.bench_steps, k)
+            row(args.fuse_network, _path(found.graphed), k, 1, found.speed)
+
+        attempt(f"{args.fuse_network} {k} fused", fused)
     best = choose(rows, args.fuse_network)
     if best is None:
         return rows, errors

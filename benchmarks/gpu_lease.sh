@@ -53,6 +53,7 @@ run)
     fi
     left=$(( budget - ($(date +%s) - started) ))
     echo "lease: archive reassembled and checked; $left s left of $budget"
+    export PYTHONPATH=$PWD/src${PYTHONPATH:+:$PYTHONPATH}  # the library from source: this machine has no install of it
     PYTHONUNBUFFERED=1 "$python" benchmarks/gpu_lease.py --archive "$archive" --md5 "$md5" --out "${OUT:?set OUT}" \
         --budget-s "$left" "$@"
     ;;

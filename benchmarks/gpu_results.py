@@ -23,8 +23,8 @@ sys.path.insert(0, str(ROOT / "src"))
 
 from vggdepth.config import Params  # noqa: E402
 from vggdepth.files import atomic_dir  # noqa: E402
-from vggdepth.metrics import RUN_TABLES  # noqa: E402
 from vggdepth.report import build_report  # noqa: E402
+from vggdepth.runs import TABLES as RUN_TABLES  # noqa: E402
 
 
 def unpack(archive: Path, dest: Path) -> dict:

@@ -32,9 +32,10 @@ from tqdm import tqdm
 
 from vggdepth.config import load_params
 from vggdepth.data import PreparedData, Split
-from vggdepth.engine import RunFiles, Trainer, cpu_computes_bf16
+from vggdepth.engine import Trainer, cpu_computes_bf16
 from vggdepth.gradients import GradientRecorder
 from vggdepth.models import VGG
+from vggdepth.runs import RunFiles
 
 NETWORKS = ("VGG-08", "VGG-38", "BN-VGG-38")
 ROOT = Path(__file__).resolve().parents[1]

@@ -10,12 +10,13 @@ import typer
 from vggdepth.cli import entry_point
 from vggdepth.config import load_params
 from vggdepth.data import load_prepared
-from vggdepth.engine import RunFiles
 from vggdepth.errors import VggdepthError
 from vggdepth.evaluation import evaluate_run
 from vggdepth.files import ready_to_write
 from vggdepth.labels import load_labels
-from vggdepth.tracking import log_evaluation, open_store
+from vggdepth.runs import RunFiles
+from vggdepth.tracking.results import log_evaluation
+from vggdepth.tracking.store import open_store
 
 
 @entry_point

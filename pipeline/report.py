@@ -10,7 +10,8 @@ from vggdepth.cli import entry_point
 from vggdepth.config import load_params
 from vggdepth.files import ready_to_write
 from vggdepth.report import build_report
-from vggdepth.tracking import log_report, open_store
+from vggdepth.tracking.report import log_report
+from vggdepth.tracking.store import open_store
 
 
 @entry_point

@@ -10,7 +10,7 @@ from vggdepth.cli import entry_point
 from vggdepth.config import load_params
 from vggdepth.data import load_prepared
 from vggdepth.engine import train_run
-from vggdepth.tracking import training_callbacks
+from vggdepth.tracking.callback import training_callbacks
 
 
 @entry_point

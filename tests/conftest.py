@@ -17,7 +17,7 @@ import yaml
 
 from vggdepth.config import Params, load_params
 from vggdepth.download import md5sum
-from vggdepth.engine import Callback
+from vggdepth.runs import Callback
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_ARCHIVE = ROOT.parent / "shared" / "data" / "cifar-100-python.tar.gz"

@@ -19,7 +19,8 @@ import torch
 import yaml
 
 from tests.conftest import ROOT
-from vggdepth.engine import RunFiles, load_checkpoint
+from vggdepth.checkpoints import load_checkpoint
+from vggdepth.runs import RunFiles
 
 
 def project_env(root: Path, **extra: str) -> dict:

@@ -25,9 +25,10 @@ import torch
 import yaml
 
 from tests.conftest import ROOT, free_port, make_cifar_archive, prepare_subset
-from vggdepth.engine import RunFiles, train_run
+from vggdepth.engine import train_run
 from vggdepth.evaluation import evaluate_run
 from vggdepth.files import write_json
+from vggdepth.runs import RunFiles
 
 SEED = 0
 

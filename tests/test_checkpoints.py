@@ -10,7 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from vggdepth.engine import CheckpointError, RunFiles, TrainingError, load_checkpoint, train_run
+from vggdepth.checkpoints import CheckpointError, load_checkpoint
+from vggdepth.engine import train_run
+from vggdepth.errors import TrainingError
+from vggdepth.runs import RunFiles
 
 VARIANT = "VGG-08"
 

@@ -36,6 +36,33 @@ def test_stages_run_from_dvc_yaml_and_a_second_repro_does_nothing(tiny_repo):
     assert "Running stage" not in again
 
 
+# Code that draws, reports or syncs: no stage that trains or evaluates runs it, so editing it makes none stale.
+PRESENTATION_CODE = (
+    "src/vggdepth/figures.py",
+    "src/vggdepth/report.py",
+    "src/vggdepth/report_figures.py",
+    "src/vggdepth/tracking/report.py",
+    "src/vggdepth/tracking/sync.py",
+)
+
+
+@pytest.mark.slow
+def test_editing_figure_report_or_sync_code_leaves_training_and_evaluation_up_to_date(tiny_repo):
+    stages = ["download", "prepare", "labels", "train@VGG-08-0", "evaluate@VGG-08-0"]
+    _run(DVC, "repro", *stages, cwd=tiny_repo)
+    assert "up to date" in _run(DVC, "status", *stages, cwd=tiny_repo)
+    report_deps = {d for d in yaml.safe_load((tiny_repo / "dvc.yaml").read_text())["stages"]["report"]["deps"]}
+    for name in PRESENTATION_CODE:
+        with (tiny_repo / name).open("a") as f:
+            f.write("# an edit: another colour, another sentence\n")
+        status = _run(DVC, "status", *stages, cwd=tiny_repo)
+        assert "up to date" in status, f"editing {name} made these stale:\n{status}"
+        # and the report, which draws and publishes, does see the edit (or never ran the code: sync)
+        assert (name in report_deps) == (name != "src/vggdepth/tracking/sync.py"), name
+    stale = _run(DVC, "status", "report", cwd=tiny_repo)  # never run here: stale anyway; the edit is in its deps
+    assert "report" in stale
+
+
 @pytest.mark.slow
 def test_push_to_a_remote_and_pull_into_a_fresh_clone(tiny_repo, tmp_path):
     _run(DVC, "repro", "train@VGG-08-0", cwd=tiny_repo)

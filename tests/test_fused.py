@@ -18,17 +18,11 @@ import torch
 import torch.nn.functional as F
 
 import vggdepth.fused as fused
-from vggdepth.engine import (
-    Callback,
-    NonFiniteLossError,
-    RunFiles,
-    Trainer,
-    TrainingError,
-    load_checkpoint,
-    make_trainer,
-    train_run,
-)
+from vggdepth.checkpoints import load_checkpoint
+from vggdepth.engine import NonFiniteLossError, Trainer, make_trainer, train_run
+from vggdepth.errors import TrainingError
 from vggdepth.fused import FusedAdam, FusedTrainer, fusion_groups, train_fused
+from vggdepth.runs import Callback, RunFiles
 
 
 def _params(params, epochs: int = 2, **variants):
@@ -72,7 +66,7 @@ def test_one_fused_step_equals_the_runs_alone_in_float64(tiny_data, params, tmp_
         t.optimizer.param_groups[0]["eps"] = 1e-3
     settings = alone[0].optimizer.param_groups[0]
     group.optimizer = FusedAdam(list(group.net.parameters()), 3, settings["betas"], 1e-3, settings["weight_decay"])
-    group._load_from_runs()
+    group.begin()  # the fused weights and Adam state from the runs' own
     lrs = [t.optimizer.param_groups[0]["lr"] for t in alone]
     assert lrs == [1e-3, 2e-4, 5e-4]
     group.optimizer.lr.copy_(torch.tensor(lrs, dtype=torch.float64))
@@ -251,7 +245,7 @@ def test_runs_at_different_epochs_do_not_fuse_and_their_callbacks_hear_why(tiny_
 
 
 def test_a_nan_in_one_fused_run_stops_only_that_run(tiny_data, params, tmp_path, monkeypatch):
-    real = fused.F.cross_entropy
+    real = F.cross_entropy
     calls = {"train": 0}
 
     def poisoned(logits, target, **kwargs):
@@ -263,7 +257,7 @@ def test_a_nan_in_one_fused_run_stops_only_that_run(tiny_data, params, tmp_path,
                 return losses.flatten()
         return losses
 
-    monkeypatch.setattr(fused.F, "cross_entropy", poisoned)
+    monkeypatch.setattr(F, "cross_entropy", poisoned)  # torch.nn.functional: engine.train_step calls it
     runs = [("VGG-08", 0), ("VGG-08", 1)]
     group = train_fused(_params(params, epochs=3), runs, tiny_data, tmp_path)
     ok, stopped = group.outcome

@@ -19,7 +19,7 @@ import yaml
 
 from tests.conftest import ROOT
 from tests.helpers import narrow, project_env
-from vggdepth.metrics import TABLES as EVALUATION_TABLES
+from vggdepth.runs import EVALUATION_TABLES
 
 LEASE_FILES = ("benchmarks", "src", "params.yaml", "reference")
 
@@ -109,7 +109,7 @@ def _lease_module():
 
 
 def test_deadline_stops_a_run_only_when_its_next_epoch_would_overrun():
-    from vggdepth.engine import EpochRecord, RunFiles, RunInfo
+    from vggdepth.runs import EpochRecord, RunFiles, RunInfo
 
     lease = _lease_module()
     run = RunInfo("VGG-08", 0, {}, "f", "cpu", 1, RunFiles(Path("runs/VGG-08-s0")), 0, "here")

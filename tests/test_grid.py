@@ -19,7 +19,8 @@ from mlflow import MlflowClient
 
 from tests.conftest import ROOT, prepare_subset
 from tests.helpers import narrow, project_env, same_run
-from vggdepth.engine import RunFiles, load_checkpoint, save_checkpoint
+from vggdepth.checkpoints import load_checkpoint, save_checkpoint
+from vggdepth.runs import RunFiles
 
 pytestmark = pytest.mark.slow
 

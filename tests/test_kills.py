@@ -18,8 +18,8 @@ from mlflow import MlflowClient
 
 from tests.conftest import ROOT, prepare_subset
 from tests.helpers import IN_CREATE, Watch, project_env, same_run
-from vggdepth.engine import RunFiles
 from vggdepth.labels import write_labels
+from vggdepth.runs import RunFiles
 
 pytestmark = pytest.mark.slow
 

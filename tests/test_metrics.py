@@ -20,21 +20,11 @@ from sklearn.metrics import (
 )
 
 from vggdepth.batches import DeviceDataset
-from vggdepth.engine import (
-    BFLOAT16,
-    RunFiles,
-    evaluate_model,
-    load_checkpoint,
-    load_network,
-    train_run,
-    training_precision,
-)
+from vggdepth.checkpoints import load_checkpoint, load_network
+from vggdepth.engine import BFLOAT16, train_run, training_precision, validate
 from vggdepth.evaluation import evaluate_run, log_probabilities
 from vggdepth.labels import Labels
 from vggdepth.metrics import (
-    CONFUSION_FILE,
-    PER_CLASS_FILE,
-    PREDICTIONS_FILE,
     Predictions,
     expected_calibration_error,
     load_predictions,
@@ -43,6 +33,7 @@ from vggdepth.metrics import (
     score,
     superclass_confusion,
 )
+from vggdepth.runs import CONFUSION, PER_CLASS, PREDICTIONS, RunFiles
 
 # ---- by hand -------------------------------------------------------------------------------------------------
 
@@ -175,14 +166,14 @@ def test_real_metrics_equal_scikit_learns_on_the_full_probabilities(evaluated, t
         assert result["test_ece"] == pytest.approx(ece, abs=1e-6)
     # the test loss is the one the trainer's own evaluation gives
     net = load_network(load_checkpoint(evaluated["files"].best, "cpu"), torch.device("cpu"))
-    loss, acc = evaluate_model(net, evaluated["test"], 500, evaluated["autocast"])
+    (loss,), (acc,) = validate(net, evaluated["test"], 500, evaluated["autocast"])
     assert evaluated["evaluation"].result["best"]["test_loss"] == pytest.approx(loss, rel=1e-6)
     assert evaluated["evaluation"].result["best"]["test_acc"] == acc
 
 
 def test_the_kept_predictions_give_the_same_metrics_without_the_network(evaluated, tiny_data, labels):
     files, bins = evaluated["files"], evaluated["params"].evaluate.calibration_bins
-    kept = load_predictions(files.root / PREDICTIONS_FILE, len(tiny_data.test))
+    kept = load_predictions(files.root / PREDICTIONS, len(tiny_data.test))
     assert (kept["best"].index == tiny_data.test.index).all()
     assert (kept["best"].fine == tiny_data.test.labels).all()
     for kind in ("best", "final"):
@@ -193,17 +184,17 @@ def test_the_kept_predictions_give_the_same_metrics_without_the_network(evaluate
                 if k.startswith("test_") and k != "test_loss"
             }
         )
-    with open(files.root / PER_CLASS_FILE) as f:
+    with open(files.root / PER_CLASS) as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == 100 and rows[0]["name"] == "apple" and rows[0]["superclass"] == "fruit_and_vegetables"
     accuracy = sum(float(r["accuracy_best"]) * int(r["support"]) for r in rows) / len(tiny_data.test)
     assert accuracy == pytest.approx(evaluated["evaluation"].result["best"]["test_acc"], abs=1e-5)
-    with open(files.root / CONFUSION_FILE) as f:
+    with open(files.root / CONFUSION) as f:
         cells = list(csv.DictReader(f))
     assert len(cells) == 400 and sum(int(c["count"]) for c in cells) == len(tiny_data.test)
     right = sum(int(c["count"]) for c in cells if c["actual"] == c["predicted"])
     assert right / len(tiny_data.test) == pytest.approx(evaluated["evaluation"].result["best"]["test_superclass_acc"])
-    assert (files.root / PREDICTIONS_FILE).stat().st_size < 20_000  # 100 images: a few bytes each
+    assert (files.root / PREDICTIONS).stat().st_size < 20_000  # 100 images: a few bytes each
     assert not [p for p in files.root.iterdir() if p.name.startswith(".")]  # no staging left behind
 
 
@@ -216,11 +207,10 @@ def test_the_archives_superclasses(labels):
     assert math.isclose(len(set(of.values())), 20)
 
 
-def test_tracking_logs_every_table_the_evaluation_writes(evaluated):
-    """tracking names the evaluation's files itself (so the training stages need not import vggdepth.metrics):
-    the names must be the ones the evaluate stage writes."""
-    from vggdepth.metrics import TABLES
-    from vggdepth.tracking import EVALUATION_TABLES
+def test_the_evaluate_stage_writes_exactly_the_tables_the_run_folder_lists(evaluated):
+    """vggdepth.runs names a run folder's files once, for the writers (evaluate), the lease's packer and
+    unpacker, tracking and sync: the evaluate stage writes exactly the evaluation tables it lists."""
+    from vggdepth.runs import EVALUATION_TABLES, TEST, TRAINING_TABLES
 
-    assert EVALUATION_TABLES == TABLES
-    assert all((evaluated["files"].root / name).is_file() for name in TABLES)
+    written = {p.name for p in evaluated["files"].root.iterdir() if p.is_file()}
+    assert written == {*TRAINING_TABLES, TEST, *EVALUATION_TABLES}

@@ -11,17 +11,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from vggdepth.engine import (
-    BFLOAT16,
-    FLOAT32,
-    RunFiles,
-    TrainingError,
-    _say_float32,
-    cpu_computes_bf16,
-    load_checkpoint,
-    make_trainer,
-    train_run,
-)
+from vggdepth.checkpoints import load_checkpoint
+from vggdepth.engine import BFLOAT16, FLOAT32, _say_float32, cpu_computes_bf16, make_trainer, train_run
+from vggdepth.errors import TrainingError
+from vggdepth.runs import RunFiles
 
 VARIANT = "VGG-08"
 

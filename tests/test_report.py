@@ -21,11 +21,16 @@ from matplotlib.collections import PolyCollection
 
 from tests.conftest import ROOT, write_yaml
 from vggdepth.batches import DeviceDataset
-from vggdepth.engine import RunFiles, Trainer, load_checkpoint, load_network
+from vggdepth.checkpoints import load_checkpoint, load_network
+from vggdepth.engine import Trainer
 from vggdepth.evaluation import evaluate_run
 from vggdepth.report import ReportError, build_report, collect
 from vggdepth.report_figures import build_figures
-from vggdepth.tracking import MlflowCallback, PipelineContext, Store, log_evaluation, log_report
+from vggdepth.runs import RunFiles
+from vggdepth.tracking.callback import MlflowCallback
+from vggdepth.tracking.report import log_report
+from vggdepth.tracking.results import log_evaluation
+from vggdepth.tracking.store import PipelineContext, Store
 
 SEEDS = [0, 1]
 
@@ -313,6 +318,14 @@ def test_final_model_is_registered_and_loads_by_alias(study, built, tiny_data):
         expected = list(csv.DictReader(f))
     assert table.astype(str).to_dict("records") == expected
     assert not study["store"].client.get_run(parent).data.metrics
+    # Every run of the report gets its gradient-flow figure in its own MLflow run, once.
+    client = study["store"].client
+    for variant in p.variants:
+        for seed in SEEDS:
+            run_id = load_checkpoint(RunFiles.of(study["runs"], variant, seed).last)["extra"]["mlflow_run_id"]
+            assert [a.path for a in client.list_artifacts(run_id) if a.path.endswith(".png")] == ["gradient_flow.png"]
+    log_report(study["store"], p, built["out"], study["runs"], study["context"])
+    assert [a.path for a in client.list_artifacts(run_id) if a.path.endswith(".png")] == ["gradient_flow.png"]
 
 
 def test_report_command_prints_table1(study, tmp_path):

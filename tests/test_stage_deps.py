@@ -74,3 +74,22 @@ def test_no_stage_depends_on_settings_that_cannot_change_a_result():
         for param in stage.get("params", []):
             section = param.split(".")[0]
             assert section not in ("runtime", "tracking", "grid"), f"stage {name} depends on {param}"
+
+
+PRESENTATION = {"figures.py", "report.py", "report_figures.py", "outputs.py", "tracking/report.py", "tracking/sync.py"}
+NOT_A_RESULT = {"checkpoints.py", "runs.py", "files.py", "errors.py", "cli.py", "throughput.py"}
+
+
+@pytest.mark.parametrize("name", ["grid", "train", "evaluate"])
+def test_training_and_evaluation_run_no_figure_report_or_sync_code(name):
+    """Editing how a figure looks, how the report reads or how sync sends makes no run or evaluation stale."""
+    closure = {path.removeprefix("src/vggdepth/") for path in code_closure(_script(_stages()[name]))}
+    assert not closure & PRESENTATION, sorted(closure & PRESENTATION)
+
+
+def test_a_runs_fingerprint_covers_the_code_that_computes_it_and_nothing_else():
+    """A checkpoint message, the run folder's layout or the throughput harness can change without retraining."""
+    from vggdepth.engine import RESULT_CODE
+
+    assert set(RESULT_CODE) == {"engine.py", "models.py", "batches.py", "gradients.py"}
+    assert not set(RESULT_CODE) & NOT_A_RESULT

@@ -10,9 +10,10 @@ import torch
 import torch.nn.functional as F
 
 from vggdepth.batches import DeviceDataset
-from vggdepth.engine import RunFiles, Trainer, seed_everything
+from vggdepth.engine import Trainer, seed_everything
 from vggdepth.gradients import GradientRecorder
 from vggdepth.models import VGG
+from vggdepth.runs import RunFiles
 
 CHANCE_LOSS = math.log(100)
 

@@ -8,10 +8,10 @@ import typer
 
 from vggdepth.cli import entry_point
 from vggdepth.config import load_params
-from vggdepth.engine import RunFiles
 from vggdepth.errors import VggdepthError
 from vggdepth.report import check_guard, collect, read_paper_table, table1, table_markdown
-from vggdepth.tracking import sync_run
+from vggdepth.runs import RunFiles
+from vggdepth.tracking.sync import sync_run
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 

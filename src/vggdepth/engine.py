@@ -1,7 +1,11 @@
-"""Training one (variant, seed): Adam, cross-entropy, per-epoch cosine schedule, gradient statistics,
-checkpoints that resume to the exact same result, and a guard against non-finite losses.
+"""Training one (variant, seed): Adam, cross-entropy, per-epoch cosine schedule, gradient statistics, and a guard
+against non-finite losses. The one training step (`train_step`) and the one evaluation loop (`predict`) live
+here, for a run alone (`Trainer`) and for several runs fused into one network (vggdepth.fused) alike.
 
-The loop calls no tracking API: whatever watches a run (MLflow, tests) subscribes through `Callback`.
+This module's source, with the network's, the batches' and the gradient statistics', is part of every run's
+fingerprint: a change here trains runs afresh instead of restoring results the old code computed. Checkpoint files,
+resume and their messages live in vggdepth.checkpoints, the run folder in vggdepth.runs, so rewording those
+retrains nothing. The loop calls no tracking API: whatever watches a run subscribes through `runs.Callback`.
 """
 
 from __future__ import annotations
@@ -11,149 +15,35 @@ import hashlib
 import json
 import logging
 import math
-import os
 import random
-import re
-import shutil
-import socket
 import sys
 import time
-from dataclasses import asdict, astuple, dataclass, field
+from collections.abc import Iterator
+from dataclasses import astuple
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch import Tensor, nn
 from tqdm import tqdm
 
+from vggdepth import checkpoints
 from vggdepth.batches import DeviceDataset, training_batches
 from vggdepth.config import ModelConfig, Params, RuntimeConfig, TrainConfig, Variant
 from vggdepth.data import PreparedData
-from vggdepth.errors import VggdepthError
-from vggdepth.files import atomic_path, clean_leftovers, ensure_writable, write_csv, write_json
+from vggdepth.errors import TrainingError
+from vggdepth.files import ensure_writable, write_csv, write_json
 from vggdepth.gradients import COLUMNS as GRADIENT_COLUMNS
 from vggdepth.gradients import GradientRecorder, GradientRow
 from vggdepth.models import VGG, count_parameters
+from vggdepth.runs import EPOCH_COLUMNS, Callback, EpochRecord, RunFiles, RunInfo, this_node
 
 log = logging.getLogger(__name__)
-
-SUPERSEDED = "superseded"  # checkpoints/superseded/<fingerprint>/: runs of other settings, kept to come back to
-KEEP_SUPERSEDED = 2
-# 2: loadable with torch.load(weights_only=True) (random states as plain values), best weights inside last.pt.
-CHECKPOINT_FORMAT = 2
-
-
-class TrainingError(VggdepthError):
-    """Training cannot go on."""
 
 
 class NonFiniteLossError(TrainingError):
     """The loss became NaN or infinite."""
-
-
-class CheckpointError(TrainingError):
-    """A checkpoint cannot be read: damaged, truncated, or not a checkpoint this version can load safely."""
-
-
-class UnsafeCheckpointError(CheckpointError):
-    """A checkpoint asks for code to run when loaded: refused, never skipped past silently."""
-
-
-@dataclass(frozen=True)
-class EpochRecord:
-    """What one epoch measured: train loss/accuracy are means over its batches (train mode, augmented)."""
-
-    epoch: int
-    train_loss: float
-    train_acc: float
-    val_loss: float
-    val_acc: float
-    lr: float
-    seconds: float
-
-
-EPOCH_COLUMNS = tuple(EpochRecord.__dataclass_fields__)
-
-
-@dataclass(frozen=True)
-class RunFiles:
-    """Where one (variant, seed) keeps its outputs."""
-
-    root: Path
-
-    @classmethod
-    def of(cls, runs: Path, variant: str, seed: int) -> RunFiles:
-        """The folder of (variant, seed) under `runs`: dvc.yaml's `runs/<variant>-s<seed>`."""
-        return cls(runs / f"{variant}-s{seed}")
-
-    @property
-    def epochs_csv(self) -> Path:
-        return self.root / "epochs.csv"
-
-    @property
-    def gradients_csv(self) -> Path:
-        return self.root / "gradients.csv"
-
-    @property
-    def train_json(self) -> Path:
-        return self.root / "train.json"
-
-    @property
-    def test_json(self) -> Path:
-        return self.root / "test.json"
-
-    @property
-    def checkpoints(self) -> Path:
-        return self.root / "checkpoints"
-
-    @property
-    def last(self) -> Path:
-        return self.checkpoints / "last.pt"
-
-    @property
-    def best(self) -> Path:
-        return self.checkpoints / "best.pt"
-
-    @property
-    def previous(self) -> Path:
-        """The last checkpoint before the newest one: what a damaged `last.pt` falls back to."""
-        return self.checkpoints / "previous.pt"
-
-    @property
-    def outputs(self) -> tuple[Path, ...]:
-        """Every file the train stage writes, checkpoints aside."""
-        return (self.epochs_csv, self.gradients_csv, self.train_json)
-
-
-@dataclass
-class RunInfo:
-    """What a callback learns when a run starts."""
-
-    variant: str
-    seed: int
-    config: dict
-    fingerprint: str
-    device: str
-    parameters: int
-    files: RunFiles
-    start_epoch: int  # 0, or the number of epochs restored from the last checkpoint
-    node: str  # where it trains (`this_node`), or where its newest epoch was trained when restored
-    precision: str = "float32"  # what it computes in (`training_precision`), or what it was trained in when restored
-    extra: dict = field(default_factory=dict)  # kept in checkpoints: a callback may store its own state here
-    history: list[EpochRecord] = field(default_factory=list)  # every epoch so far, restored ones included
-    gradients: list[GradientRow] = field(default_factory=list)
-
-
-class Callback:
-    """Hook points of the training loop; every method is optional."""
-
-    def on_run_start(self, run: RunInfo) -> None: ...
-
-    def on_epoch_end(self, run: RunInfo, record: EpochRecord, gradients: list[GradientRow]) -> None: ...
-
-    def on_run_end(self, run: RunInfo, summary: dict) -> None: ...
-
-    def on_run_error(self, run: RunInfo, error: BaseException) -> None: ...
 
 
 def resolve_device(name: str) -> torch.device:
@@ -170,7 +60,7 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-BFLOAT16, FLOAT32 = "bfloat16", "float32"
+BFLOAT16, FLOAT32 = "bfloat16", checkpoints.FLOAT32
 
 
 @functools.cache
@@ -206,19 +96,19 @@ def make_scheduler(optimizer: torch.optim.Optimizer, variant: Variant, lr_min: f
 
 
 # The modules whose code decides what a run computes: a change to any of them makes a new run, not a resumed one.
-_RESULT_CODE = ("engine.py", "models.py", "batches.py", "gradients.py")
+RESULT_CODE = ("engine.py", "models.py", "batches.py", "gradients.py")
 
 
 def _code_digest() -> str:
     digest = hashlib.sha256()
-    for name in _RESULT_CODE:
+    for name in RESULT_CODE:
         digest.update((Path(__file__).parent / name).read_bytes())
     return digest.hexdigest()[:16]
 
 
 def run_fingerprint(model: ModelConfig, train: TrainConfig, variant: Variant, seed: int, data: dict) -> str:
     """Identity of what a run computes; a checkpoint is resumed only under the same fingerprint. Made of the
-    sections that change results (`runtime` is not one of them) and of the training code (`_RESULT_CODE`);
+    sections that change results (`runtime` is not one of them) and of the training code (`RESULT_CODE`);
     `train.epochs` is left out because a longer run continues a shorter one."""
     payload = {
         "code": _code_digest(),
@@ -237,164 +127,111 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)  # also seeds every CUDA device
 
 
-def _rng_state(generator: torch.Generator) -> dict:
-    """Every random state, as tensors and plain Python values only, so checkpoints load with weights_only."""
-    name, keys, position, has_gauss, gauss = np.random.get_state()
-    return {
-        "python": random.getstate(),
-        "numpy": [name, torch.from_numpy(keys.astype(np.int64)), int(position), int(has_gauss), float(gauss)],
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-        "batches": generator.get_state(),
-    }
+# ---- the step and the evaluation loop: one of each, for k runs in one network (a run alone: k = 1) ------------
 
 
-def _set_rng_state(state: dict, generator: torch.Generator) -> None:
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
-    name, keys, position, has_gauss, cached = state["numpy"]
-    np.random.set_state((name, keys.cpu().numpy().astype(np.uint32), position, has_gauss, cached))
-    torch.set_rng_state(state["torch"].cpu())
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
-    generator.set_state(state["batches"].cpu())
+class Tally:
+    """Each run's sums over an epoch's steps, on the device: loss, accuracy, and the first step whose loss was not
+    finite (-1: none). Updated in place, so that a CUDA graph can hold the step."""
+
+    def __init__(self, runs: int, device: torch.device):
+        self.runs = runs
+        self.loss = torch.zeros(runs, dtype=torch.float64, device=device)
+        self.acc = torch.zeros_like(self.loss)
+        self.first_bad = torch.full((runs,), -1, dtype=torch.long, device=device)
+        self.step = torch.zeros((), dtype=torch.long, device=device)
+
+    def reset(self) -> None:
+        for t in (self.loss, self.acc, self.step):
+            t.zero_()
+        self.first_bad.fill_(-1)
 
 
-def save_checkpoint(path: Path, state: dict) -> None:
-    """torch.save through a temporary file, so a kill never leaves a truncated checkpoint."""
-    with atomic_path(path) as tmp:
-        try:
-            torch.save(state, tmp)
-        except RuntimeError as exc:  # torch reports a failed write (a full disk) as a RuntimeError
-            raise TrainingError(
-                f"cannot write checkpoint {path}: the write failed (a full disk?): {_first_line(exc)}"
-            ) from None
+def train_step(net: nn.Module, optimizer, recorder, x: Tensor, y: Tensor, tally: Tally, autocast: bool) -> None:
+    """One training step of the `tally.runs` runs held by `net` (gradients already cleared): forward, each run's
+    mean cross-entropy, backward of their sum (so each run's gradients are those of the run alone), the gradient
+    statistics (`recorder`, or None), the optimiser's step, and the tally. `net` maps a batch to logits
+    (batch, classes), or (runs, batch, classes) when fused; `y` is (batch,) or (runs, batch)."""
+    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=autocast, cache_enabled=False):
+        logits = net(x)
+    logits = logits.float().view(tally.runs, -1, logits.shape[-1])
+    y = y.view(tally.runs, -1)
+    losses = F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none").view(tally.runs, -1).mean(1)
+    losses.sum().backward()
+    if recorder is not None:
+        recorder.after_backward()
+    optimizer.step()
+    with torch.no_grad():
+        losses = losses.detach()
+        tally.loss += losses
+        tally.acc += (logits.argmax(2) == y).double().mean(1)
+        tally.first_bad.copy_(torch.where(~torch.isfinite(losses) & (tally.first_bad < 0), tally.step, tally.first_bad))
+        tally.step += 1
 
 
-_CHECKPOINT_KEYS = ("format", "fingerprint", "variant", "seed", "epoch", "model", "model_config", "variant_config")
-# What `last.pt` holds beyond the weights, to resume a run exactly.
-_RESUME_KEYS = ("optimizer", "scheduler", "rng", "history", "gradients", "best", "best_model", "trained_on")
+def predict(net: nn.Module, data: DeviceDataset, batch_size: int, autocast: bool, runs: int = 1) -> Iterator:
+    """(logits (runs, batch, classes) float32, labels (batch,)) of `net` (in eval mode) over `data`, batch by batch
+    in the data's order; a network of `runs` fused runs sees every image once per run."""
+    for x, y in data.batches(batch_size):
+        if runs > 1:
+            x = x.repeat(1, runs, 1, 1).contiguous(memory_format=torch.channels_last)
+        with torch.inference_mode(), torch.autocast(data.device.type, dtype=torch.bfloat16, enabled=autocast):
+            logits = net(x).float()
+        yield logits.view(runs, len(y), -1), y
 
 
-def load_checkpoint(path: Path, device: torch.device | str = "cpu") -> dict:
-    """A checkpoint, read with `weights_only=True`: tensors and plain values only, so a tampered file cannot run
-    code. Raises `CheckpointError` naming the file when it is missing, damaged, unsafe or not ours."""
-    path = Path(path)
-    try:
-        state = torch.load(path, map_location=device, weights_only=True)
-    except FileNotFoundError:
-        raise CheckpointError(f"no checkpoint at {path}") from None
-    except Exception as exc:  # torch raises UnpicklingError, RuntimeError, EOFError, ... for a damaged file
-        unsafe = re.search(r"GLOBAL (\S+)", str(exc))  # weights_only refused to import something
-        if unsafe and unsafe.group(1).startswith("numpy"):
-            raise UnsafeCheckpointError(
-                f"{path} pickles NumPy objects ({unsafe.group(1)}): it is a checkpoint of an older vggdepth (format "
-                f"1), which this version does not unpickle because that could run code. It was not loaded. Retrain "
-                f"the run (remove {path.parent}) or load it with the version that wrote it"
-            ) from None
-        if unsafe:
-            raise UnsafeCheckpointError(
-                f"{path} asks for {unsafe.group(1)}, which a checkpoint never needs (it is not a checkpoint of "
-                "this version, or it was tampered with); it was not loaded, so nothing in it ran. Remove it "
-                "and re-run training to make a new one"
-            ) from None
-        detail = re.search(r"WeightsUnpickler error:\s*(\S.*)", str(exc))
-        reason = f"unreadable pickle: {detail.group(1)}" if detail else _first_line(exc)
-        raise CheckpointError(f"checkpoint {path} is damaged or truncated ({reason})") from None
-    missing = [k for k in _CHECKPOINT_KEYS if not isinstance(state, dict) or k not in state]
-    if missing:
-        raise CheckpointError(f"{path} is not a vggdepth checkpoint (no {', '.join(missing)})")
-    if state["format"] != CHECKPOINT_FORMAT:
-        raise CheckpointError(
-            f"{path} is a checkpoint of format {state['format']}, this version reads format {CHECKPOINT_FORMAT}; "
-            "remove it and re-run training"
-        )
-    return state
+def validate(
+    net: nn.Module, data: DeviceDataset, batch_size: int, autocast: bool, runs: int = 1
+) -> tuple[list[float], list[float]]:
+    """Each run's mean cross-entropy and accuracy over `data` (`net` in eval mode)."""
+    loss_sum = torch.zeros(runs, dtype=torch.float64, device=data.device)
+    correct = torch.zeros(runs, dtype=torch.long, device=data.device)
+    with torch.inference_mode():
+        for logits, y in predict(net, data, batch_size, autocast, runs):
+            y = y.expand(runs, -1)
+            losses = F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none")
+            loss_sum += losses.view(runs, -1).sum(1).double()
+            correct += (logits.argmax(2) == y).sum(1)
+    return (loss_sum / len(data)).tolist(), (correct.double() / len(data)).tolist()
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0][:300] if text else type(exc).__name__
+class StepLoop:
+    """An epoch of training steps, for `Trainer` (one run) and `fused.FusedTrainer` (several): what differs is
+    where the batches come from (`batches`), how a step runs (`step`: eager, or a CUDA graph's replay) and what a
+    non-finite loss stops (`check_finite`)."""
+
+    net: nn.Module
+    tally: Tally
+    runtime: RuntimeConfig
+
+    def batches(self) -> Iterator[tuple[Tensor, Tensor]]:
+        raise NotImplementedError
+
+    def step(self, x: Tensor, y: Tensor) -> None:
+        raise NotImplementedError
+
+    def check_finite(self, epoch: int) -> None:
+        raise NotImplementedError
+
+    def train_epoch(self, epoch: int, bar: tqdm) -> tuple[list[float], list[float], int]:
+        """One pass over the training set: each run's mean loss and accuracy over the steps, and the steps. The host
+        looks at the device only every `runtime.progress_every` steps."""
+        self.net.train()
+        self.tally.reset()
+        steps = 0
+        for x, y in self.batches():
+            self.step(x, y)
+            steps += 1
+            if steps % self.runtime.progress_every == 0:
+                self.check_finite(epoch)
+                bar.update(self.runtime.progress_every)
+                bar.set_postfix(loss=f"{self.tally.loss[0].item() / steps:.3f}")
+        self.check_finite(epoch)
+        bar.update(bar.total - bar.n)
+        return (self.tally.loss / steps).tolist(), (self.tally.acc / steps).tolist(), steps
 
 
-def resume_state(files: RunFiles, device: torch.device | str = "cpu") -> tuple[dict | None, Path | None]:
-    """The newest readable checkpoint of a run folder and its path: `last.pt`, else `previous.pt` when `last.pt`
-    is missing or damaged (a kill between the two writes, a truncated copy); (None, None) when there is none.
-    Clears what a killed writer left and removes a damaged `last.pt` it falls back past."""
-    for path in (files.last, files.previous, files.best, *files.outputs):
-        clean_leftovers(path)
-    damaged = []
-    for path in (files.last, files.previous):
-        if not path.exists():
-            continue
-        try:
-            state = load_checkpoint(path, device)
-            lacking = [k for k in _RESUME_KEYS if k not in state]
-            if lacking:
-                raise CheckpointError(f"{path} cannot resume a run: it has no {', '.join(lacking)}")
-        except UnsafeCheckpointError:
-            raise  # not merely damaged: never skip past it silently
-        except CheckpointError as exc:
-            damaged.append((path, exc))
-            continue
-        for bad, exc in damaged:
-            log.warning("%s; resuming from %s (end of epoch %d) instead", exc, path, state["epoch"] - 1)
-            bad.unlink(missing_ok=True)
-        return state, path
-    if damaged:
-        raise CheckpointError(
-            f"{damaged[0][1]} and there is no earlier good checkpoint to fall back to. To train this run "
-            f"from scratch, remove the folder: rm -r {files.checkpoints}"
-        )
-    return None, None
-
-
-def arrange_checkpoints(
-    files: RunFiles, fingerprint: str, device: torch.device | str = "cpu"
-) -> tuple[dict | None, Path | None]:
-    """Make `files.checkpoints` hold the checkpoints of the run `fingerprint` names, and return the newest one
-    (`resume_state`), or (None, None) when there is none. Checkpoints of other settings, data or code are set
-    aside in `superseded/<their fingerprint>/` (not deleted), and brought back when those settings return."""
-    state, source = resume_state(files, device)
-    if state is not None and state["fingerprint"] != fingerprint:
-        aside = _set_aside(files, state["fingerprint"])
-        log.warning("the checkpoints were made by other settings, data or training code: kept in %s", aside)
-        state = None
-    earlier = files.checkpoints / SUPERSEDED / fingerprint
-    if state is None and (earlier / files.last.name).exists():
-        for path in earlier.iterdir():
-            os.replace(path, files.checkpoints / path.name)
-        earlier.rmdir()
-        log.warning("brought back the checkpoints made earlier with these settings from %s", earlier)
-        state, source = resume_state(files, device)
-    return state, source
-
-
-def _set_aside(files: RunFiles, fingerprint: str) -> Path:
-    """Move a run folder's checkpoints to `superseded/<fingerprint>/`, keeping the newest few such sets."""
-    aside = files.checkpoints / SUPERSEDED / fingerprint
-    shutil.rmtree(aside, ignore_errors=True)
-    aside.mkdir(parents=True)
-    for path in (files.last, files.previous, files.best):
-        if path.exists():
-            os.replace(path, aside / path.name)
-    older = sorted(aside.parent.iterdir(), key=lambda p: p.stat().st_mtime, reverse=True)[KEEP_SUPERSEDED:]
-    for folder in older:
-        shutil.rmtree(folder, ignore_errors=True)
-    return aside
-
-
-def this_node() -> str:
-    """Where this process runs: the host name, and the Ray node inside a Ray worker (several nodes may share a
-    host); kept with every checkpoint, so a run's outputs say where its newest epoch was trained."""
-    host = socket.gethostname()
-    ray = sys.modules.get("ray")
-    if ray is not None and ray.is_initialized():
-        return f"{host} (ray node {ray.get_runtime_context().get_node_id()[:12]})"
-    return host
-
-
-class Trainer:
+class Trainer(StepLoop):
     """Trains one (variant, seed) on prepared data, writing its outputs to `files`."""
 
     def __init__(
@@ -432,6 +269,7 @@ class Trainer:
         self.train_data = DeviceDataset(data.train, data.mean, data.std, self.device)
         self.val_data = DeviceDataset(data.val, data.mean, data.std, self.device)
         self.recorder = GradientRecorder(self.net) if train.grad_stats else None
+        self.tally = Tally(1, self.device)
 
         self.best = {"epoch": -1, "val_acc": -1.0, "val_loss": math.inf}
         self.best_model: dict | None = None  # the best epoch's weights, kept in last.pt so best.pt can be rebuilt
@@ -457,120 +295,38 @@ class Trainer:
         )
         self.history, self.gradients = self.run.history, self.run.gradients
 
-    # ---- resume -------------------------------------------------------------------------------------------
-
-    def _restore(self) -> None:
-        """Continue from the last checkpoint when it belongs to this very run (`arrange_checkpoints`)."""
-        state, source = arrange_checkpoints(self.files, self.run.fingerprint, self.device)
-        if state is None:
-            return
-        if state["epoch"] > self.cfg.epochs:
-            raise TrainingError(
-                f"{source} holds this run trained for {state['epoch']} epochs, more than train.epochs="
-                f"{self.cfg.epochs}. It is kept: set train.epochs to {state['epoch']} to use it, or move "
-                f"{self.files.checkpoints} away to train a {self.cfg.epochs}-epoch run"
-            )
-        self.net.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        # Every checkpoint of this code records its precision (older code has another fingerprint: never resumed).
-        trained_in = state.get("precision", FLOAT32)
-        if state["epoch"] < self.cfg.epochs:  # random states matter only to epochs still to train
-            if torch.device(state["trained_on"]).type != self.device.type:
-                raise TrainingError(
-                    f"{source} was trained on {state['trained_on']} up to epoch {state['epoch']}; its random "
-                    f"states cannot continue on {self.device}. Set runtime.device to "
-                    f"{torch.device(state['trained_on']).type} to finish it, or move {self.files.checkpoints} "
-                    "away to train it here from the start"
-                )
-            if trained_in != self.precision:
-                raise TrainingError(
-                    f"{source} was trained in {trained_in} up to epoch {state['epoch']}; here it would continue in "
-                    f"{self.precision}, and a run never changes precision midway. Finish it where it computes in "
-                    f"{trained_in} (train.bf16 and a device with bfloat16 arithmetic decide it), or move "
-                    f"{self.files.checkpoints} away to train it here from the start"
-                )
-            _set_rng_state(state["rng"], self.generator)
-        self.history.extend(EpochRecord(**r) for r in state["history"])
-        self.gradients.extend(GradientRow(**r) for r in state["gradients"])
-        self.best = state["best"]
-        self.best_model = state["best_model"]
-        self.trained_on = state["trained_on"]
-        self.run.precision = trained_in
-        self.node = self.run.node = state.get("node", self.node)  # older checkpoints recorded no node
-        self.run.start_epoch = state["epoch"]
-        self.run.extra = state.get("extra", {})
-        self._check_best(state)
-        if source == self.files.previous:  # last.pt was missing: make the state we resume from the last one again
-            save_checkpoint(self.files.last, state)
-        log.info("resuming %s from epoch %d of %d", source, state["epoch"], self.cfg.epochs)
-
-    def _check_best(self, state: dict) -> None:
-        """best.pt must hold the best epoch's weights; rebuild it from last.pt when it is missing or damaged."""
-        expected = self.best["epoch"] + 1
-        problem = None
-        try:
-            best = load_checkpoint(self.files.best, "cpu")
-            if best["fingerprint"] != state["fingerprint"] or best["epoch"] != expected:
-                problem = f"holds epoch {best['epoch'] - 1}, not the best epoch {self.best['epoch']}"
-        except UnsafeCheckpointError:
-            raise
-        except CheckpointError as exc:
-            problem = str(exc)
-        if problem:
-            log.warning("%s: %s; rewriting it from %s", self.files.best, problem, self.files.last.name)
-            save_checkpoint(self.files.best, self._weights(expected, self.best_model))
-
     # ---- one epoch ----------------------------------------------------------------------------------------
 
-    def train_epoch(self, epoch: int, bar: tqdm) -> tuple[float, float]:
-        self.net.train()
-        loss_sum = torch.zeros((), device=self.device, dtype=torch.float64)
-        acc_sum = torch.zeros((), device=self.device, dtype=torch.float64)
-        first_bad = torch.full((), -1, device=self.device, dtype=torch.long)
-        steps = 0
-        for step, (x, y) in enumerate(
-            training_batches(self.train_data, self.variant.batch_size, self.cfg.augment, self.generator)
-        ):
-            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
-                logits = self.net(x)
-                loss = F.cross_entropy(logits.float(), y)
-            self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if self.recorder is not None:
-                self.recorder.after_backward()
-            self.optimizer.step()
-            # Everything below stays on the device; the host looks only every `progress_every` steps.
-            loss = loss.detach()
-            loss_sum += loss
-            acc_sum += (logits.argmax(1) == y).float().mean()
-            first_bad = torch.where(~torch.isfinite(loss) & (first_bad < 0), step, first_bad)
-            steps = step + 1
-            if steps % self.runtime.progress_every == 0:
-                self._check_finite(first_bad, epoch)
-                bar.update(self.runtime.progress_every)
-                bar.set_postfix(loss=f"{loss_sum.item() / steps:.3f}", acc=f"{acc_sum.item() / steps:.3f}")
-        self._check_finite(first_bad, epoch)
-        bar.update(bar.total - bar.n)
-        return loss_sum.item() / steps, acc_sum.item() / steps
+    def batches(self) -> Iterator[tuple[Tensor, Tensor]]:
+        return training_batches(self.train_data, self.variant.batch_size, self.cfg.augment, self.generator)
 
-    def _check_finite(self, first_bad: torch.Tensor, epoch: int) -> None:
-        step = int(first_bad.item())
-        if step >= 0:
-            kept = (
-                f"the last good checkpoint {self.files.last} (end of epoch {len(self.history) - 1}) is kept"
-                if self.files.last.exists()
-                else "no checkpoint was written yet"
-            )
-            raise NonFiniteLossError(
-                f"{self.run.variant} seed {self.seed}: the training loss became NaN or infinite at epoch {epoch}, "
-                f"step {step}; {kept}. Lower the learning rate or check the data."
-            )
+    def step(self, x: Tensor, y: Tensor) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+        train_step(self.net, self.optimizer, self.recorder, x, y, self.tally, self.autocast)
+
+    def check_finite(self, epoch: int) -> None:
+        self.stop_if_not_finite(int(self.tally.first_bad[0].item()), epoch)
+
+    def stop_if_not_finite(self, step: int, epoch: int) -> None:
+        """The NaN guard: a run whose loss became NaN or infinite at `step` (>= 0) of `epoch` stops, its last good
+        checkpoint kept, naming the settings that can cause it."""
+        if step < 0:
+            return
+        kept = (
+            f"the last good checkpoint {self.files.last} (end of epoch {len(self.history) - 1}) is kept"
+            if self.files.last.exists()
+            else "no checkpoint was written yet"
+        )
+        raise NonFiniteLossError(
+            f"{self.run.variant} seed {self.seed}: the training loss became NaN or infinite at epoch {epoch}, "
+            f"step {step}; {kept}. Lower the learning rate or check the data."
+        )
 
     def evaluate(self, data: DeviceDataset) -> tuple[float, float]:
         """Sample-weighted mean loss and accuracy in eval mode."""
         self.net.eval()
-        return evaluate_model(self.net, data, self.runtime.eval_batch_size, self.autocast)
+        (loss,), (acc,) = validate(self.net, data, self.runtime.eval_batch_size, self.autocast)
+        return loss, acc
 
     # ---- the run ------------------------------------------------------------------------------------------
 
@@ -594,7 +350,7 @@ class Trainer:
 
     def begin(self) -> None:
         """Restore the run from its checkpoint when there is one, rewrite its tables, tell the callbacks."""
-        self._restore()
+        checkpoints.restore(self)
         if self.history:
             self._write_tables()
         for cb in self.callbacks:
@@ -629,7 +385,7 @@ class Trainer:
         lr = self.start_epoch()
         steps = math.ceil(len(self.train_data) / self.variant.batch_size)
         with tqdm(total=steps, desc=self.describe(epoch), unit="step", disable=not sys.stderr.isatty()) as bar:
-            train_loss, train_acc = self.train_epoch(epoch, bar)
+            (train_loss,), (train_acc,), _ = self.train_epoch(epoch, bar)
             val_loss, val_acc = self.evaluate(self.val_data)
             bar.set_postfix(
                 loss=f"{train_loss:.3f}", acc=f"{train_acc:.3f}", val_loss=f"{val_loss:.3f}", val_acc=f"{val_acc:.3f}"
@@ -657,62 +413,18 @@ class Trainer:
                 file=sys.stderr,
                 flush=True,
             )
-        self._end_of_epoch(record)
-        for cb in self.callbacks:
-            cb.on_epoch_end(self.run, record, rows)
-
-    def _end_of_epoch(self, record: EpochRecord) -> None:
-        """Best checkpoint when validation accuracy improved, then the last checkpoint and the tables. The last
-        checkpoint before this one stays as `previous.pt`, so a damaged `last.pt` costs one epoch, not the run."""
-        if record.val_acc > self.best["val_acc"]:
+        improved = record.val_acc > self.best["val_acc"]
+        if improved:
             self.best = {"epoch": record.epoch, "val_acc": record.val_acc, "val_loss": record.val_loss}
             self.best_model = {k: v.detach().clone() for k, v in self.net.state_dict().items()}
-            save_checkpoint(self.files.best, self._weights(record.epoch + 1, self.best_model))
-        if self.files.last.exists():
-            os.replace(self.files.last, self.files.previous)
-        save_checkpoint(
-            self.files.last,
-            {
-                **self._weights(record.epoch + 1, self.net.state_dict()),
-                "optimizer": self.optimizer.state_dict(),
-                "scheduler": self.scheduler.state_dict(),
-                "rng": _rng_state(self.generator),
-                "history": [asdict(r) for r in self.history],
-                "gradients": [asdict(r) for r in self.gradients],
-                "best": self.best,
-                "best_model": self.best_model,
-                "trained_on": self.trained_on,
-                "precision": self.run.precision,
-                "node": self.node,
-                "extra": self.run.extra,
-            },
-        )
+        checkpoints.save_epoch(self, improved)
         self._write_tables()
+        for cb in self.callbacks:
+            cb.on_epoch_end(self.run, record, rows)
 
     def _write_tables(self) -> None:
         write_csv(self.files.epochs_csv, EPOCH_COLUMNS, [astuple(r) for r in self.history])
         write_csv(self.files.gradients_csv, GRADIENT_COLUMNS, [astuple(r) for r in self.gradients])
-
-    def _weights(self, epochs: int, model: dict) -> dict:
-        """A checkpoint's common part: whose weights these are, after how many epochs, and how to rebuild the net."""
-        return {
-            "format": CHECKPOINT_FORMAT,
-            "fingerprint": self.run.fingerprint,
-            "variant": self.run.variant,
-            "seed": self.seed,
-            "epoch": epochs,
-            "model": model,
-            **self._identity(),
-        }
-
-    def _identity(self) -> dict:
-        """What it takes to rebuild the network from a checkpoint alone."""
-        return {
-            "model_config": self.model_cfg.model_dump(),
-            "variant_config": self.variant.model_dump(),
-            "mean": self.train_data.mean.flatten().div(255).tolist(),
-            "std": self.train_data.std.flatten().div(255).tolist(),
-        }
 
     def summary(self) -> dict:
         last = self.history[-1]
@@ -734,25 +446,6 @@ class Trainer:
             "precision": self.run.precision,
             "node": self.node,
         }
-
-
-def evaluate_model(net: torch.nn.Module, data: DeviceDataset, batch_size: int, autocast: bool) -> tuple[float, float]:
-    """Mean cross-entropy and accuracy of `net` (already in eval mode) over `data`."""
-    loss_sum = torch.zeros((), device=data.device, dtype=torch.float64)
-    correct = torch.zeros((), device=data.device, dtype=torch.long)
-    with torch.inference_mode(), torch.autocast(data.device.type, dtype=torch.bfloat16, enabled=autocast):
-        for x, y in data.batches(batch_size):
-            logits = net(x).float()
-            loss_sum += F.cross_entropy(logits, y, reduction="sum").double()
-            correct += (logits.argmax(1) == y).sum()
-    return loss_sum.item() / len(data), correct.item() / len(data)
-
-
-def load_network(checkpoint: dict, device: torch.device) -> VGG:
-    """The network stored in a checkpoint, in eval mode."""
-    net = VGG(ModelConfig(**checkpoint["model_config"]), Variant(**checkpoint["variant_config"]))
-    net.load_state_dict(checkpoint["model"])
-    return net.to(device, memory_format=torch.channels_last).eval()
 
 
 def train_run(

@@ -15,21 +15,16 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from vggdepth import engine
 from vggdepth.batches import DeviceDataset
+from vggdepth.checkpoints import CheckpointError, load_checkpoint, load_network
 from vggdepth.config import EvaluateConfig, RuntimeConfig, TrainConfig
 from vggdepth.data import PreparedData
-from vggdepth.engine import (
-    BFLOAT16,
-    CheckpointError,
-    RunFiles,
-    load_checkpoint,
-    load_network,
-    resolve_device,
-    training_precision,
-)
+from vggdepth.engine import BFLOAT16, resolve_device, training_precision
 from vggdepth.files import write_json
 from vggdepth.labels import Labels
-from vggdepth.metrics import KINDS, PREDICTIONS_FILE, Predictions, save_predictions, score, write_tables
+from vggdepth.metrics import KINDS, Predictions, save_predictions, score, write_tables
+from vggdepth.runs import PREDICTIONS, RunFiles
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +43,7 @@ class Evaluation:
         files.test_json.unlink(missing_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=f".{files.test_json.name}.", dir=files.root))  # see clean_leftovers
         try:
-            save_predictions(staging / PREDICTIONS_FILE, self.predictions)
+            save_predictions(staging / PREDICTIONS, self.predictions)
             write_tables(staging, self.predictions, labels)
             if publish is not None:
                 publish(staging)
@@ -61,10 +56,7 @@ class Evaluation:
 
 def log_probabilities(net: torch.nn.Module, data: DeviceDataset, batch_size: int, autocast: bool) -> np.ndarray:
     """(N, classes) float32 log-softmax of `net` (in eval mode) over `data`, in the data's order."""
-    out = []
-    with torch.inference_mode(), torch.autocast(data.device.type, dtype=torch.bfloat16, enabled=autocast):
-        for x, _ in data.batches(batch_size):
-            out.append(F.log_softmax(net(x).float(), dim=1).cpu())
+    out = [F.log_softmax(logits[0], dim=1).cpu() for logits, _ in engine.predict(net, data, batch_size, autocast)]
     return torch.cat(out).numpy()
 
 

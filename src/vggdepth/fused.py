@@ -8,6 +8,7 @@ schedule and seed) become one network k times as wide:
 - run r's images go into input channels 3r..3r+2 and its logits come out as row r;
 - the loss is the sum of the runs' mean cross-entropies, so each run's gradients are those of the run alone;
 - Adam is elementwise, with each run's own learning rate (`FusedAdam`), stepped by each run's own schedule.
+The step itself is engine.train_step, the one every run trains with (k runs: logits (k, N, classes)).
 Each run keeps its own initialisation, data order and augmentation (its own generator) and its own books: every run
 is a `Trainer` whose checkpoints, tables and callbacks are those of a run trained alone (its epoch time, and so its
 images per second, is the group's: the runs share every step). The fused weights, batch
@@ -15,7 +16,7 @@ norm statistics and Adam moments are copied back into it at the end of every epo
 and a run trained alone resumes fused. Results equal the separate runs' up to float rounding (tests/test_fused.py).
 
 Like `runtime`, fusing changes what a run computes only through float rounding, so it is not part of a run's
-fingerprint (engine._RESULT_CODE): a fused run and the same run alone resume each other.
+fingerprint (engine.RESULT_CODE): a fused run and the same run alone resume each other.
 
 On CUDA, with `runtime.cuda_graphs` on and every batch full, the whole step (forward, loss, backward, gradient
 statistics, Adam) is captured once as a CUDA graph and replayed for each batch; the batch pipeline (shuffle, crops,
@@ -34,16 +35,18 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm import tqdm
 
+from vggdepth import engine
 from vggdepth.batches import DeviceDataset, training_batches
 from vggdepth.config import ModelConfig, Params, Variant
 from vggdepth.data import PreparedData
-from vggdepth.engine import Callback, EpochRecord, RunFiles, Trainer, TrainingError, make_trainer
+from vggdepth.engine import StepLoop, Tally, Trainer, make_trainer, validate
+from vggdepth.errors import TrainingError
 from vggdepth.gradients import GradientRow, weight_tensors
 from vggdepth.models import VGG, Head
+from vggdepth.runs import Callback, EpochRecord, RunFiles
 
 log = logging.getLogger(__name__)
 
@@ -232,7 +235,7 @@ def fusion_groups(params: Params, runs: Sequence[tuple[str, int]], most: int) ->
     return groups
 
 
-class FusedTrainer:
+class FusedTrainer(StepLoop):
     """Trains `trainers` (runs that `fusable` allows together) as one fused network; each keeps its own books."""
 
     def __init__(self, trainers: list[Trainer]):
@@ -262,10 +265,7 @@ class FusedTrainer:
             list(self.net.parameters()), self.k, group["betas"], group["eps"], group["weight_decay"]
         )
         self.recorder = FusedRecorder(self.net, self.k) if first.recorder is not None else None
-        self.loss_sum = torch.zeros(self.k, dtype=torch.float64, device=self.device)
-        self.acc_sum = torch.zeros_like(self.loss_sum)
-        self.first_bad = torch.full((self.k,), -1, dtype=torch.long, device=self.device)
-        self.step_no = torch.zeros((), dtype=torch.long, device=self.device)
+        self.tally = Tally(self.k, self.device)
         full_batches = len(self.train_data) % self.batch_size == 0
         self.graphed = self.device.type == "cuda" and self.runtime.cuda_graphs and full_batches
         if self.device.type == "cuda" and self.runtime.cuda_graphs and not full_batches:
@@ -286,8 +286,21 @@ class FusedTrainer:
 
     # ---- the fused state and the runs' books -------------------------------------------------------------
 
+    def begin(self) -> None:
+        """Every run restored from its checkpoint (or fresh) and told to its callbacks, then the fused weights and
+        Adam state loaded from the runs' own."""
+        begun: list[Trainer] = []
+        try:
+            for t in self.trainers:
+                t.begin()
+                begun.append(t)
+            self._load_from_runs()
+        except BaseException as error:  # the runs already begun learn that they stopped
+            for t in begun:
+                t.fail(error)
+            raise
+
     def _load_from_runs(self) -> None:
-        """Fused weights and Adam state from the runs' own (fresh, or restored from their checkpoints)."""
         epochs = {t.run.start_epoch for t in self.trainers}
         if len(epochs) > 1:
             detail = ", ".join(f"{t.files.root.name} at epoch {t.run.start_epoch}" for t in self.trainers)
@@ -321,9 +334,15 @@ class FusedTrainer:
                     "exp_avg_sq": v[r].reshape(own.shape).clone(memory_format=torch.preserve_format),
                 }
 
+    def start_epoch(self) -> list[float]:
+        """Every run marks where its epoch trains; each run's learning rate, which the fused Adam takes."""
+        lrs = [t.start_epoch() for t in self.trainers]
+        self.optimizer.lr.copy_(torch.tensor(lrs, dtype=torch.float64))
+        return lrs
+
     # ---- one step, eager or graphed -------------------------------------------------------------------------
 
-    def _batches(self) -> Iterator[tuple[Tensor, Tensor]]:
+    def batches(self) -> Iterator[tuple[Tensor, Tensor]]:
         """Each run's own shuffled, augmented batch (its generator), side by side: (N, 3k, 32, 32) and (k, N)."""
         streams = [
             training_batches(self.train_data, self.batch_size, self.cfg.augment, t.generator) for t in self.trainers
@@ -332,39 +351,24 @@ class FusedTrainer:
             x = torch.cat([x for x, _ in pairs], dim=1).contiguous(memory_format=torch.channels_last)
             yield x, torch.stack([y for _, y in pairs])
 
-    def _step(self, x: Tensor, y: Tensor) -> None:
-        """Forward, loss, backward, gradient statistics and Adam for every run; in-place updates only (graph-safe)."""
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast, cache_enabled=False):
-            logits = self.net(x)
-        logits = logits.float()
-        losses = F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none").view(self.k, -1).mean(1)
-        losses.sum().backward()
-        if self.recorder is not None:
-            self.recorder.after_backward()
-        self.optimizer.step()
-        with torch.no_grad():
-            losses = losses.detach()
-            self.loss_sum += losses
-            self.acc_sum += (logits.argmax(2) == y).double().mean(1)
-            self.first_bad.copy_(
-                torch.where(~torch.isfinite(losses) & (self.first_bad < 0), self.step_no, self.first_bad)
-            )
-            self.step_no += 1
+    def _eager(self, x: Tensor, y: Tensor) -> None:
+        self.optimizer.zero_grad()
+        engine.train_step(self.net, self.optimizer, self.recorder, x, y, self.tally, self.autocast)
 
-    def _train_step(self, x: Tensor, y: Tensor) -> None:
+    def step(self, x: Tensor, y: Tensor) -> None:
+        """engine.train_step of every run at once: eagerly, or (on CUDA) replayed from a CUDA graph captured after
+        a few eager steps on a side stream."""
         if self.graph is not None:
             self.static[0].copy_(x)
             self.static[1].copy_(y)
             self.graph.replay()
         elif not self.graphed:
-            self.optimizer.zero_grad()
-            self._step(x, y)
+            self._eager(x, y)
         elif self.eager_steps < WARMUP_STEPS:
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):
-                self.optimizer.zero_grad()
-                self._step(x, y)
+                self._eager(x, y)
             torch.cuda.current_stream().wait_stream(side)
             self.eager_steps += 1
         else:
@@ -377,64 +381,31 @@ class FusedTrainer:
         graph = torch.cuda.CUDAGraph()
         try:
             with torch.cuda.graph(graph):
-                self._step(*self.static)
+                engine.train_step(self.net, self.optimizer, self.recorder, *self.static, self.tally, self.autocast)
         except Exception as exc:  # the eager step is the same computation
             log.warning("CUDA graph capture failed (%s); training eagerly", exc)
             self.graphed, self.static = False, None
             torch.cuda.synchronize()
-            self.optimizer.zero_grad()
-            self._step(x, y)
+            self._eager(x, y)
             return
         self.graph = graph
         graph.replay()
 
     # ---- epochs -----------------------------------------------------------------------------------------------
 
-    def train_epoch(self, epoch: int, bar: tqdm) -> tuple[list[float], list[float], int]:
-        self.net.train()
-        for t in (self.loss_sum, self.acc_sum, self.step_no):
-            t.zero_()
-        self.first_bad.fill_(-1)
-        steps = 0
-        for x, y in self._batches():
-            self._train_step(x, y)
-            steps += 1
-            if steps % self.runtime.progress_every == 0:
-                self._check_finite(epoch)
-                bar.update(self.runtime.progress_every)
-        self._check_finite(epoch)
-        bar.update(bar.total - bar.n)
-        return (self.loss_sum / steps).tolist(), (self.acc_sum / steps).tolist(), steps
-
-    def _check_finite(self, epoch: int) -> None:
+    def check_finite(self, epoch: int) -> None:
         """A run whose loss became NaN or infinite stops with the message a run alone gives; the others go on."""
-        first_bad = self.first_bad.tolist()
+        first_bad = self.tally.first_bad.tolist()
         for r in list(self.active):
-            if first_bad[r] >= 0:
-                try:
-                    self.trainers[r]._check_finite(torch.tensor(first_bad[r]), epoch)
-                except TrainingError as error:
-                    self._stop(r, error)
+            try:
+                self.trainers[r].stop_if_not_finite(first_bad[r], epoch)
+            except TrainingError as error:
+                self._stop(r, error)
 
-    @torch.no_grad()
     def evaluate(self, data: DeviceDataset) -> tuple[list[float], list[float]]:
         """Each run's sample-weighted mean loss and accuracy in eval mode (the same images for every run)."""
         self.net.eval()
-        loss_sum = torch.zeros(self.k, dtype=torch.float64, device=self.device)
-        correct = torch.zeros(self.k, dtype=torch.long, device=self.device)
-        with torch.inference_mode(), torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
-            for x, y in data.batches(self.runtime.eval_batch_size):
-                x = x.repeat(1, self.k, 1, 1).contiguous(memory_format=torch.channels_last)
-                logits = self.net(x).float()
-                y = y.expand(self.k, -1)
-                loss_sum += (
-                    F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none")
-                    .view(self.k, -1)
-                    .sum(1)
-                    .double()
-                )
-                correct += (logits.argmax(2) == y).sum(1)
-        return (loss_sum / len(data)).tolist(), (correct.double() / len(data)).tolist()
+        return validate(self.net, data, self.runtime.eval_batch_size, self.autocast, self.k)
 
     def _stop(self, r: int, error: BaseException) -> None:
         self.active.remove(r)
@@ -444,8 +415,7 @@ class FusedTrainer:
 
     def _epoch(self, epoch: int) -> None:
         started = time.perf_counter()
-        lrs = [t.start_epoch() for t in self.trainers]
-        self.optimizer.lr.copy_(torch.tensor(lrs, dtype=torch.float64))
+        lrs = self.start_epoch()
         steps = math.ceil(len(self.train_data) / self.batch_size)
         desc = f"{self.names[0]} and {self.k - 1} more, epoch {epoch + 1}/{self.cfg.epochs}"
         with tqdm(total=steps, desc=desc, unit="step", disable=not sys.stderr.isatty()) as bar:
@@ -465,16 +435,7 @@ class FusedTrainer:
 
     def fit(self) -> list[dict | BaseException]:
         """Train every run to `train.epochs`; for each run, its summary or the error that stopped it."""
-        begun: list[Trainer] = []
-        try:
-            for t in self.trainers:
-                t.begin()
-                begun.append(t)
-            self._load_from_runs()
-        except BaseException as error:  # the runs already begun learn that they stopped
-            for t in begun:
-                t.fail(error)
-            raise
+        self.begin()
         log.info("training %s fused (%s)", ", ".join(self.names), "CUDA graph" if self.graphed else "eager")
         try:
             for epoch in range(self.trainers[0].run.start_epoch, self.cfg.epochs):

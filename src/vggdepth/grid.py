@@ -30,42 +30,19 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from vggdepth.checkpoints import CheckpointError, arrange_checkpoints, epochs_in
 from vggdepth.config import Params, Variant
 from vggdepth.data import PreparedData
-from vggdepth.engine import (
-    BFLOAT16,
-    SUPERSEDED,
-    Callback,
-    CheckpointError,
-    EpochRecord,
-    RunFiles,
-    RunInfo,
-    arrange_checkpoints,
-    load_checkpoint,
-    run_fingerprint,
-    train_run,
-    training_precision,
-)
+from vggdepth.engine import run_fingerprint, train_run
 from vggdepth.errors import VggdepthError
 from vggdepth.files import atomic_path, write_json
 from vggdepth.gradients import GradientRow
+from vggdepth.runs import LAST, PREVIOUS, TRAINING_FILES, Callback, EpochRecord, RunFiles, RunInfo
 
 log = logging.getLogger(__name__)
 
 ADDRESS_ENV = "RAY_ADDRESS"
 AUTO_RUNS_PER_GPU = 4
-# A run's files, in the order the recorder writes them: a driver killed between two writes leaves a state the
-# next run resumes from (a best.pt newer than last.pt is rebuilt from last.pt, see engine.Trainer._check_best; a
-# missing last.pt falls back to previous.pt, see engine.resume_state).
-MIRRORED = (
-    "checkpoints/best.pt",
-    "checkpoints/previous.pt",
-    "checkpoints/last.pt",
-    "epochs.csv",
-    "gradients.csv",
-    "train.json",
-)
-PREVIOUS, LAST = "checkpoints/previous.pt", "checkpoints/last.pt"
 PROGRESS_EVERY_S = 60  # without a terminal: one progress line at most this often
 
 
@@ -108,7 +85,7 @@ def plan_runs(params: Params, runs: Path, data_stats: dict, *, arrange: bool = T
             done, problem = 0, ""
             if files.checkpoints.exists():
                 try:
-                    done = _arranged_epochs(files, fingerprint) if arrange else _epochs_in(files, fingerprint)
+                    done = _arranged_epochs(files, fingerprint) if arrange else epochs_in(files, fingerprint)
                 except CheckpointError as exc:
                     problem = str(exc)
             planned.append(PlannedRun(variant, seed, files, done, params.train.epochs, problem))
@@ -118,19 +95,6 @@ def plan_runs(params: Params, runs: Path, data_stats: dict, *, arrange: bool = T
 def _arranged_epochs(files: RunFiles, fingerprint: str) -> int:
     state, _ = arrange_checkpoints(files, fingerprint)
     return state["epoch"] if state is not None else 0
-
-
-def _epochs_in(files: RunFiles, fingerprint: str) -> int:
-    """Epochs of the run `fingerprint` names in a run folder, changing nothing in it."""
-    earlier = files.checkpoints / SUPERSEDED / fingerprint
-    for path in (files.last, files.previous, earlier / files.last.name, earlier / files.previous.name):
-        try:
-            state = load_checkpoint(path)
-        except CheckpointError:
-            continue
-        if state["fingerprint"] == fingerprint:
-            return state["epoch"]
-    return 0
 
 
 # ---- how runs share the machine -----------------------------------------------------------------------------
@@ -210,36 +174,18 @@ def _shape(variant: Variant) -> tuple:
 
 
 def _probe_here(params: Params, variants: list[str], device: str, threads: int, steps: int) -> dict:
-    """{variant: images/s} of one run of each listed variant, in this process with `threads` torch threads."""
-    from vggdepth.models import VGG
+    """{variant: images/s} of one run of each listed variant, in this process with `threads` torch threads: the
+    real trainer's epoch over `steps` batches of random pixels (vggdepth.throughput)."""
+    from vggdepth.throughput import speed_of, synthetic_data
 
-    device = torch.device(device if device == "cpu" or torch.cuda.is_available() else "cpu")
+    device = device if device == "cpu" or torch.cuda.is_available() else "cpu"
+    runtime = params.runtime.model_copy(update={"device": device, "threads": threads})
+    params = params.model_copy(update={"runtime": runtime})
     before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    speeds = {}
     try:
-        for name in variants:
-            cfg = params.variants[name]
-            net = VGG(params.model, cfg).to(device, memory_format=torch.channels_last)
-            optimizer = torch.optim.Adam(net.parameters(), lr=cfg.lr)
-            x = torch.randn(cfg.batch_size, 3, 32, 32, device=device).contiguous(memory_format=torch.channels_last)
-            y = torch.randint(0, params.model.num_classes, (cfg.batch_size,), device=device)
-            autocast = training_precision(device, params.train.bf16) == BFLOAT16
-            elapsed = 0.0
-            for step in range(steps + 1):  # the first step warms up (allocations, kernel choice)
-                started = time.perf_counter()
-                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
-                    loss = torch.nn.functional.cross_entropy(net(x).float(), y)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                loss.item()
-                if step:
-                    elapsed += time.perf_counter() - started
-            speeds[name] = cfg.batch_size * steps / elapsed
+        return {name: speed_of(params, [(name, 0)], synthetic_data(params, name, steps)).speed for name in variants}
     finally:
         torch.set_num_threads(before)
-    return speeds
 
 
 def _probe_child() -> None:
@@ -566,7 +512,7 @@ class Relay(Callback):
         """The files changed since the last call, by content; None for a `previous.pt` that is the `last.pt`
         already sent, renamed (the trainer keeps its last checkpoint so): the recorder renames its copy too."""
         changed: dict[str, bytes | None] = {}
-        for relative in MIRRORED:
+        for relative in TRAINING_FILES:
             path = self.files.root / relative
             try:
                 stat = path.stat()
@@ -574,7 +520,7 @@ class Relay(Callback):
                 continue
             signature = (stat.st_ino, stat.st_size, stat.st_mtime_ns)
             if self.sent.get(relative) != signature:
-                renamed = relative == PREVIOUS and signature == self.sent.get(LAST)  # LAST comes later in MIRRORED
+                renamed = relative == PREVIOUS and signature == self.sent.get(LAST)  # LAST comes after it
                 changed[relative] = None if renamed else path.read_bytes()
                 self.sent[relative] = signature
         return changed
@@ -643,7 +589,7 @@ class Recorder:
         self.context = context
         self.store = None
         if uri is not None:
-            from vggdepth.tracking import Store
+            from vggdepth.tracking.store import Store
 
             self.store = Store(params.tracking, uri=uri, root=Path(root))
         self.open: dict[str, tuple[RunInfo, Callback | None]] = {}
@@ -651,7 +597,7 @@ class Recorder:
 
     def _write(self, name: str, changed: dict[str, bytes | None]) -> None:
         root = self.runs / name
-        for relative in MIRRORED:
+        for relative in TRAINING_FILES:
             if relative not in changed:
                 continue
             if changed[relative] is None:  # the last checkpoint became the previous one (Relay._changed)
@@ -665,7 +611,7 @@ class Recorder:
         run.files = RunFiles(self.runs / name)
         callback = None
         if self.store is not None:
-            from vggdepth.tracking import MlflowCallback
+            from vggdepth.tracking.callback import MlflowCallback
 
             callback = MlflowCallback(
                 self.store,
@@ -787,7 +733,7 @@ def run_grid(
 
     store = context = None
     if params.tracking.enabled:  # before Ray: an unusable store stops the grid at once; experiment and parent
-        from vggdepth.tracking import PipelineContext, open_store  # run exist before concurrent writers start
+        from vggdepth.tracking.store import PipelineContext, open_store  # run exist before concurrent writers start
 
         store = open_store(params)
         context = PipelineContext.detect(params)
@@ -851,7 +797,7 @@ def _launch(ray, params, data, data_dir, runs, stale, packing, store, context) -
     def start(worker, run: PlannedRun):
         checkpoints = {
             rel: (run.files.root / rel).read_bytes()
-            for rel in MIRRORED
+            for rel in TRAINING_FILES
             if rel.startswith("checkpoints/") and (run.files.root / rel).exists()
         }
         return worker.train.remote(params, run.variant, run.seed, data_ref, checkpoints, recorder, packing)

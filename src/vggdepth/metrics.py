@@ -16,13 +16,8 @@ import numpy as np
 from vggdepth.errors import VggdepthError
 from vggdepth.files import atomic_path, write_csv
 from vggdepth.labels import Labels
+from vggdepth.runs import CONFUSION, PER_CLASS
 
-PREDICTIONS_FILE = "predictions.npz"  # in the run folder, beside test.json
-PER_CLASS_FILE = "per_class.csv"  # per fine class: support, precision, recall (= accuracy), F1 of both checkpoints
-CONFUSION_FILE = "superclass_confusion.csv"  # best checkpoint: actual, predicted, count (every pair, zeros too)
-TABLES = (PREDICTIONS_FILE, PER_CLASS_FILE, CONFUSION_FILE)  # what the evaluate stage writes beside test.json
-# Every table of a finished run folder, checkpoints aside: what a GPU lease or a CPU study brings home.
-RUN_TABLES = ("epochs.csv", "gradients.csv", "train.json", "test.json", *TABLES)
 KINDS = ("best", "final")
 
 
@@ -187,11 +182,11 @@ def write_tables(root: Path, preds: dict[str, Predictions], labels: Labels) -> N
         for kind in KINDS:
             row += [_round(per_kind[kind][m][c]) for m in ("recall", "precision", "f1")]
         rows.append(row)
-    write_csv(root / PER_CLASS_FILE, columns, rows)
+    write_csv(root / PER_CLASS, columns, rows)
     matrix = superclass_confusion(preds["best"], labels)
     names = labels.superclasses
     write_csv(
-        root / CONFUSION_FILE,
+        root / CONFUSION,
         ("actual", "predicted", "count"),
         [[names[a], names[p], int(matrix[a, p])] for a in range(len(names)) for p in range(len(names))],
     )

@@ -11,10 +11,10 @@ from functools import cached_property
 from pathlib import Path
 
 from vggdepth.config import Params
-from vggdepth.engine import EPOCH_COLUMNS, RunFiles
 from vggdepth.errors import VggdepthError
 from vggdepth.gradients import COLUMNS as GRADIENT_COLUMNS
 from vggdepth.gradients import GradientRow
+from vggdepth.runs import EPOCH_COLUMNS, RunFiles
 
 
 class ReportError(VggdepthError):

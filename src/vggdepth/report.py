@@ -9,9 +9,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 from vggdepth.config import Params
-from vggdepth.engine import EPOCH_COLUMNS
 from vggdepth.files import atomic_dir, write_csv, write_json
 from vggdepth.outputs import CURVE_COLUMNS, ReportError, RunOutputs, collect, read_table, run_of
+from vggdepth.runs import EPOCH_COLUMNS
 
 __all__ = ["ReportError", "build_report", "check_guard", "collect", "table1", "table_markdown"]
 

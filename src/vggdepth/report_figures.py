@@ -20,21 +20,15 @@ from vggdepth.figures import (
     seeds_figure,
     variant_colors,
 )
-from vggdepth.metrics import (
-    CONFUSION_FILE,
-    PER_CLASS_FILE,
-    PREDICTIONS_FILE,
-    expected_calibration_error,
-    load_predictions,
-    reliability,
-)
+from vggdepth.metrics import expected_calibration_error, load_predictions, reliability
 from vggdepth.outputs import CURVE_COLUMNS, ReportError, read_epochs, read_table, run_of
+from vggdepth.runs import CONFUSION, PER_CLASS, PREDICTIONS
 
 
 def per_class_figure(results: dict, variants: Sequence[str], seed: int, title: str, named: int = 10) -> Figure:
     """Per-class test accuracy (best checkpoint) of `variants[0]` minus `variants[1]`, classes sorted by the
     difference; the `named` biggest losses and gains labelled with their class."""
-    a, b = (run_of(results, v, seed).files.root / PER_CLASS_FILE for v in variants)
+    a, b = (run_of(results, v, seed).files / PER_CLASS for v in variants)
     columns = ("class", "name", "accuracy_best")
     rows_a, rows_b = (read_table(path, columns, numeric=("class", "accuracy_best")) for path in (a, b))
     if [r["name"] for r in rows_a] != [r["name"] for r in rows_b]:
@@ -67,7 +61,7 @@ def per_class_figure(results: dict, variants: Sequence[str], seed: int, title: s
 
 def superclass_confusion_figure(results: dict, variant: str, seed: int, title: str) -> Figure:
     """The best checkpoint's confusion over the superclasses, each row (actual superclass) normalised to 1."""
-    path = run_of(results, variant, seed).files.root / CONFUSION_FILE
+    path = run_of(results, variant, seed).files / CONFUSION
     rows = read_table(path, ("actual", "predicted", "count"), numeric=("count",))
     names = list(dict.fromkeys(r["actual"] for r in rows))
     index = {name: i for i, name in enumerate(names)}
@@ -112,7 +106,7 @@ def reliability_figure(
     top.plot([0, 1], [0, 1], color="grey", linestyle=":", linewidth=1, label="perfectly calibrated")
     for variant in variants:
         run = run_of(results, variant, seed)
-        pred = load_predictions(run.files.root / PREDICTIONS_FILE, run.test["test_images"])["best"]
+        pred = load_predictions(run.files / PREDICTIONS, run.test["test_images"])["best"]
         accuracy, confidence, counts = reliability(pred, bins)
         ece = expected_calibration_error(pred, bins)
         top.plot(

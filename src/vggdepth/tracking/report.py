@@ -1,0 +1,98 @@
+"""The report stage in MLflow: Table 1, the summary and the figures into the pipeline's parent run, each run's
+gradient-flow figure into its own run, and the final variant's best model into the registry."""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import tempfile
+from pathlib import Path
+
+from vggdepth.config import Params
+from vggdepth.gradients import GradientRow
+from vggdepth.outputs import read_gradients
+from vggdepth.runs import RunFiles
+from vggdepth.tracking.store import TABLE1_ARTIFACT, PipelineContext, Store, TrackingError, run_id_of, store_errors
+
+log = logging.getLogger(__name__)
+
+
+def log_report(
+    store: Store, params: Params, out: Path, runs: Path, context: PipelineContext | None = None
+) -> tuple[str, str]:
+    """Table 1, the summary and the figures into the pipeline's parent run; the final variant's best model into
+    the registry under `report.registered_model`, with `report.alias`. Returns (model name, version).
+    `out` may be the report's staging folder: the stage publishes before it puts the report in place."""
+    with store_errors(store.uri, "take the report"):
+        return _log_report(store, params, out, runs, context)
+
+
+def _log_report(store: Store, params: Params, out: Path, runs: Path, context: PipelineContext | None):
+    import mlflow
+
+    client = store.client
+    parent = store.parent_run(context or PipelineContext.detect(params))
+    for name in ("table1.md", "table1.csv", "summary.json"):
+        client.log_artifact(parent, str(out / name))
+    client.log_artifacts(parent, str(out / "figures"), "figures")
+    # Table 1 as an MLflow table (the UI shows it as one, and mlflow.load_table reads it back): one row per variant,
+    # not one metric per cell, which would fill the chart view with single-bar charts before the runs' curves.
+    with (out / "table1.csv").open(newline="") as f:
+        rows = list(csv.DictReader(f))
+    columns = {name: [row[name] for row in rows] for name in (rows[0] if rows else [])}
+    mlflow.log_table(data=columns, artifact_file=TABLE1_ARTIFACT, run_id=parent)
+    for variant in params.variants:
+        for seed in params.seeds:
+            _gradient_flow_of(store, RunFiles.of(runs, variant, seed))
+
+    # The final variant's best run over the seeds, by its best validation accuracy.
+    final = params.report.final_variant
+    best_files = max(
+        (RunFiles.of(runs, final, seed) for seed in params.seeds),
+        key=lambda f: json.loads(f.train_json.read_text())["best_val_acc"],
+    )
+    run_id = run_id_of(best_files)
+    model_uri = client.get_run(run_id).data.tags.get("vggdepth.model_uri")
+    if not model_uri:
+        raise TrackingError(f"MLflow run {run_id} ({best_files.root}) has no logged model: set tracking.log_model")
+    name, alias = params.report.registered_model, params.report.alias
+    version = mlflow.register_model(model_uri, name, tags={"variant": final, "run": best_files.root.name})
+    client.set_registered_model_alias(name, alias, version.version)
+    client.set_tag(parent, "vggdepth.registered_model", f"models:/{name}@{alias} (version {version.version})")
+    store.stage_done(parent)
+    log.info(
+        "registered %s of %s as models:/%s@%s (version %s)", model_uri, best_files.root, name, alias, version.version
+    )
+    return name, version.version
+
+
+GRADIENT_FLOW = "gradient_flow.png"
+
+
+def log_gradient_flow(store: Store, run_id: str, gradients: list[GradientRow], title: str) -> None:
+    """A run's gradient-flow figure (mean |gradient| per layer, a line per epoch) as its artefact."""
+    from vggdepth.figures import gradient_flow_figure, save_figure
+
+    if gradients:
+        with tempfile.TemporaryDirectory() as tmp:
+            figure = gradient_flow_figure(gradients, f"{title}: gradient flow")
+            store.client.log_artifact(run_id, str(save_figure(figure, Path(tmp) / GRADIENT_FLOW)))
+
+
+def has_gradient_flow(store: Store, run_id: str) -> bool:
+    return any(a.path == GRADIENT_FLOW for a in store.client.list_artifacts(run_id))
+
+
+def _gradient_flow_of(store: Store, files: RunFiles) -> None:
+    """The gradient-flow figure of a run of the report into its MLflow run, unless it has one. A run trained with
+    tracking off has no MLflow run: said, and passed over."""
+    try:
+        run_id = run_id_of(files)
+    except TrackingError as exc:
+        log.warning("%s: no gradient-flow figure sent (%s)", files.root, exc)
+        return
+    if has_gradient_flow(store, run_id):
+        return
+    variant, _, seed = files.root.name.rpartition("-s")
+    log_gradient_flow(store, run_id, read_gradients(files.gradients_csv), f"{variant} seed {seed}")

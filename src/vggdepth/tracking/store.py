@@ -1,0 +1,416 @@
+"""The tracking store: where it is, whether it can be used, its experiment, the parent run of a pipeline run and
+the runs under it, and the names every metric is logged under. Every other tracking module goes through `Store`.
+
+Store: `$MLFLOW_TRACKING_URI` when set (a team server), else SQLite at `<project>/mlruns/mlflow.db` with artefacts
+in `<project>/mlruns/artifacts`, by absolute path. The project is `$DVC_ROOT` (DVC points it at the real repository
+even when an experiment runs in a temporary copy), else the working directory.
+
+Runs: one per (variant, seed), named `<variant>-s<seed>`, nested under a parent run that groups one pipeline run:
+the DVC experiment when there is one, else the git commit and parameters of a `dvc repro`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import subprocess
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from vggdepth.checkpoints import load_checkpoint
+from vggdepth.config import Params, TrackingConfig
+from vggdepth.errors import VggdepthError
+from vggdepth.gradients import GradientRow
+from vggdepth.runs import EpochRecord, RunFiles, RunInfo
+
+log = logging.getLogger(__name__)
+
+URI_ENV = "MLFLOW_TRACKING_URI"
+PARENT_KEY_TAG = "vggdepth.pipeline"
+KIND_TAG = "vggdepth.kind"
+NODE_TAG = "node"  # where the run's newest epoch was trained (engine.this_node)
+PRECISION_TAG = "precision"  # what the run computes in: bfloat16 or float32 (engine.training_precision)
+RUN_ID_KEY = "mlflow_run_id"  # where a run's id is kept in its checkpoints, so a resumed run continues it
+EXPERIMENT_KIND_TAG, EXPERIMENT_KIND = "mlflow.experimentKind", "custom_model_development"  # the UI's "Model training"
+DESCRIPTION_TAG = "mlflow.note.content"  # a run's description in the UI
+EXPERIMENT_DESCRIPTION = (
+    "CIFAR-100, VGG-style networks of Table 1: one parent run per pipeline run, with one run per (variant, seed) "
+    "under it. Pick 'Model training' at the top left to open it on its runs."
+)
+TABLE1_ARTIFACT = "table1.json"  # Table 1 on the parent run, as an MLflow table
+PARENT_DESCRIPTION = (
+    "The pipeline run {name}: the parent of one training run per (variant, seed) of Table 1. It spans the "
+    "pipeline's stages so far (its end time moves on as each train, evaluate or report stage finishes); the report "
+    "stage logs Table 1 (table1.json as an MLflow table, table1.md, table1.csv, summary.json) and the figures here."
+)
+GRADIENT_METRICS = {
+    "mean_abs": "grad_mean_abs",
+    "last_mean_abs": "grad_last_mean_abs",
+    "grad_l2": "grad_l2",
+    "weight_l2": "weight_l2",
+}
+# The same on a log10 scale: MLflow charts on a linear axis, where 1e-18 (VGG-38's vanished gradient) and 1e-3 both
+# sit on the floor; in log10 the vanishing gradient is visible without any chart setting.
+LOG10_GRADIENT_METRICS = {"mean_abs": "log10_grad_mean_abs", "last_mean_abs": "log10_grad_last_mean_abs"}
+LOG10_FLOOR = -46.0  # an exact zero: float32's smallest positive value is 1.4e-45
+# The learning curves under `curves/`: the MLflow UI draws prefixed sections in alphabetical order and unprefixed
+# metrics last, so `curves/` puts them above the hundreds of per-layer gradient charts (README "Tracking").
+EPOCH_METRICS = {
+    "train_loss": "curves/train_loss",
+    "train_acc": "curves/train_acc",
+    "val_loss": "curves/val_loss",
+    "val_acc": "curves/val_acc",
+    "lr": "curves/lr",
+    "seconds": "curves/epoch_seconds",
+}
+
+
+class TrackingError(VggdepthError):
+    """The tracking store cannot be used."""
+
+
+def project_root() -> Path:
+    return Path(os.environ.get("DVC_ROOT") or Path.cwd()).resolve()
+
+
+def tracking_uri(root: Path | None = None) -> str:
+    """`$MLFLOW_TRACKING_URI`, else the embedded SQLite store under `<root>/mlruns/` (absolute)."""
+    if os.environ.get(URI_ENV):
+        return os.environ[URI_ENV]
+    return f"sqlite:///{(root or project_root()).resolve() / 'mlruns' / 'mlflow.db'}"
+
+
+def is_embedded(uri: str) -> bool:
+    return uri.startswith("sqlite:///")
+
+
+# Stores MLflow can track to: a server, a database, or a local folder.
+KNOWN_SCHEMES = ("http", "https", "sqlite", "postgresql", "mysql", "mssql", "file", "databricks")
+
+
+def _server_problem(uri: str, timeout_s: float) -> str | None:
+    """Why the tracking server at `uri` cannot be used, or None when it answers as an MLflow server."""
+    base = uri.rstrip("/")
+    try:
+        with urllib.request.urlopen(f"{base}/health", timeout=timeout_s) as response:  # noqa: S310
+            if response.status != 200:
+                return f"HTTP {response.status} from /health"
+    except urllib.error.HTTPError as exc:
+        return f"HTTP {exc.code} {exc.reason} from /health"
+    except (urllib.error.URLError, OSError) as exc:
+        return str(getattr(exc, "reason", exc))
+    # Any web server may answer /health; only an MLflow server answers its REST API, with JSON.
+    query = urllib.parse.urlencode({"experiment_name": "Default"})
+    try:
+        with urllib.request.urlopen(  # noqa: S310
+            f"{base}/api/2.0/mlflow/experiments/get-by-name?{query}", timeout=timeout_s
+        ) as response:
+            json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        try:  # MLflow answers an unknown experiment (404) or a request without credentials (401, 403) in JSON
+            if exc.code in (401, 403, 404) and json.loads(exc.read()).get("error_code"):
+                return None
+        except (ValueError, AttributeError, OSError):
+            pass
+        return f"HTTP {exc.code} {exc.reason} from its REST API: is it an MLflow server?"
+    except ValueError:
+        return "its REST API does not answer with JSON: is it an MLflow server?"
+    except (urllib.error.URLError, OSError) as exc:
+        return str(getattr(exc, "reason", exc))
+    return None
+
+
+def check_reachable(uri: str, timeout_s: float) -> None:
+    """Fail at once, naming the URI, when the store's scheme is unknown or a tracking server does not answer as
+    an MLflow server (within `timeout_s`)."""
+    scheme = urllib.parse.urlsplit(uri).scheme.split("+")[0]
+    if scheme and scheme not in KNOWN_SCHEMES:  # no scheme: a local folder, which MLflow takes as a file store
+        raise TrackingError(
+            f"{URI_ENV}={uri}: unknown tracking store scheme {scheme!r}; use an MLflow server (http(s)://), a "
+            f"database (sqlite:///, postgresql://, ...), or unset {URI_ENV} for the embedded store under mlruns/"
+        )
+    if scheme in ("http", "https"):
+        problem = _server_problem(uri, timeout_s)
+        if problem:
+            raise TrackingError(
+                f"the MLflow tracking server at {uri} cannot be used ({problem}). Start it, point {URI_ENV} at a "
+                "running server, unset it to use the embedded store under mlruns/, or set tracking.enabled: false"
+            )
+    if is_embedded(uri):
+        database = Path(uri.removeprefix("sqlite:///"))
+        try:
+            database.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise TrackingError(f"cannot create the tracking store at {uri}: {exc.strerror or exc}") from None
+        if database.exists() and not os.access(database, os.W_OK):
+            raise TrackingError(f"the tracking store at {uri} is read-only: MLflow cannot record runs in it")
+
+
+@contextmanager
+def store_errors(uri: str, what: str) -> Iterator[None]:
+    """Any failure of MLflow or its database while doing `what`, as one line naming the store."""
+    try:
+        yield
+    except TrackingError:
+        raise
+    except Exception as exc:
+        raise TrackingError(f"MLflow at {uri} failed to {what}: {short(exc)}") from None
+
+
+def _git_state(cwd: Path) -> tuple[str, bool]:
+    """(commit, dirty) of the checkout at `cwd`; ('unknown', False) outside git."""
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=10, check=True
+        ).stdout.strip()
+        status = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=cwd,
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        ).stdout
+    except (OSError, subprocess.SubprocessError):
+        return "unknown", False
+    return commit, bool(status.strip())
+
+
+@dataclass(frozen=True)
+class PipelineContext:
+    """What groups the runs of one pipeline run under one parent, and the provenance tags of every run."""
+
+    key: str
+    name: str
+    tags: dict[str, str]
+
+    @classmethod
+    def detect(cls, params: Params, cwd: Path | None = None) -> PipelineContext:
+        commit, dirty = _git_state(cwd or Path.cwd())
+        params_hash = hashlib.sha256(json.dumps(params.model_dump(), sort_keys=True).encode()).hexdigest()[:8]
+        experiment = os.environ.get("DVC_EXP_NAME", "")
+        tags = {"git_commit": commit, "git_dirty": str(dirty).lower(), "params_hash": params_hash}
+        if experiment:
+            tags["dvc_experiment"] = experiment
+            return cls(key=f"exp:{experiment}", name=experiment, tags=tags)
+        short = commit[:7] + ("-dirty" if dirty else "")
+        return cls(key=f"repro:{commit}:{dirty}:{params_hash}", name=f"repro {short} params {params_hash}", tags=tags)
+
+
+def flatten(data: dict, prefix: str = "") -> dict[str, str]:
+    """Nested config -> {'train.epochs': '100', ...}, the form MLflow params take."""
+    flat: dict[str, str] = {}
+    for key, value in data.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{name}."))
+        else:
+            flat[name] = json.dumps(value) if isinstance(value, list | tuple) else str(value)
+    return flat
+
+
+def epoch_metrics(record: EpochRecord, gradients: list[GradientRow]):
+    """MLflow metrics of one epoch, all with step=epoch, so the UI charts any of them across runs."""
+    from mlflow.entities import Metric
+
+    now = now_ms()
+    metrics = [Metric(name, float(getattr(record, field)), now, record.epoch) for field, name in EPOCH_METRICS.items()]
+    for row in gradients:
+        metrics += [
+            Metric(f"{prefix}/{row.layer}", float(getattr(row, field)), now, record.epoch)
+            for field, prefix in GRADIENT_METRICS.items()
+        ]
+        metrics += [
+            Metric(f"{prefix}/{row.layer}", log10_or_floor(getattr(row, field)), now, record.epoch)
+            for field, prefix in LOG10_GRADIENT_METRICS.items()
+        ]
+    return metrics
+
+
+def log10_or_floor(value: float) -> float:
+    """log10 of a gradient statistic, for the UI's linear chart axes; an exact zero (an underflowed gradient) as
+    LOG10_FLOOR, below any float32 value."""
+    return math.log10(value) if value > 0 else LOG10_FLOOR
+
+
+class Store:
+    """The MLflow client of this process, its experiment and the parent run of this pipeline run."""
+
+    def __init__(self, cfg: TrackingConfig, uri: str | None = None, root: Path | None = None):
+        # Fail fast on a lost server: MLflow's defaults retry for minutes before an error comes back.
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", str(cfg.request_timeout_s))
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", str(cfg.request_retries))
+        import mlflow
+        from mlflow import MlflowClient
+
+        self.cfg = cfg
+        self.root = (root or project_root()).resolve()
+        self.uri = uri or tracking_uri(self.root)
+        check_reachable(self.uri, cfg.request_timeout_s)
+        with store_errors(self.uri, f"open experiment {cfg.experiment!r}"):
+            mlflow.set_tracking_uri(self.uri)
+            self.client = MlflowClient(self.uri)
+            self.experiment_id = self._experiment()
+
+    def answers(self) -> bool:
+        """Whether the store answers now (a server may have gone away since the stage started)."""
+        try:
+            self.client.get_experiment(self.experiment_id)
+        except Exception:
+            return False
+        return True
+
+    def _experiment(self) -> str:
+        found = self.client.get_experiment_by_name(self.cfg.experiment)
+        if found is not None and found.lifecycle_stage == "deleted":
+            raise TrackingError(
+                f"experiment {self.cfg.experiment!r} (id {found.experiment_id}) is deleted in the MLflow store at "
+                f"{self.uri}: restore it (`mlflow experiments restore --experiment-id {found.experiment_id}` with "
+                f"{URI_ENV}={self.uri}), or set tracking.experiment to another name"
+            )
+        if found is None:
+            # The embedded store keeps artefacts beside its database, not in ./mlartifacts of whatever directory.
+            location = (self.root / "mlruns" / "artifacts").as_uri() if is_embedded(self.uri) else None
+            try:
+                self.client.create_experiment(self.cfg.experiment, artifact_location=location)
+            except Exception:  # created meanwhile by a concurrent stage, or a real failure
+                if self.client.get_experiment_by_name(self.cfg.experiment) is None:
+                    raise
+            found = self.client.get_experiment_by_name(self.cfg.experiment)
+        # A model-training experiment, described in the experiments list (what a user set by hand is kept).
+        for tag, value in ((EXPERIMENT_KIND_TAG, EXPERIMENT_KIND), (DESCRIPTION_TAG, EXPERIMENT_DESCRIPTION)):
+            if tag not in found.tags:
+                self.client.set_experiment_tag(found.experiment_id, tag, value)
+        return found.experiment_id
+
+    def find(self, filter_string: str):
+        runs = self.client.search_runs(
+            [self.experiment_id], filter_string, max_results=10, order_by=["attributes.start_time ASC"]
+        )
+        return runs[0] if runs else None
+
+    def parent_run(self, context: PipelineContext) -> str:
+        """The parent run of this pipeline run, created on first use."""
+        with store_errors(self.uri, f"find or create the parent run {context.name!r}"):
+            return self._parent_run(context)
+
+    def _parent_run(self, context: PipelineContext) -> str:
+        found = self.find(f"tags.`{PARENT_KEY_TAG}` = '{context.key}'")
+        if found is not None:
+            return found.info.run_id
+        run = self.client.create_run(
+            self.experiment_id,
+            run_name=context.name,
+            tags={
+                PARENT_KEY_TAG: context.key,
+                KIND_TAG: "pipeline",
+                DESCRIPTION_TAG: PARENT_DESCRIPTION.format(name=context.name),
+                **context.tags,
+            },
+        )
+        # Finished from the start (no process holds it open); `stage_done` moves its end with every stage.
+        self.client.set_terminated(run.info.run_id)
+        return run.info.run_id
+
+    def stage_done(self, run_id: str) -> None:
+        """A stage has finished writing into `run_id` (a training run, or the parent run itself): the parent run now
+        ends no earlier than now, so it spans the stages that have finished so far. The one place a parent run is
+        found from a run under it, and the one place its end moves."""
+        try:
+            run = self.client.get_run(run_id)
+            parent = run.data.tags.get("mlflow.parentRunId") or run_id
+            if parent != run_id:
+                run = self.client.get_run(parent)
+            if (run.info.end_time or 0) < (now := now_ms()):
+                self.client.set_terminated(parent, "FINISHED", end_time=now)
+        except Exception as exc:  # the span is a courtesy: never worth a stage
+            log.warning("could not extend the parent run of %s: %s", run_id, short(exc))
+
+    def training_run(self, context: PipelineContext, run: RunInfo, stage: str) -> tuple[str, bool]:
+        """(run id, created) for this (variant, seed): the one in its checkpoint, an unfinished one of the same
+        settings under this parent, or a new one."""
+        with store_errors(self.uri, f"start the run of {run.variant}-s{run.seed}"):
+            return self._training_run(context, run, stage)
+
+    def _training_run(self, context: PipelineContext, run: RunInfo, stage: str) -> tuple[str, bool]:
+        parent = self.parent_run(context)
+        known = run.extra.get(RUN_ID_KEY)
+        if known:
+            try:
+                return self.client.get_run(known).info.run_id, False
+            except Exception:
+                log.warning("MLflow run %s from the checkpoint is not in %s: starting a new one", known, self.uri)
+        unfinished = self.find(
+            f"tags.`mlflow.parentRunId` = '{parent}' and tags.`vggdepth.fingerprint` = '{run.fingerprint}' "
+            "and attributes.status != 'FINISHED'"
+        )
+        if unfinished is not None:
+            return unfinished.info.run_id, False
+        created = self.client.create_run(
+            self.experiment_id,
+            run_name=f"{run.variant}-s{run.seed}",
+            tags={
+                **training_tags(parent, run.variant, run.seed),
+                "data_md5": run.config["data"]["archive_md5"],
+                "dvc_stage": stage,
+                "vggdepth.fingerprint": run.fingerprint,
+                **context.tags,
+            },
+        )
+        return created.info.run_id, True
+
+    def logged_epochs(self, run_id: str) -> set[int]:
+        return {m.step for m in self.client.get_metric_history(run_id, EPOCH_METRICS["train_loss"])}
+
+
+def training_tags(parent: str, variant: str, seed: int) -> dict[str, str]:
+    """The tags every training run has: its parent, kind, variant and seed."""
+    return {"mlflow.parentRunId": parent, KIND_TAG: "training", "variant": variant, "seed": str(seed)}
+
+
+def pending_epochs(history: list[EpochRecord], gradients: list[GradientRow], logged: set[int]) -> list[tuple]:
+    """(epoch, metrics) of every epoch in `history` that MLflow has not got yet."""
+    by_epoch: dict[int, list[GradientRow]] = {}
+    for row in gradients:
+        by_epoch.setdefault(row.epoch, []).append(row)
+    return [(r.epoch, epoch_metrics(r, by_epoch.get(r.epoch, []))) for r in history if r.epoch not in logged]
+
+
+def config_params(config: dict):
+    from mlflow.entities import Param
+
+    return [Param(k, v[:6000]) for k, v in flatten(config).items()]
+
+
+def now_ms() -> int:
+    """MLflow's metric timestamp: milliseconds since the epoch."""
+    return int(time.time() * 1000)
+
+
+def short(exc: BaseException) -> str:
+    return str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+
+
+def open_store(params: Params) -> Store | None:
+    """The tracking store of a stage, checked before any work; None when `tracking.enabled` is false."""
+    return Store(params.tracking) if params.tracking.enabled else None
+
+
+def run_id_of(files: RunFiles, state: dict | None = None) -> str:
+    """The MLflow run named in a run's last checkpoint (`state`, when already loaded)."""
+    run_id = (state or load_checkpoint(files.last)).get("extra", {}).get(RUN_ID_KEY)
+    if not run_id:
+        raise TrackingError(
+            f"{files.last} names no MLflow run: it was trained with tracking.enabled: false. Set "
+            "tracking.enabled: false for this stage too, or retrain the run with tracking on"
+        )
+    return run_id

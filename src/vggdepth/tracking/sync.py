@@ -1,0 +1,150 @@
+"""What MLflow lacks, sent from a run's outputs: `sync_run` completes a run whose server was lost mid-run (epochs,
+artefacts, model, test metrics), and imports a run trained without tracking elsewhere (a GPU lease, a CPU study)
+from the tables it brought home. Used by `python -m vggdepth sync`, never by a pipeline stage."""
+
+from __future__ import annotations
+
+import json
+
+from vggdepth.checkpoints import load_checkpoint
+from vggdepth.config import Params
+from vggdepth.gradients import GradientRow
+from vggdepth.outputs import read_epochs, read_gradients
+from vggdepth.runs import EpochRecord, RunFiles
+from vggdepth.tracking.callback import complete_run_artifacts, log_tables
+from vggdepth.tracking.report import has_gradient_flow, log_gradient_flow
+from vggdepth.tracking.results import log_evaluation, send_evaluation
+from vggdepth.tracking.store import (
+    NODE_TAG,
+    PRECISION_TAG,
+    PipelineContext,
+    Store,
+    TrackingError,
+    config_params,
+    pending_epochs,
+    run_id_of,
+    short,
+    store_errors,
+    training_tags,
+)
+
+
+def sync_run(params: Params, files: RunFiles) -> list[str]:
+    """Send what a run's MLflow run lacks (epochs, artefacts, test metrics) from its outputs; say what was sent.
+    A run folder with tables but no checkpoints (a GPU lease's, see `import_run`) is imported from its tables."""
+    store = Store(params.tracking)
+    if not files.last.exists() and files.train_json.exists():
+        return import_run(store, params, files)
+    state = load_checkpoint(files.last)
+    run_id = run_id_of(files, state)
+    with store_errors(store.uri, f"take what {files.root} has to send"):
+        return _sync(store, files, state, run_id)
+
+
+def _sync(store: Store, files: RunFiles, state: dict, run_id: str) -> list[str]:
+    gradients = [GradientRow(**r) for r in state["gradients"]]
+    history = [EpochRecord(**r) for r in state["history"]]
+    sent = []
+    for epoch, metrics in pending_epochs(history, gradients, store.logged_epochs(run_id)):
+        store.client.log_batch(run_id, metrics=metrics)
+        sent.append(f"epoch {epoch}")
+    if files.train_json.exists() and complete_run_artifacts(store, run_id, files):
+        sent.append("artefacts and model")
+    if files.train_json.exists() and not has_gradient_flow(store, run_id):
+        log_gradient_flow(store, run_id, gradients, f"{state['variant']} seed {state['seed']}")
+        sent.append("gradient-flow figure")
+    if files.test_json.exists() and not store.client.get_metric_history(run_id, "test_acc_best"):
+        log_evaluation(store, files, json.loads(files.test_json.read_text()), files.root)
+        sent.append("test metrics")
+    if store.client.get_run(run_id).info.status != "FINISHED" and files.train_json.exists():
+        store.client.set_terminated(run_id, "FINISHED")
+        sent.append("status FINISHED")
+    return sent
+
+
+# What trained a folder of runs brought home as tables, by the record beside its runs/ folder: a GPU lease
+# (benchmarks/gpu_results.py) or a study on this machine's CPU (benchmarks/cpu_study.py).
+RECORDS = {"lease.json": "GPU lease", "study.json": "CPU study"}
+
+
+def import_run(store: Store, params: Params, files: RunFiles) -> list[str]:
+    """A run trained without tracking and brought back as tables (results/<name>/runs/<run>/: a GPU lease's or a
+    CPU study's) becomes a finished MLflow run from them: every epoch with its gradient statistics, the test
+    metrics, the tables and the gradient-flow figure (no checkpoints or model: none come back). Its parent run
+    stands for the lease or study, tagged with its device, torch version and commit. Importing again sends only
+    what is missing."""
+    folder = files.root.parent.parent
+    found = [(folder / name, kind) for name, kind in RECORDS.items() if (folder / name).exists()]
+    try:
+        if not found:
+            raise FileNotFoundError(f"no {' or '.join(RECORDS)} in {folder}")
+        record_path, kind = found[0]
+        record = json.loads(record_path.read_text())
+        summary = json.loads(files.train_json.read_text())
+        variant, seed, epochs = summary["variant"], int(summary["seed"]), int(summary["epochs"])
+    except (OSError, ValueError, KeyError) as exc:
+        raise TrackingError(
+            f"{files.root} has no checkpoints, so it can only be imported as the run of a GPU lease or a CPU study, "
+            f"with its train.json and the record beside its runs/ folder: {short(exc)}"
+        ) from None
+    if "params" in record:  # what the runs trained with, whatever params.yaml says now
+        params = Params.model_validate(record["params"])
+    else:
+        params = params.model_copy(update={"train": params.train.model_copy(update={"epochs": epochs})})
+    history = [EpochRecord(**row) for row in read_epochs(files.epochs_csv)]
+    gradients = read_gradients(files.gradients_csv)
+    source = f"{kind} {folder.name}"
+    context = PipelineContext(
+        key=f"lease:{folder.name}",
+        name=source,
+        tags={
+            "git_commit": str(record.get("commit", "")),
+            "device": str(record.get("device", "")),
+            "torch": str(record.get("torch", "")),
+            "lease_command": str(record.get("command", ""))[:5000],
+        },
+    )
+    with store_errors(store.uri, f"import {files.root}"):
+        parent = store.parent_run(context)
+        found = store.find(
+            f"tags.`mlflow.parentRunId` = '{parent}' and tags.variant = '{variant}' and tags.seed = '{seed}'"
+        )
+        sent = []
+        if found is None:
+            config = {
+                "model": params.model.model_dump(),
+                "train": params.train.model_dump(),
+                "variant": params.variant(variant, field="variant").model_dump(),
+                "seed": seed,
+            }
+            run_id = store.client.create_run(
+                store.experiment_id,
+                run_name=f"{variant}-s{seed}",
+                tags={
+                    **training_tags(parent, variant, seed),
+                    NODE_TAG: str(summary.get("node", "")),
+                    "device": str(summary.get("device", "")),
+                    PRECISION_TAG: str(summary.get("precision", "")),
+                    "vggdepth.source": source,
+                    **context.tags,
+                },
+            ).info.run_id
+            store.client.log_batch(run_id, params=config_params(config))
+            sent.append("run")
+        else:
+            run_id = found.info.run_id
+        epochs_sent = pending_epochs(history, gradients, store.logged_epochs(run_id))
+        for _, metrics in epochs_sent:
+            store.client.log_batch(run_id, metrics=metrics)
+        if epochs_sent:
+            sent.append(f"epochs {epochs_sent[0][0]}-{epochs_sent[-1][0]}")
+        if not store.client.list_artifacts(run_id):
+            log_tables(store, run_id, files)
+            log_gradient_flow(store, run_id, gradients, f"{variant} seed {seed}")
+            sent.append("tables")
+        if files.test_json.exists() and not store.client.get_metric_history(run_id, "test_acc_best"):
+            send_evaluation(store, run_id, files, json.loads(files.test_json.read_text()), files.root)
+            sent.append("test metrics")
+        if store.client.get_run(run_id).info.status != "FINISHED":
+            store.client.set_terminated(run_id, "FINISHED")
+    return sent
