@@ -41,7 +41,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-from vggdepth.config import Params  # noqa: E402
+from vggdepth.config import Params, load_params, recorded_params  # noqa: E402
 from vggdepth.download import md5sum  # noqa: E402
 from vggdepth.engine import cpu_computes_bf16  # noqa: E402
 from vggdepth.errors import VggdepthError  # noqa: E402
@@ -74,7 +74,9 @@ class Study:
 
     @property
     def params(self) -> Params:
-        return Params.model_validate(yaml.safe_load((self.checkout / "params.yaml").read_text()))
+        """The study's params (its commit's, with the overrides), read by this version (`recorded_params`)."""
+        raw = yaml.safe_load((self.checkout / "params.yaml").read_text())
+        return recorded_params(raw, load_params(ROOT / "params.yaml"), str(self.checkout / "params.yaml"))
 
     def run_names(self) -> list[str]:
         p = self.params
@@ -97,10 +99,10 @@ class Study:
                     for part in path:
                         section = section[part]
                     section[last] = value
-                try:
-                    Params.model_validate(raw)
-                except (ValueError, VggdepthError) as exc:  # pydantic's ValidationError is a ValueError
-                    raise SystemExit(f"error: the study's params (the commit's with its overrides): {exc}") from None
+                try:  # by this version, as `params` reads it (the commit's own code trains with it)
+                    recorded_params(raw, load_params(ROOT / "params.yaml"), "the commit's params with the overrides")
+                except VggdepthError as exc:
+                    raise SystemExit(f"error: the study's params: {exc}") from None
                 (staging / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
         for point in sorted((self.results / "resume").glob("*.pt")):
             last = RunFiles(self.checkout / "runs" / point.stem).last

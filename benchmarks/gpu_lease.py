@@ -36,7 +36,6 @@ Back on a machine with the project, `benchmarks/gpu_results.py` unpacks it under
 from __future__ import annotations
 
 import argparse
-import concurrent.futures
 import multiprocessing
 import os
 import platform
@@ -54,14 +53,13 @@ import torch
 from vggdepth.config import Params, load_params
 from vggdepth.data import PreparedData, load_prepared, prepare
 from vggdepth.download import md5sum
-from vggdepth.engine import train_run
 from vggdepth.evaluation import evaluate_run
 from vggdepth.files import write_json
-from vggdepth.fused import fusion_groups, train_fused
+from vggdepth.grid import GridResult, choose_packing, group_runs, local_resources, plan_runs, run_grid
 from vggdepth.labels import Labels, load_labels, write_labels
 from vggdepth.outputs import read_epochs
 from vggdepth.runs import TABLES as RUN_TABLES
-from vggdepth.runs import Callback, RunFiles
+from vggdepth.runs import RunFiles
 from vggdepth.throughput import Timing, first_batches, speed_of, time_epoch, training_loop
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -69,21 +67,6 @@ ROOT = Path(__file__).resolve().parents[1]
 NETWORKS = "VGG-08,VGG-38,BN-VGG-38"  # the table's networks alone
 FUSE_NETWORK = "BN-VGG-38"  # the study's most common network: its fused rows set how the study trains
 LABELS = "labels.json"  # beside prepared/: the superclasses, for the evaluation
-
-
-class TimeUp(Exception):
-    """The lease's budget would not hold one more epoch of this run."""
-
-
-class Deadline(Callback):
-    """Stops a run after an epoch when the next one, as long as the last, would end past `deadline` (epoch time)."""
-
-    def __init__(self, deadline: float):
-        self.deadline = deadline
-
-    def on_epoch_end(self, run, record, gradients) -> None:
-        if time.time() + record.seconds > self.deadline:
-            raise TimeUp(f"{run.variant} seed {run.seed}: stopped after epoch {record.epoch}, the budget is spent")
 
 
 def lease_params(path: Path, device: str, epochs: int | None, per_class: int | None) -> Params:
@@ -311,120 +294,91 @@ def choose(rows: list[dict], network: str) -> tuple[int, int] | None:
 # ---- the study ----------------------------------------------------------------------------------------------
 
 
-def train_and_test(
-    params_json: str,
-    group: list[tuple[str, int]],
-    fused: bool,
-    data_dir: str,
-    runs: str,
-    deadline: float,
-    margin: float,
-) -> list[dict]:
-    """One group in a worker process, fused (or one run alone, the trainer's eager path, when the fast path failed):
-    train it (until `deadline`; not started when less than `margin` seconds are left), then test each run that
-    finished. Never raises: a failure is the state of the group's runs."""
-    states = [{"run": f"{v}-s{s}", "variant": v, "seed": s, "fused_with": len(group)} for v, s in group]
-    if deadline - time.time() < margin:
-        return [{**state, "state": "not started: the budget was spent"} for state in states]
-    try:
-        params = Params.model_validate_json(params_json)
-        data = load_prepared(data_dir)
-        labels = load_labels(Path(data_dir).parent / LABELS, data.stats)
-        started = time.time()
-        if not fused:
-            return [_alone(params, *group[0], data, labels, Path(runs), deadline, states[0])]
-        trainer = train_fused(params, group, data, Path(runs), lambda v, s: [Deadline(deadline)])
-        seconds = time.time() - started
-        for state, run, outcome in zip(states, trainer.trainers, trainer.outcome, strict=True):
-            state.update(seconds=seconds, epochs=len(run.history))
-            if isinstance(outcome, TimeUp):
-                state["state"] = str(outcome)
-            elif isinstance(outcome, BaseException):
-                state["state"] = f"failed: {type(outcome).__name__}: {outcome}"
-            else:
-                evaluate_run(run.files, data, labels, params.train, params.runtime, params.evaluate).write(
-                    run.files, labels
-                )
-                state.update(
-                    state="finished", images_per_second=outcome["images_per_second"], val_acc=outcome["val_acc"]
-                )
-    except Exception as exc:  # the group's failure is reported; the other groups go on
-        for state in states:
-            state.setdefault("state", f"failed: {type(exc).__name__}: {exc}")
-    return states
+def study_params(params: Params, fuse: int, processes: int) -> Params:
+    """The study as the grid trains it here: plain processes (no Ray on the machine), `fuse` runs of one shape per
+    group (0: the fast path failed: each run alone, eagerly), `processes` groups on the device at once."""
+    grid = params.grid.model_copy(
+        update={"backend": "processes", "runs_per_group": max(fuse, 1), "groups_per_gpu": processes}
+    )
+    update = {"grid": grid}
+    if not fuse:
+        update["runtime"] = params.runtime.model_copy(update={"cuda_graphs": False})
+    return params.model_copy(update=update)
 
 
-def _alone(
+def study_groups(params: Params, runs: Path, data: PreparedData) -> list[list[str]]:
+    """The groups the grid will train, by run name (`grid.group_runs` of the runs not yet finished)."""
+    planned = [r for r in plan_runs(params, runs, data.stats, arrange=False) if r.stale and not r.problem]
+    packing = choose_packing(params, *local_resources(), len(planned))
+    return [[r.name for r in g] for g in group_runs(params, planned, packing.group)]
+
+
+def train_study(
     params: Params,
-    variant: str,
-    seed: int,
     data: PreparedData,
+    data_dir: Path,
     labels: Labels,
     runs: Path,
     deadline: float,
-    state: dict,
-) -> dict:
-    """One run trained alone by the trainer, as the stage does: the lease's fallback."""
-    started = time.time()
-    files = RunFiles.of(runs, variant, seed)
-    try:
-        trainer = train_run(params, variant, seed, data, files.root, [Deadline(deadline)])
-    except TimeUp as exc:
-        return {**state, "state": str(exc), "epochs": _epochs_done(files), "seconds": time.time() - started}
-    evaluate_run(files, data, labels, params.train, params.runtime, params.evaluate).write(files, labels)
-    summary = trainer.summary()
-    return {
-        **state,
-        "state": "finished",
-        "epochs": summary["epochs"],
-        "seconds": time.time() - started,
-        "images_per_second": summary["images_per_second"],
-        "val_acc": summary["val_acc"],
-    }
+    margin: float,
+    say,
+    progress,
+) -> list[dict]:
+    """The study through the pipeline's own grid (vggdepth.grid, `backend: processes`) under the deadline: no group
+    starts with less than `margin` seconds left, a run stops after its last epoch that fits. Every run that
+    finishes is tested at once (vggdepth.evaluation), and `progress(states)` runs after each group, so what is
+    done goes home even if the lease is cut short."""
+    groups = study_groups(params, runs, data)
+    say("groups: " + "; ".join(" + ".join(g) for g in groups))
+    fused_with = {name: len(g) for g in groups for name in g}
+    order = [f"{v}-s{s}" for v, s in study_order(params)]
+    started, tested = time.time(), set()
+
+    def states(result: GridResult) -> list[dict]:
+        found = []
+        for name in order:
+            variant, _, seed = name.rpartition("-s")
+            state = {"run": name, "variant": variant, "seed": int(seed), "fused_with": fused_with.get(name, 1)}
+            files = RunFiles.of(runs, variant, int(seed))
+            if name in result.trained:
+                summary = result.trained[name]
+                if name not in tested:
+                    evaluate_run(files, data, labels, params.train, params.runtime, params.evaluate).write(
+                        files, labels
+                    )
+                    tested.add(name)
+                state.update(
+                    state="finished",
+                    epochs=summary["epochs"],
+                    images_per_second=summary["images_per_second"],
+                    val_acc=summary["val_acc"],
+                )
+            elif name in result.failed:
+                state.update(state=f"failed: {result.failed[name]}", epochs=_epochs_done(files))
+            elif name in result.stopped:
+                state.update(state=result.stopped[name], epochs=_epochs_done(files))
+            else:
+                continue
+            state["seconds"] = time.time() - started
+            found.append(state)
+        return found
+
+    def after_group(result: GridResult) -> None:
+        for state in states(result):
+            if state["run"] not in said:
+                said.add(state["run"])
+                say(f"{state['run']}: {state['state']}, {state['epochs']} epochs")
+        progress(states(result))
+
+    said: set[str] = set()
+    result, _, _ = run_grid(
+        params, data, data_dir, runs, probe=False, deadline=deadline, start_margin_s=margin, after_group=after_group
+    )
+    return states(result)
 
 
 def _epochs_done(files: RunFiles) -> int:
     return len(read_epochs(files.epochs_csv)) if files.epochs_csv.exists() else 0
-
-
-def study_groups(params: Params, fuse: int, runs: Path) -> list[list[tuple[str, int]]]:
-    """The study's runs in fused groups of at most `fuse`: seed 0 of every variant first, then the other seeds; runs
-    only with runs that have trained as many epochs (a lease run again finds some runs further along)."""
-    order = study_order(params)
-    groups = []
-    for phase in ([r for r in order if r[1] == params.seeds[0]], [r for r in order if r[1] != params.seeds[0]]):
-        done = {run: _epochs_done(RunFiles.of(runs, *run)) for run in phase}
-        for epochs in sorted(set(done.values()), reverse=True):
-            groups += fusion_groups(params, [run for run in phase if done[run] == epochs], fuse)
-    return groups
-
-
-def train_study(params: Params, data_dir: Path, runs: Path, plan: dict, deadline: float, say, progress) -> list[dict]:
-    """The groups in `plan["processes"]` worker processes (a fresh process per group: a CUDA error stays in its
-    group); `progress(states)` after each group, so what is done goes home even if the lease is cut short."""
-    groups = study_groups(params, max(plan["fuse"], 1), runs)
-    say("groups: " + "; ".join(" + ".join(f"{v}-s{s}" for v, s in g) for g in groups))
-    ctx = multiprocessing.get_context("spawn")
-    states: list[dict] = []
-    position = {f"{v}-s{s}": i for i, (v, s) in enumerate(study_order(params))}
-    args = (plan["fuse"] > 0, str(data_dir), str(runs), deadline, plan["start_margin_s"])
-    with concurrent.futures.ProcessPoolExecutor(plan["processes"], mp_context=ctx, max_tasks_per_child=1) as pool:
-        futures = {pool.submit(train_and_test, params.model_dump_json(), g, *args): g for g in groups}
-        for future in concurrent.futures.as_completed(futures):
-            try:
-                found = future.result()
-            except Exception as exc:  # the worker process died (a crash, out of memory)
-                found = [
-                    {"run": f"{v}-s{s}", "variant": v, "seed": s, "state": f"failed: {type(exc).__name__}: {exc}"}
-                    for v, s in futures[future]
-                ]
-            for state in found:
-                states.append(state)
-                epochs = f", {state['epochs']} epochs" if "epochs" in state else ""
-                say(f"{state['run']}: {state['state']}{epochs}")
-            states.sort(key=lambda st: position[st["run"]])
-            progress(states)
-    return states
 
 
 # ---- the trip back ------------------------------------------------------------------------------------------
@@ -472,7 +426,7 @@ def main() -> None:
     parser.add_argument("--budget-s", type=float, default=480, help="seconds for everything, from the start")
     parser.add_argument("--table-share", type=float, default=0.3, help="of the budget, at most for the table")
     parser.add_argument("--start-margin-s", type=float, default=45, help="no group starts with less time left")
-    parser.add_argument("--max-processes", type=int, default=6, help="processes at once, at most")
+    parser.add_argument("--max-processes", type=int, default=6, help="groups at once, at most")
     parser.add_argument("--params", type=Path, default=ROOT / "params.yaml")
     parser.add_argument("--device", default="cuda", help="cuda; cpu for a rehearsal")
     parser.add_argument("--bench-steps", type=int, default=100, help="timed training steps per throughput row")
@@ -485,7 +439,7 @@ def main() -> None:
         "--study-processes",
         type=int,
         default=0,
-        help="processes at once (0: as measured, at least as many as seed 0 has groups)",
+        help="groups at once (0: as measured, at least as many as the study has groups, up to --max-processes)",
     )
     parser.add_argument("--profile-steps", type=int, default=20, help="fused steps to profile (0: none)")
     parser.add_argument("--fallback-processes", type=int, default=4, help="runs at once if the fast path fails")
@@ -551,9 +505,10 @@ def main() -> None:
                 say(f"CUDA graph check failed ({check}): the study trains fused, eagerly")
                 params = params.model_copy(update={"runtime": params.runtime.model_copy(update={"cuda_graphs": False})})
         fuse, processes = args.study_fuse or fuse, args.study_processes or processes
-        seed0 = len([g for g in study_groups(params, max(fuse, 1), runs) if g[0][1] == params.seeds[0]])
-        if not args.study_processes:  # seed 0's groups all at once, at least
-            processes = max(processes, min(seed0, args.max_processes))
+        if not args.study_processes:  # every group at once, at least, when the machine allows
+            groups = len(study_groups(study_params(params, fuse, processes), runs, data))
+            processes = max(processes, min(groups, args.max_processes))
+        params = study_params(params, fuse, processes)
         plan = {"fuse": fuse, "processes": processes, "start_margin_s": args.start_margin_s}
         lease["plan"] = plan
         progress()
@@ -569,7 +524,8 @@ def main() -> None:
                 say(f"no profile: {lease['profile_error']}")
         how = f"{fuse} fused per network" if fuse else "alone"
         say(f"study: {len(study_order(params))} runs x {params.train.epochs} epochs, {how}, {processes} process(es)")
-        train_study(params, data_dir, runs, plan, deadline, say, progress)
+        labels = load_labels(args.work / LABELS, data.stats)
+        train_study(params, data, data_dir, labels, runs, deadline, args.start_margin_s, say, progress)
     finally:
         target = progress()
     finished = sum(r["state"] == "finished" for r in lease.get("runs", []))

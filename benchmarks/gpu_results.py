@@ -21,7 +21,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-from vggdepth.config import Params  # noqa: E402
+from vggdepth.config import Params, load_params, recorded_params  # noqa: E402
 from vggdepth.files import atomic_dir  # noqa: E402
 from vggdepth.report import build_report  # noqa: E402
 from vggdepth.runs import TABLES as RUN_TABLES  # noqa: E402
@@ -64,7 +64,8 @@ def main() -> None:
     if dest.exists():
         raise SystemExit(f"error: {dest} exists; choose another --name or remove it")
     lease = unpack(args.archive, dest)
-    params = Params.model_validate(lease["params"])  # as the runs trained, whatever params.yaml says now
+    # as the runs trained, whatever params.yaml says now
+    params = recorded_params(lease["params"], load_params(ROOT / "params.yaml"), "lease.json")
     seeds = finished_seeds(params, lease)
     states = [f"  {r['run']}: {r['state']}" for r in lease["runs"]]
     print(f"{dest}: {lease['device']}, torch {lease['torch']}, commit {lease['commit'][:12]}", *states, sep="\n")

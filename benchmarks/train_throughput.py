@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import tempfile
 import time
 from pathlib import Path
 
@@ -28,57 +27,26 @@ from PIL import Image
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms
-from tqdm import tqdm
 
 from vggdepth.config import load_params
 from vggdepth.data import PreparedData, Split
-from vggdepth.engine import Trainer, cpu_computes_bf16
+from vggdepth.engine import cpu_computes_bf16
 from vggdepth.gradients import GradientRecorder
 from vggdepth.models import VGG
-from vggdepth.runs import RunFiles
+from vggdepth.throughput import speed_of, synthetic_data
 
 NETWORKS = ("VGG-08", "VGG-38", "BN-VGG-38")
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def synthetic_data(images: int, seed: int = 0) -> PreparedData:
-    """Random uint8 images in CIFAR's shape: throughput does not depend on the pixel values."""
-    rng = np.random.default_rng(seed)
-    split = Split(
-        rng.integers(0, 256, (images, 3, 32, 32), dtype=np.uint8),
-        rng.integers(0, 100, images).astype(np.uint8),
-        np.arange(images, dtype=np.int32),
-    )
-    stats = {
-        "mean": [0.5071, 0.4865, 0.4409],
-        "std": [0.2673, 0.2564, 0.2762],
-        "archive_md5": "0" * 32,
-        "split_seed": 0,
-        "sizes": {},
-        "subset": {},
-    }
-    return PreparedData(train=split, val=split, test=split, stats=stats)
-
-
-def ours(params, variant: str, data: PreparedData, grad_stats: bool, bf16: bool, workdir: Path) -> float:
-    """Images per second of one epoch of the production training loop."""
+def ours(params, variant: str, images: int, grad_stats: bool, bf16: bool) -> float:
+    """Images per second of one epoch of the production training loop (vggdepth.throughput: the harness the grid's
+    probe and the GPU lease time with), over random pixels."""
     train = params.train.model_copy(update={"grad_stats": grad_stats, "bf16": bf16})
-    trainer = Trainer(
-        model=params.model,
-        train=train,
-        runtime=params.runtime.model_copy(update={"device": "cpu", "threads": 0}),
-        variant_name=variant,
-        variant=params.variant(variant),
-        seed=0,
-        data=data,
-        files=RunFiles(workdir),
-    )
-    steps = -(-len(data.train) // params.variant(variant).batch_size)
-    with tqdm(total=steps, disable=True) as bar:
-        trainer.train_epoch(0, bar)  # warm-up: first-call allocations and oneDNN kernel selection
-        started = time.perf_counter()
-        trainer.train_epoch(1, bar)
-    return len(data.train) / (time.perf_counter() - started)
+    runtime = params.runtime.model_copy(update={"device": "cpu", "threads": 0})
+    params = params.model_copy(update={"train": train, "runtime": runtime})
+    steps = -(-images // params.variant(variant).batch_size)
+    return speed_of(params, [(variant, 0)], synthetic_data(params, variant, steps), fused=False).speed
 
 
 class CifarStyleDataset(Dataset):
@@ -184,22 +152,20 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     params = load_params(ROOT / "params.yaml")
-    data = synthetic_data(args.images)
+    data = synthetic_data(params, NETWORKS[0], -(-args.images // params.variant(NETWORKS[0]).batch_size))  # baseline
     configs = [(net, kind) for net in NETWORKS for kind in KINDS]
     results: dict[tuple[str, str], list[float]] = {c: [] for c in configs}
     ceilings: dict[torch.dtype, list[float]] = {torch.float32: [], torch.bfloat16: []}
-    with tempfile.TemporaryDirectory() as tmp:
-        for r in range(args.rounds):
-            for dtype, measured in ceilings.items():
-                measured.append(matmul_gflops(dtype))
-            for net, kind in configs:
-                workdir = Path(tmp) / f"{net}-{r}"
-                if kind == "baseline":
-                    ips = baseline(params, net, data, args.workers)
-                else:
-                    ips = ours(params, net, data, "capture on" in kind, kind.startswith("bf16"), workdir)
-                results[(net, kind)].append(ips)
-                print(f"  round {r + 1}/{args.rounds} {net:10s} {kind:20s} {ips:7.1f} img/s", flush=True)
+    for r in range(args.rounds):
+        for dtype, measured in ceilings.items():
+            measured.append(matmul_gflops(dtype))
+        for net, kind in configs:
+            if kind == "baseline":
+                ips = baseline(params, net, data, args.workers)
+            else:
+                ips = ours(params, net, args.images, "capture on" in kind, kind.startswith("bf16"))
+            results[(net, kind)].append(ips)
+            print(f"  round {r + 1}/{args.rounds} {net:10s} {kind:20s} {ips:7.1f} img/s", flush=True)
 
     med = {c: statistics.median(v) for c, v in results.items()}
     mm32, mm16 = (statistics.median(ceilings[d]) for d in (torch.float32, torch.bfloat16))

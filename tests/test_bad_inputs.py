@@ -194,7 +194,13 @@ PARAMS_CASES = {
     "guard-unknown-variant": ("report.guard.learning", ["VGG-99"], "report.guard.learning: unknown variant"),
     "betas-out-of-range": ("train.betas", [0.9, 1.5], "train.betas.1: input should be less than 1"),
     "grid-threads-zero": ("grid.threads_per_run", 0, "grid.threads_per_run: a positive whole number or 'auto' (got 0)"),
-    "grid-runs-per-gpu-word": ("grid.runs_per_gpu", "many", "grid.runs_per_gpu: a positive whole number or 'auto'"),
+    "grid-groups-per-gpu-word": (
+        "grid.groups_per_gpu",
+        "many",
+        "grid.groups_per_gpu: a positive whole number or 'auto'",
+    ),
+    "grid-runs-per-group-zero": ("grid.runs_per_group", 0, "grid.runs_per_group: a positive whole number or 'auto'"),
+    "grid-backend-unknown": ("grid.backend", "slurm", "grid.backend"),
     "top-k-above-classes": ("evaluate.top_k", 101, "evaluate.top_k: 101 is more than the 100 classes"),
     "calibration-one-bin": ("evaluate.calibration_bins", 1, "evaluate.calibration_bins: input should be greater than"),
     "per-class-figure-of-three": (
@@ -266,7 +272,7 @@ def _(ws):
 
 @case(
     "grid-more-threads-than-a-node-has",
-    "grid.threads_per_run is 512 but the largest Ray node has",
+    "grid.threads_per_run is 512 but the largest node has",
     absent=GRID_ABSENT,
 )
 def _(ws):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from tests.conftest import run_stage, write_yaml
-from vggdepth.config import ConfigError, load_params
+from vggdepth.config import ConfigError, load_params, recorded_params
 
 TABLE1 = {  # SPEC.md, The variants: blocks per stage, BN, LR, schedule, period, batch
     "VGG-08": (0, False, 1e-3, "cosine", 100, 100),
@@ -110,3 +110,19 @@ def test_stage_stops_before_any_work_on_invalid_params(raw_params, tiny_archive,
         "  variants.VGG-08.batch_size: input should be greater than 0 (got 0)\n"
     )
     assert not dest.parent.exists()
+
+
+def test_a_record_of_runs_from_another_version_keeps_what_changes_results_and_takes_the_rest_from_here(params):
+    """A CPU study's or GPU lease's record holds the params its runs trained with, perhaps of an older version whose
+    `grid` had other keys (runs_per_gpu): read here, every section that changes a result is the record's, the
+    settings that cannot change one are this version's."""
+    raw = params.model_dump(mode="json")
+    raw["grid"] = {"address": "local", "threads_per_run": 1, "runs_per_gpu": "auto"}  # before groups existed
+    raw["train"]["epochs"] = 7
+    read = recorded_params(raw, params, "study.json")
+    assert read.train.epochs == 7 and read.grid == params.grid and read.variants == params.variants
+    raw["train"]["lr_min"] = -1.0
+    with pytest.raises(ConfigError, match=r"study\.json: invalid parameters:\n  train.lr_min"):
+        recorded_params(raw, params, "study.json")
+    with pytest.raises(ConfigError, match=r"study\.json: its params are not a mapping"):
+        recorded_params([1], params, "study.json")

@@ -4,7 +4,6 @@ configuration) into results.tar.gz, and back here into results/ with Table 1 ren
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import shutil
@@ -101,21 +100,14 @@ def test_parts_are_reassembled_exactly_and_a_missing_or_damaged_part_is_refused(
     assert refused.returncode == 1 and "a part is missing or damaged" in refused.stderr
 
 
-def _lease_module():
-    spec = importlib.util.spec_from_file_location("gpu_lease", ROOT / "benchmarks" / "gpu_lease.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_deadline_stops_a_run_only_when_its_next_epoch_would_overrun():
+    from vggdepth.grid import Deadline, TimeUp
     from vggdepth.runs import EpochRecord, RunFiles, RunInfo
 
-    lease = _lease_module()
     run = RunInfo("VGG-08", 0, {}, "f", "cpu", 1, RunFiles(Path("runs/VGG-08-s0")), 0, "here")
-    deadline = lease.Deadline(time.time() + 60)
+    deadline = Deadline(time.time() + 60)
     deadline.on_epoch_end(run, EpochRecord(3, 1.0, 0.5, 1.0, 0.5, 1e-3, 10.0), [])  # 10 s more fits
-    with pytest.raises(lease.TimeUp, match="VGG-08 seed 0: stopped after epoch 3"):
+    with pytest.raises(TimeUp, match="VGG-08 seed 0: stopped after epoch 3, the time is spent"):
         deadline.on_epoch_end(run, EpochRecord(3, 1.0, 0.5, 1.0, 0.5, 1e-3, 90.0), [])
 
 
@@ -161,9 +153,13 @@ def test_the_lease_end_to_end_on_the_cpu_and_its_results_rendered_here(archive_p
     assert lease["plan"] == {"fuse": 3, "processes": 2, "start_margin_s": 45.0}
     assert lease["throughput_errors"] == [] and "graph_check" not in lease  # no GPU: nothing graphed to check
     assert "convolution" in (out / "profile.txt").read_text()
-    # fused as far as the shapes allow, seed 0 of every variant first
-    assert "groups: VGG-08-s0; VGG-38-s0; BN-VGG-38-s0 + HIGHLR-BN-38-s0; VGG-08-s1;" in done.stdout
-    assert [r["fused_with"] for r in lease["runs"]] == [1, 1, 2, 2, 1, 1, 2, 2]
+    # the pipeline's grid, fused as far as the shapes allow (3 at most: --study-fuse), every group at once
+    assert (
+        "groups: VGG-08-s0 + VGG-08-s1; VGG-38-s0 + VGG-38-s1; BN-VGG-38-s0 + BN-VGG-38-s1 + HIGHLR-BN-38-s0; "
+        "HIGHLR-BN-38-s1" in done.stdout
+    )
+    assert "on this machine (processes, no Ray)" in done.stdout + done.stderr
+    assert [r["fused_with"] for r in lease["runs"]] == [2, 2, 3, 3, 2, 2, 3, 1]
     # seed 0 of every variant first
     order = [(r["variant"], r["seed"]) for r in lease["runs"]]
     assert order == [(v, s) for s in (0, 1) for v in VARIANTS]

@@ -8,12 +8,14 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from mlflow import MlflowClient
 
@@ -170,18 +172,19 @@ def test_train_stages_after_the_grid_restore_and_a_second_grid_does_nothing(grid
     assert "every run is trained to train.epochs; nothing to do" in again.stderr
 
 
-def _worker_of(run: str) -> int:
-    """The pid of the Ray worker training `run` (its temporary folder is named after the run and its pid)."""
+def _worker_of(run: str, kind: bytes = b"ray::") -> int:
+    """The pid of the worker training `run` (its temporary folder is named after its group's first run and its
+    pid): a Ray worker, or with `kind=b"multiprocessing"` a process of the grid without Ray."""
     import tempfile
 
     for folder in sorted(Path(tempfile.gettempdir()).glob(f"vggdepth-{run}-*-*"), key=os.path.getmtime)[::-1]:
         pid = int(folder.name.removeprefix(f"vggdepth-{run}-").split("-")[0])
         try:
-            if Path(f"/proc/{pid}/cmdline").read_bytes().startswith(b"ray::"):
+            if kind in Path(f"/proc/{pid}/cmdline").read_bytes():
                 return pid
         except OSError:
             continue
-    raise AssertionError(f"no Ray worker is training {run}")
+    raise AssertionError(f"no worker is training {run}")
 
 
 def _wait_for(path: Path, process: subprocess.Popen, timeout_s: float = 300) -> None:
@@ -190,6 +193,25 @@ def _wait_for(path: Path, process: subprocess.Popen, timeout_s: float = 300) -> 
         assert process.poll() is None, f"the grid ended before {path} appeared: {process.stderr.read()[-3000:]}"
         assert time.monotonic() < deadline, f"{path} never appeared"
         time.sleep(0.05)
+
+
+def _kill_a_worker(root: Path, once: Path, run: str, kind: bytes = b"ray::") -> tuple[subprocess.Popen, str]:
+    """Start the grid stage in `root`; once `once` exists, SIGKILL the worker training `run` (`_worker_of`); the
+    stage's process, ended, and its stderr."""
+    process = subprocess.Popen(
+        grid_command(root),
+        cwd=root,
+        env=project_env(root),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        _wait_for(once, process)
+        os.kill(_worker_of(run, kind), signal.SIGKILL)
+        return process, process.communicate(timeout=600)[1]
+    finally:
+        process.kill()
 
 
 def test_failed_runs_do_not_stop_the_others_and_are_named(project, grid_run, tmp_path):
@@ -203,20 +225,7 @@ def test_failed_runs_do_not_stop_the_others_and_are_named(project, grid_run, tmp
     state["trained_on"] = "cuda:0"
     save_checkpoint(RunFiles.of(root / "runs", "BN-VGG-38", 0).last, state)
 
-    process = subprocess.Popen(
-        grid_command(root),
-        cwd=root,
-        env=project_env(root),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        _wait_for(RunFiles.of(root / "runs", "VGG-38", 0).epochs_csv, process)  # epoch 1 of 2 is in
-        os.kill(_worker_of("VGG-38-s0"), signal.SIGKILL)
-        stderr = process.communicate(timeout=600)[1]
-    finally:
-        process.kill()
+    process, stderr = _kill_a_worker(root, RunFiles.of(root / "runs", "VGG-38", 0).epochs_csv, "VGG-38-s0")
     assert process.returncode == 1, stderr[-3000:]
     error = [line for line in stderr.splitlines() if line.startswith("error:")]
     assert error == [
@@ -340,3 +349,73 @@ def test_grid_runs_on_a_two_node_cluster_and_tracks_through_a_server(
     assert all(r["status"] == "FINISHED" and r["steps"] == [0, 1] for r in runs.values())
     assert {r["node"] for r in runs.values()} == nodes
     assert not (root / "mlruns").exists()  # everything went to the server
+
+
+# ---- without Ray: plain processes, groups of fused runs ------------------------------------------------------
+
+
+def _without_ray(tmp_path: Path) -> str:
+    """A PYTHONPATH under which `import ray` fails, as on a rented GPU machine that has PyTorch but not Ray."""
+    fake = tmp_path / "no-ray" / "ray"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text('raise ImportError("no Ray on this machine")\n')
+    return str(fake.parent)
+
+
+def test_without_ray_the_grid_trains_in_processes_and_equals_runs_alone(project, alone, tmp_path):
+    root = copy(project, tmp_path / "p")
+    raw = read_params(root)
+    raw["grid"]["backend"] = "processes"
+    write_params(root, raw)
+    result = run_grid(root, PYTHONPATH=_without_ray(tmp_path))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "grid: 3 of 3 runs to train on this machine (processes, no Ray): 2 runs at once" in result.stderr
+    for variant in VARIANTS:
+        assert f"grid: {variant}-s0 done: val acc" in result.stderr
+        same_run(RunFiles.of(root / "runs", variant, 0), RunFiles.of(alone / "runs", variant, 0), NOT_COMPARED)
+    runs = tracked(embedded(root))
+    assert set(runs) == {f"{v}-s0" for v in VARIANTS} and len({r["parent"] for r in runs.values()}) == 1
+    assert all(r["status"] == "FINISHED" and r["steps"] == [0, 1] == r["grad_steps"] for r in runs.values())
+    assert {r["node"] for r in runs.values()} == {socket.gethostname()}
+    assert not list(root.rglob("*.part"))
+
+
+def test_runs_of_one_shape_train_as_one_fused_group_and_equal_the_fused_trainer(project, tiny_data, tmp_path):
+    """Two seeds of VGG-08 and one of VGG-38 with `runs_per_group: 2`: the VGG-08 runs become one group, each with
+    its own folder, MLflow run and results, those of `train_fused`; a worker killed mid-group costs both runs that
+    epoch only: re-run, they resume and end as undisturbed."""
+    from vggdepth.config import load_params
+    from vggdepth.fused import train_fused
+
+    root = copy(project, tmp_path / "p")
+    raw = read_params(root)
+    raw["grid"].update(backend="processes", runs_per_group=2)
+    raw["seeds"] = [0, 1]
+    write_params(root, narrow(raw, {v: raw["variants"][v] for v in ("VGG-08", "VGG-38")}))
+    epoch_in = RunFiles.of(root / "runs", "VGG-08", 1).epochs_csv  # epoch 1 of the group is in
+    process, stderr = _kill_a_worker(root, epoch_in, "VGG-08-s0", b"multiprocessing")
+    assert process.returncode == 1, stderr[-3000:]
+    assert "fused: VGG-08-s0 + VGG-08-s1; VGG-38-s0 + VGG-38-s1" in stderr
+    assert "grid: VGG-08-s0 FAILED: its worker process died" in stderr
+    assert "grid: VGG-08-s1 FAILED: its worker process died" in stderr
+    assert "Traceback" not in stderr
+
+    again = run_grid(root)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "VGG-08-s0                1 epochs, resumes after epoch 1" in again.stderr
+
+    params = load_params(root / "params.yaml")
+    params = params.model_copy(update={"runtime": params.runtime.model_copy(update={"threads": 1})})
+    threads = torch.get_num_threads()
+    try:
+        train_fused(params, [("VGG-08", 0), ("VGG-08", 1)], tiny_data, tmp_path / "fused")
+    finally:
+        torch.set_num_threads(threads)
+    for seed in (0, 1):
+        same_run(
+            RunFiles.of(root / "runs", "VGG-08", seed), RunFiles.of(tmp_path / "fused", "VGG-08", seed), NOT_COMPARED
+        )
+    runs = tracked(embedded(root))
+    assert {n: (r["status"], r["steps"]) for n, r in runs.items()} == {
+        f"{v}-s{s}": ("FINISHED", [0, 1]) for v in ("VGG-08", "VGG-38") for s in (0, 1)
+    }

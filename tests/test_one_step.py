@@ -1,7 +1,8 @@
 """One training step and one evaluation loop, whichever way a run trains: a run alone (`train_run`: the train
-stage and the grid's workers), several runs fused (`train_fused`: the GPU lease's study), the grid's throughput probe
-and the lease's throughput rows all reach `engine.train_step`; validation, fused validation and the test set's
-predictions all reach `engine.predict`. Each is checked by patching that one function and counting who calls it."""
+stage), several runs fused (`train_fused`), a group of the grid (`grid.train_group`: what every grid worker runs, on
+Ray or in plain processes, and so the GPU lease's study), the grid's throughput probe and the lease's throughput
+rows all reach `engine.train_step`; validation, fused validation and the test set's predictions all reach
+`engine.predict`. Each is checked by patching that one function and counting who calls it."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from vggdepth import engine
 from vggdepth.engine import train_run
 from vggdepth.evaluation import evaluate_run
 from vggdepth.fused import train_fused
-from vggdepth.grid import PlannedRun, probe_throughput
+from vggdepth.grid import Packing, PlannedRun, probe_throughput, train_group
 from vggdepth.runs import RunFiles
 from vggdepth.throughput import synthetic_data
 
@@ -80,6 +81,25 @@ def test_the_test_set_is_predicted_through_the_same_loop(params, tiny_data, labe
     predictions.clear()
     evaluate_run(files, tiny_data, labels, p.train, p.runtime, p.evaluate)
     assert sum(n for _, n in predictions) == 2 * len(tiny_data.test)  # the best and the final checkpoint
+
+
+def test_the_grids_groups_train_through_the_same_step(params, tiny_data, steps):
+    """`grid.train_group` is what every grid worker runs (a Ray actor, or a process without Ray: the GPU lease's
+    study too): a group of two runs of one shape trains fused, a group of one alone, both through the one step."""
+    relayed = []
+
+    def recorder(method, name, changed, *args):  # the grid's recorder, as a worker reaches it
+        relayed.append((method, name))
+        return {} if method == "run_start" else None
+
+    p = _params(params)
+    fused = train_group(p, [("VGG-08", 0), ("VGG-08", 1)], tiny_data, {}, Packing("cpu", 1, 1, 0, 1, 2), recorder, "t")
+    assert [name for name, outcome in fused if isinstance(outcome, dict)] == ["VGG-08-s0", "VGG-08-s1"]
+    assert steps == [(2, 100, 6)] * 4
+    steps.clear()
+    alone = train_group(p, [("VGG-38", 0)], tiny_data, {}, Packing("cpu", 1, 1, 0, 1), recorder, "t")
+    assert isinstance(alone[0][1], dict) and steps == [(1, 100, 3)] * 4
+    assert [m for m, n in relayed if n == "VGG-08-s1"] == ["run_start", "epoch_end", "epoch_end", "run_end"]
 
 
 def test_the_grid_probe_times_the_real_trainers_step(params, steps):

@@ -124,3 +124,22 @@ def test_a_failed_probe_process_is_named(project, params, monkeypatch):
     monkeypatch.setattr(sys, "executable", "/bin/false")  # the probe's processes start and exit 1 at once
     with pytest.raises(GridError, match=r"the throughput probe \(1 thread\(s\), 2 at once\) failed: exit status 1"):
         probe_throughput(params, planned, "cpu", 1, copies=2)
+
+
+def test_the_probe_times_a_variant_whose_loss_diverges(params):
+    """The probe times the real trainer's step on random pixels; a learning rate that makes the loss NaN at once
+    (a variant that will fail when trained) is timed like any other, not stopped by the NaN guard: the plan of the
+    other runs goes on, and the variant fails in training, where its failure is said."""
+    from vggdepth.grid import PlannedRun
+    from vggdepth.runs import RunFiles
+
+    diverging = params.variants["VGG-08"].model_copy(update={"lr": 1.0e30})
+    p = params.model_copy(
+        update={
+            "variants": {**params.variants, "NAN": diverging},
+            "runtime": params.runtime.model_copy(update={"device": "cpu"}),
+        }
+    )
+    planned = [PlannedRun("NAN", 0, RunFiles.of(Path("unused"), "NAN", 0), 0, 2)]
+    ((name, speed),) = probe_throughput(p, planned, "cpu", 1, copies=1, steps=3).values()
+    assert name == "NAN" and speed > 0

@@ -227,7 +227,7 @@ def test_server_down_until_the_end_reports_what_was_not_sent_and_sync_sends_it(
     monkeypatch.setenv("MLFLOW_TRACKING_URI", own_server.uri)
     sent = sync_run(params.model_copy(update={"tracking": tracking_cfg}), RunFiles(out))
 
-    assert sent == ["epoch 0", "epoch 1", "epoch 2", "artefacts and model", "status FINISHED"]
+    assert sent == ["epoch 0", "epoch 1", "epoch 2", "artefacts and model", "gradient-flow figure", "status FINISHED"]
     assert _steps(store.client, run_id, "curves/train_loss") == [0, 1, 2]
     assert "checkpoints" in {a.path for a in store.client.list_artifacts(run_id)}
     assert store.client.get_run(run_id).info.status == "FINISHED"

@@ -120,13 +120,17 @@ class GridConfig(_Section):
     """How the grid of (variant, seed) runs is spread over Ray: like `runtime`, it changes results only through
     float rounding (the thread count of each run), so no stage depends on it."""
 
+    # ray: Ray's actors (on this machine, or a cluster); processes: plain processes on this machine, no Ray (a
+    # rented GPU machine without it)
+    backend: Literal["ray", "processes"]
     # local: a Ray instance on this machine, bound to 127.0.0.1; else the address of a running cluster this
     # machine is a node of (host:port, or auto). $RAY_ADDRESS, when set, wins over this value.
     address: Annotated[str, Field(min_length=1)]
     threads_per_run: PositiveInt | Auto  # CPU: torch threads (and Ray CPUs) of each run
-    runs_per_gpu: PositiveInt | Auto  # GPU: runs sharing one device (fractional GPUs)
+    runs_per_group: PositiveInt | Auto  # runs of one shape fused into one network (auto: all on CUDA, 1 on a CPU)
+    groups_per_gpu: PositiveInt | Auto  # GPU: groups sharing one device (fractional GPUs)
 
-    @field_validator("threads_per_run", "runs_per_gpu", mode="before")
+    @field_validator("threads_per_run", "runs_per_group", "groups_per_gpu", mode="before")
     @classmethod
     def _positive_or_auto(cls, value: Any, info: ValidationInfo) -> Any:
         if value == "auto" or (type(value) is int and value > 0):
@@ -289,6 +293,27 @@ def load_params(path: str | Path = "params.yaml") -> Params:
         raise ConfigError(f"{path}: invalid parameters:\n{problems}") from None
     except ConfigError as exc:  # raised by a cross-check through Params.variant
         raise ConfigError(f"{path}: invalid parameters:\n  {exc}") from None
+
+
+# The sections that change no result (README "Parameters"): how a run is spread, shown and tracked.
+NOT_A_RESULT = ("runtime", "grid", "tracking")
+
+
+def recorded_params(raw: Any, current: Params, source: str) -> Params:
+    """The params a record of runs trained elsewhere holds (a GPU lease's or a CPU study's, perhaps of another
+    version), read by this one: every section that changes a result as recorded, the sections that cannot
+    (`NOT_A_RESULT`, whose keys change between versions) as `current` has them. `source` names the record in an
+    error."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: its params are not a mapping of sections")
+    raw = {**raw, **{name: current.model_dump(mode="json")[name] for name in NOT_A_RESULT}}
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as exc:
+        problems = "\n".join(f"  {_describe(err)}" for err in exc.errors())
+        raise ConfigError(f"{source}: invalid parameters:\n{problems}") from None
+    except ConfigError as exc:
+        raise ConfigError(f"{source}: invalid parameters:\n  {exc}") from None
 
 
 def _describe(err: Any) -> str:

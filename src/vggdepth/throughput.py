@@ -71,10 +71,10 @@ def training_loop(
     params: Params, runs: Sequence[tuple[str, int]], data: PreparedData, workdir: Path, *, fused: bool | None = None
 ) -> StepLoop:
     """The trainer of `runs`, run folders under `workdir`: `fused` (several runs, or one with a CUDA graph on a GPU)
-    or one run alone; by default as the grid trains them (vggdepth.grid.group_trainer)."""
+    or one run alone; by default as the grid trains them (vggdepth.grid.train_group)."""
     trainers = [make_trainer(params, v, s, data, workdir / f"{v}-s{s}") for v, s in runs]
     if fused is None:
-        fused = len(trainers) > 1 or trainers[0].device.type == "cuda"
+        fused = len(trainers) > 1 or (trainers[0].device.type == "cuda" and params.runtime.cuda_graphs)
     if not fused and len(trainers) > 1:
         raise ValueError("several runs train together only fused")
     return FusedTrainer(trainers) if fused else trainers[0]
@@ -87,9 +87,13 @@ def _sync(device: torch.device) -> None:
 
 def time_epoch(loop: StepLoop, ready: Callable[[], object] | None = None) -> Timing:
     """Begin the loop's runs (fresh, or restored), take one warm-up epoch (allocations, kernel choice, the CUDA
-    graph's capture), call `ready` (e.g. a barrier of processes timed together), then time one epoch."""
+    graph's capture), call `ready` (e.g. a barrier of processes timed together), then time one epoch. The NaN guard
+    is off: this times steps, it trains no run."""
     loop.begin()
     loop.start_epoch()
+    # A speed, not a run: a loss that diverges on random pixels (a variant with a huge learning rate) is timed
+    # like any other, not stopped by the NaN guard.
+    loop.check_finite = lambda epoch: None
     device = loop.device
     with tqdm(total=0, disable=True) as bar:  # no bar: the timing is the output
         loop.train_epoch(0, bar)

@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 
 from vggdepth.checkpoints import load_checkpoint
-from vggdepth.config import Params
+from vggdepth.config import Params, recorded_params
 from vggdepth.gradients import GradientRow
 from vggdepth.outputs import read_epochs, read_gradients
 from vggdepth.runs import EpochRecord, RunFiles
@@ -88,7 +88,7 @@ def import_run(store: Store, params: Params, files: RunFiles) -> list[str]:
             f"with its train.json and the record beside its runs/ folder: {short(exc)}"
         ) from None
     if "params" in record:  # what the runs trained with, whatever params.yaml says now
-        params = Params.model_validate(record["params"])
+        params = recorded_params(record["params"], params, str(record_path))
     else:
         params = params.model_copy(update={"train": params.train.model_copy(update={"epochs": epochs})})
     history = [EpochRecord(**row) for row in read_epochs(files.epochs_csv)]

@@ -1,0 +1,145 @@
+"""The grid without Ray, on this machine: a fresh process per group (a crash or a CUDA error stays in it), the
+recorder in the driver, answering each process over a local connection (127.0.0.1, with a random key)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+import torch
+
+from vggdepth.config import Params
+from vggdepth.grid.plan import GridError, Packing, PlannedRun
+from vggdepth.grid.workers import LOCAL, WORKER_DIED, Recorder, reason, train_group
+
+log = logging.getLogger(__name__)
+
+
+def process_group(request: dict, address: tuple, authkey: bytes, results) -> None:
+    """A group in a process of its own (`ProcessPool`): the prepared data from disk, the recorder over a local
+    connection; its outcomes (or why it failed) onto `results`."""
+    from multiprocessing.connection import Client
+
+    from vggdepth.data import load_prepared
+
+    try:
+        params = Params.model_validate_json(request["params"])
+        connection = Client(address, authkey=authkey)
+
+        def call(method: str, *args):
+            connection.send((method, args))
+            ok, answer = connection.recv()
+            if not ok:
+                raise GridError(f"the grid's recorder refused {method}: {answer}")
+            return answer
+
+        data = load_prepared(request["data_dir"])
+        packing = Packing(**request["packing"])
+        outcomes = train_group(
+            params, request["group"], data, request["starts"], packing, call, LOCAL, request["deadline"]
+        )
+        results.send(outcomes)
+    except Exception as error:  # the driver learns why, in one line, and says it
+        results.send(reason(error))
+        sys.exit(1)
+
+
+class ProcessPool:
+    """The groups without Ray, on this machine: a fresh process per group (a crash or a CUDA error stays in it),
+    the recorder in the driver, answering each process over a local connection (127.0.0.1, with a key)."""
+
+    def __init__(self, params, data_dir, recorder_args, packing, deadline):
+        import multiprocessing
+        import secrets
+        import threading
+        from multiprocessing.connection import Listener
+
+        self.params, self.data_dir, self.packing, self.deadline = params, data_dir, packing, deadline
+        self.recorder = Recorder(*recorder_args, LOCAL)
+        self.lock = threading.Lock()
+        self.authkey = secrets.token_bytes(32)
+        self.listener = Listener(("127.0.0.1", 0), authkey=self.authkey)
+        self.context = multiprocessing.get_context("spawn")
+        self.pending: dict = {}  # process -> (group, receiving end)
+        self.slot_of: dict = {}  # process -> slot (its GPU, when several)
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        import threading
+
+        while True:
+            try:
+                connection = self.listener.accept()
+            except OSError:  # closed
+                return
+            threading.Thread(target=self._serve, args=(connection,), daemon=True).start()
+
+    def _serve(self, connection) -> None:
+        while True:
+            try:
+                method, args = connection.recv()
+            except (EOFError, OSError):
+                return
+            try:
+                with self.lock:
+                    answer = (True, getattr(self.recorder, method)(*args))
+            except Exception as exc:
+                answer = (False, reason(exc))
+            connection.send(answer)
+
+    def submit(self, group: list[PlannedRun], starts: dict) -> None:
+        slots = set(range(self.packing.slots)) - set(self.slot_of.values())
+        slot = min(slots) if slots else 0
+        device = self.packing.device
+        if device == "cuda" and torch.cuda.device_count() > 1:
+            device = f"cuda:{slot % torch.cuda.device_count()}"
+        request = {
+            "params": self.params.model_dump_json(),
+            "group": [(r.variant, r.seed) for r in group],
+            "data_dir": str(self.data_dir),
+            "starts": starts,
+            "packing": {**self.packing.__dict__, "device": device},
+            "deadline": self.deadline,
+        }
+        receiving, sending = self.context.Pipe(duplex=False)
+        env = {"OMP_NUM_THREADS": str(self.packing.threads)}
+        saved = {k: os.environ.get(k) for k in env}
+        os.environ.update(env)
+        try:
+            process = self.context.Process(
+                target=process_group, args=(request, self.listener.address, self.authkey, sending), daemon=True
+            )
+            process.start()
+        finally:
+            for k, v in saved.items():
+                os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
+        sending.close()
+        self.pending[process] = (group, receiving)
+        self.slot_of[process] = slot
+
+    def wait(self, timeout: float) -> list[tuple[list[PlannedRun], list[tuple[str, dict | str]] | str]]:
+        from multiprocessing.connection import wait
+
+        ready = wait([p.sentinel for p in self.pending], timeout)
+        ended = []
+        for process in [p for p in self.pending if p.sentinel in ready]:
+            group, receiving = self.pending.pop(process)
+            self.slot_of.pop(process)
+            try:
+                outcome = receiving.recv() if receiving.poll() else WORKER_DIED
+            except (EOFError, OSError):
+                outcome = WORKER_DIED
+            process.join()
+            ended.append((group, outcome))
+        return ended
+
+    def record(self, method: str, *args):
+        with self.lock:
+            return getattr(self.recorder, method)(*args)
+
+    def close(self) -> None:
+        for process in self.pending:
+            process.terminate()
+            process.join(10)
+        self.listener.close()
