@@ -58,6 +58,9 @@ OVERRIDES = {
     "seeds": [0],
     "tracking.enabled": False,
     "grid.threads_per_run": 1,  # fixed, not probed: a run resumed in another session continues bit for bit
+    # plain processes, no Ray: nothing to start at the lowest priority on a busy machine (Ray's startup timed out
+    # there), and a stop ends the whole process group
+    "grid.backend": "processes",
 }
 FIRST = "evaluate@VGG-08-0"  # the fidelity check: against reference/pipeline-cpu-vgg08-s0 (float32)
 

@@ -10,6 +10,7 @@ import typer
 from vggdepth.cli import entry_point
 from vggdepth.config import load_params
 from vggdepth.data import load_prepared
+from vggdepth.engine import run_fingerprint
 from vggdepth.errors import VggdepthError
 from vggdepth.evaluation import evaluate_run
 from vggdepth.files import ready_to_write
@@ -34,7 +35,13 @@ def main(
     store = open_store(p)  # before any work: an unreachable tracking server stops the stage here
     prepared = load_prepared(data)
     known = load_labels(labels, prepared.stats)
-    evaluation = evaluate_run(files, prepared, known, p.train, p.runtime, p.evaluate)
+    variant, _, seed = files.root.name.rpartition("-s")
+    expected = (  # the run params.yaml describes, when the folder is one of its runs
+        run_fingerprint(p.model, p.train, p.variants[variant], int(seed), prepared.stats)
+        if variant in p.variants and seed.isdigit()
+        else None
+    )
+    evaluation = evaluate_run(files, prepared, known, p.train, p.runtime, p.evaluate, fingerprint=expected)
     # MLflow first: a stage that fails there leaves no test.json behind
     evaluation.write(files, known, publish=partial(log_evaluation, store, files, evaluation.result))
 

@@ -756,6 +756,86 @@ def _(ws):
     return ws.report(runs)
 
 
+# ---- a run is what its folder says it is ----------------------------------------------------------------------
+
+
+@case(
+    "identity-other-runs-checkpoints-under-evaluate",
+    "is a checkpoint of VGG-38 seed 0, not of VGG-08 seed 0 (its folder)",
+    absent=EVALUATE_ABSENT,
+)
+def _(ws):
+    run = _evaluate_again(ws)
+    other = RunFiles(ws.runs / f"VGG-38-s{SEED}")
+    for name in ("best.pt", "last.pt", "previous.pt"):
+        if (other.checkpoints / name).exists():
+            shutil.copy(other.checkpoints / name, run.checkpoints / name)  # VGG-38's weights, in VGG-08's folder
+    return ws.evaluate(run)
+
+
+@case(
+    "identity-checkpoint-of-other-settings-under-evaluate",
+    "was trained with other settings, data or training code than params.yaml",
+    absent=EVALUATE_ABSENT,
+)
+def _(ws):
+    run = _evaluate_again(ws)
+    ws.set("variants.VGG-08.lr", 2e-3)  # params.yaml now describes another run than the checkpoints hold
+    return ws.evaluate(run)
+
+
+@case(
+    "identity-other-runs-tables-under-report",
+    "is the summary of VGG-38 seed 0, not of VGG-08 seed 0 (its folder)",
+    absent=REPORT_ABSENT,
+)
+def _(ws):
+    def damage(runs):
+        for name in ("train.json", "epochs.csv", "gradients.csv", "test.json"):
+            shutil.copy(runs / f"VGG-38-s{SEED}" / name, runs / f"VGG-08-s{SEED}" / name)
+
+    return _damaged_report(ws, damage)
+
+
+@case("identity-other-runs-checkpoint-under-sync", "is a checkpoint of VGG-38 seed 0, not of VGG-08 seed 0", absent=())
+def _(ws):
+    run = ws.run_folder()
+    shutil.copy(ws.runs / f"VGG-38-s{SEED}" / "checkpoints" / "last.pt", run.last)
+    ws.set("tracking.enabled", True)
+    return ws.cli("sync", str(run.root))
+
+
+@case("identity-stats-infinite-std", "std 3 numbers in (0, 0.5], all finite")
+def _(ws):
+    data = ws.data()
+    stats = json.loads((data / "stats.json").read_text())
+    stats["std"][1] = float("inf")
+    (data / "stats.json").write_text(json.dumps(stats))  # json writes Infinity, which json reads back
+    return ws.train(data=data)
+
+
+@case("identity-stats-nan-mean", "mean must be 3 numbers in [0, 1]")
+def _(ws):
+    data = ws.data()
+    stats = json.loads((data / "stats.json").read_text())
+    stats["mean"][0] = float("nan")
+    (data / "stats.json").write_text(json.dumps(stats))
+    return ws.train(data=data)
+
+
+def test_other_normalisation_statistics_make_another_run(params, tiny_data):
+    """The statistics the images are normalised with are part of what identifies a run: a run trained with
+    others is not restored under these (it is set aside, and these train)."""
+    from vggdepth.engine import run_fingerprint
+
+    p = params
+    variant = p.variants["VGG-08"]
+    other = {**tiny_data.stats, "std": [s * 1.5 for s in tiny_data.stats["std"]]}
+    assert run_fingerprint(p.model, p.train, variant, 0, tiny_data.stats) != run_fingerprint(
+        p.model, p.train, variant, 0, other
+    )
+
+
 # ---- the harness -----------------------------------------------------------------------------------------------
 
 
@@ -867,3 +947,53 @@ def test_bad_input_ends_in_one_clear_error_and_leaves_nothing_half_written(
         for path in spec.absent:
             assert not (root / path).exists(), f"{name}: {path} was written\n{detail}"
     assert not (root / "pwned").exists()
+
+
+# ---- clean-up touches only what the project itself made -------------------------------------------------------
+
+
+def test_clean_up_removes_its_writers_leftovers_by_exact_name_and_nothing_else(tmp_path):
+    """What a killed writer of `prepared` leaves (a staging folder, a temporary file, the retired output) is removed;
+    a user's own folders and files beside it, however alike in name, and a link named exactly like a leftover, stay."""
+    import tempfile
+
+    from vggdepth.files import clean_leftovers, staging_dir, temporary_prefix
+
+    dest = tmp_path / "prepared"
+    dest.mkdir()
+    staging = staging_dir(dest)
+    (staging / "train.npz").write_bytes(b"half")
+    fd, part = tempfile.mkstemp(prefix=temporary_prefix(dest), suffix=".part", dir=tmp_path)
+    os.close(fd)
+    retired = tmp_path / ".prepared.vggdepth-old"
+    retired.mkdir()
+    ours = sorted([staging, Path(part), retired])
+
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "precious.txt").write_text("mine\n")
+    theirs = {
+        ".prepared.backup-before-upgrade": "dir",  # the report's example: a user's backup
+        ".prepared.old": "dir",
+        ".prepared.notes.part": "file",
+        ".prepared.vggdepth-tmp-mine": "dir",  # the writers' prefix, not their 8 random characters
+        ".prepared.vggdepth-tmp-abcdefghi.part": "file",
+        ".prepared.vggdepth-tmp-abcd1234": "link",  # a writer's very name, but a link: never followed or removed
+        ".other.vggdepth-tmp-abcd1234": "dir",  # another output's: not this writer's to clean
+    }
+    for name, kind in theirs.items():
+        path = tmp_path / name
+        if kind == "dir":
+            path.mkdir()
+            (path / "keep.txt").write_text("mine\n")
+        elif kind == "file":
+            path.write_text("mine\n")
+        else:
+            path.symlink_to(elsewhere, target_is_directory=True)
+
+    assert sorted(clean_leftovers(dest)) == ours
+    assert not any(p.exists() for p in ours)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([*theirs, "elsewhere", "prepared"])
+    assert (elsewhere / "precious.txt").read_text() == "mine\n"
+    assert all((tmp_path / n / "keep.txt").exists() for n, kind in theirs.items() if kind == "dir")
+    assert clean_leftovers(dest) == []

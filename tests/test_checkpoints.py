@@ -160,7 +160,10 @@ def test_tampered_checkpoint_is_refused_and_runs_nothing(run_params, tiny_data, 
 def test_leftovers_of_a_killed_checkpoint_write_are_removed(run_params, tiny_data, tmp_path):
     files = RunFiles(tmp_path / "run")
     train_run(run_params, VARIANT, 0, tiny_data, files.root)
-    leftovers = [files.checkpoints / ".last.pt.x1y2.part", files.root / ".epochs.csv.a1b2.part"]
+    leftovers = [  # as atomic_path names them: `.<name>.vggdepth-tmp-<8 random>.part`
+        files.checkpoints / ".last.pt.vggdepth-tmp-x1y2z3w4.part",
+        files.root / ".epochs.csv.vggdepth-tmp-a1b2c3d4.part",
+    ]
     for path in leftovers:
         path.write_bytes(b"half")
 

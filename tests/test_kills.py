@@ -77,12 +77,38 @@ def _kill_when(root: Path, stage: str, args: tuple[str, ...], moment: Callable[[
     assert process.returncode == -signal.SIGKILL, "the stage ended before it could be killed"
 
 
-def _leftovers(root: Path) -> list[str]:
+def _leftovers(root: Path, theirs: tuple[Path, ...] = ()) -> list[str]:
+    """Temporary files and staging folders anywhere under `root`, but a user's own (`theirs`)."""
     return [
         str(p.relative_to(root))
         for p in root.rglob(".*")
-        if "mlruns" not in p.parts and (p.name.endswith(".part") or (p.is_dir() and p.name.count(".") >= 2))
+        if "mlruns" not in p.parts
+        and (p.name.endswith(".part") or (p.is_dir() and p.name.count(".") >= 2))
+        and not any(p == mine or mine in p.parents for mine in theirs)
     ]
+
+
+def _theirs(folder: Path, output: str) -> tuple[Path, ...]:
+    """A user's own files beside an output, named like its temporary ones but not by its writers: a backup folder,
+    a `.part` file of their own, and names one character off the writers' pattern. Clean-up must keep every one."""
+    made = (
+        folder / f".{output}.backup-before-upgrade",
+        folder / f".{output}.notes.part",
+        folder / f".{output}.vggdepth-tmp-mine",
+        folder / f".{output}.vggdepth-tmp-abcd12345.part",
+        folder / f".{output}.old",
+    )
+    for path in made:
+        if path.suffix == ".part" or path.name.endswith(".old"):
+            path.write_text("mine\n")
+        else:
+            path.mkdir()
+            (path / "keep.txt").write_text("mine\n")
+    return made
+
+
+def _kept(made: tuple[Path, ...]) -> bool:
+    return all((p / "keep.txt").read_text() == "mine\n" if p.is_dir() else p.read_text() == "mine\n" for p in made)
 
 
 TRAIN_ARGS = ("--variant", "BN-VGG-38", "--seed", "0", "--data", "data/prepared", "--out", "runs/BN-VGG-38-s0")
@@ -187,8 +213,10 @@ def test_prepare_killed_mid_write_gives_the_same_data_on_rerun(project, archive_
             time.sleep(0.001)  # 20 MB of the 146 MB of training images written
 
     _kill_when(root, "prepare", ("--archive", str(archive_path), "--out", str(out)), moment)
-    assert list(out.parent.glob(".prepared.*"))
+    assert list(out.parent.glob(".prepared.vggdepth-tmp-*"))
+    theirs = _theirs(out.parent, "prepared")
     _run(root, "prepare", "--archive", str(archive_path), "--out", str(out))
+    assert _kept(theirs)  # the killed writer's staging folder is gone (below), the user's look-alikes are not
 
     import numpy as np
 
@@ -197,7 +225,7 @@ def test_prepare_killed_mid_write_gives_the_same_data_on_rerun(project, archive_
             for key in ("images", "labels", "index"):
                 assert np.array_equal(got[key], want[key]), (name, key)
     assert (out / "stats.json").read_text() == (reference / "stats.json").read_text()
-    assert _leftovers(root) == []
+    assert _leftovers(root, theirs) == []
 
 
 def test_evaluate_killed_writes_the_same_test_json_on_rerun(project, undisturbed, tmp_path):
@@ -243,10 +271,12 @@ def test_report_killed_mid_write_gives_the_same_report_on_rerun(project, undistu
 
     _kill_when(root, "report", ("--runs", "runs", "--out", "report"), moment)
     assert not (root / "report").exists()
+    theirs = _theirs(root, "report")  # in the repository's root, beside report/
     _run(root, "report", "--runs", "runs", "--out", "report")
+    assert _kept(theirs)
 
     for name in ("table1.md", "table1.csv", "summary.json", "curves.csv"):
         assert (root / "report" / name).read_text() == (undisturbed / "report" / name).read_text(), name
     figures = sorted(p.name for p in (root / "report" / "figures").iterdir())
     assert figures == sorted(p.name for p in (undisturbed / "report" / "figures").iterdir())
-    assert _leftovers(root) == []
+    assert _leftovers(root, theirs) == []

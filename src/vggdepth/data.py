@@ -207,8 +207,16 @@ def load_prepared(out_dir: str | Path) -> PreparedData:
     missing = [k for k in STATS_KEYS if not isinstance(stats, dict) or k not in stats]
     if missing:
         raise PrepareError(f"{stats_path} lacks {', '.join(missing)}; {remedy}")
-    if not (_floats(stats["mean"], 3) and _floats(stats["std"], 3) and all(v > 0 for v in stats["std"])):
-        raise PrepareError(f"{stats_path}: mean and std must be 3 numbers each (std > 0); {remedy}")
+    if not (
+        _floats(stats["mean"], 3)
+        and _floats(stats["std"], 3)
+        and all(0 <= v <= 1 for v in stats["mean"])  # pixels scaled to [0, 1]: NaN and infinities fail too
+        and all(0 < v <= 0.5 for v in stats["std"])  # values in [0, 1] spread at most 0.5
+    ):
+        raise PrepareError(
+            f"{stats_path}: mean must be 3 numbers in [0, 1] and std 3 numbers in (0, 0.5], all finite (found mean "
+            f"{str(stats['mean'])[:80]}, std {str(stats['std'])[:80]}); {remedy}"
+        )
     if not isinstance(stats["sizes"], dict) or not isinstance(stats["classes"], list) or not stats["classes"]:
         raise PrepareError(f"{stats_path}: sizes must be a mapping and classes a list of names; {remedy}")
     classes = stats["classes"]

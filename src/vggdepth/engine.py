@@ -116,7 +116,8 @@ def run_fingerprint(model: ModelConfig, train: TrainConfig, variant: Variant, se
         "train": train.model_dump(exclude={"epochs"}),
         "variant": variant.model_dump(),
         "seed": seed,
-        "data": {k: data[k] for k in ("archive_md5", "split_seed", "sizes", "subset")},
+        # the normalisation statistics too: the same images normalised otherwise are another run
+        "data": {k: data[k] for k in ("archive_md5", "split_seed", "sizes", "subset", "mean", "std")},
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 

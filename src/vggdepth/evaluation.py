@@ -6,7 +6,6 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +20,7 @@ from vggdepth.checkpoints import CheckpointError, load_checkpoint, load_network
 from vggdepth.config import EvaluateConfig, RuntimeConfig, TrainConfig
 from vggdepth.data import PreparedData
 from vggdepth.engine import BFLOAT16, resolve_device, training_precision
-from vggdepth.files import write_json
+from vggdepth.files import staging_dir, write_json
 from vggdepth.labels import Labels
 from vggdepth.metrics import KINDS, Predictions, save_predictions, score, write_tables
 from vggdepth.runs import PREDICTIONS, RunFiles
@@ -41,7 +40,7 @@ class Evaluation:
         The tables are made in a staging folder that `publish` (MLflow) gets first; an old `test.json` goes
         before anything moves, so a stage that fails anywhere leaves no `test.json` and is run again whole."""
         files.test_json.unlink(missing_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{files.test_json.name}.", dir=files.root))  # see clean_leftovers
+        staging = staging_dir(files.test_json)  # a leftover of test.json's writer: cleaned when the stage starts
         try:
             save_predictions(staging / PREDICTIONS, self.predictions)
             write_tables(staging, self.predictions, labels)
@@ -67,9 +66,11 @@ def evaluate_run(
     train: TrainConfig,
     runtime: RuntimeConfig,
     evaluate: EvaluateConfig,
+    fingerprint: str | None = None,
 ) -> Evaluation:
     """Test metrics of `files`' best and last checkpoints. Writes nothing: the stage writes its outputs once the
-    result is safely elsewhere too (see pipeline/evaluate.py)."""
+    result is safely elsewhere too (see pipeline/evaluate.py). Each checkpoint must be of the run its folder names
+    (`<variant>-s<seed>`) and, given `fingerprint` (the run params.yaml describes), of that very run."""
     device = resolve_device(runtime.device)
     test = DeviceDataset(data.test, data.mean, data.std, device)
     autocast = training_precision(device, train.bf16) == BFLOAT16  # as the run's own validation computed
@@ -84,6 +85,7 @@ def evaluate_run(
                 f"{exc}. Re-run the train stage (`dvc repro {stage}`): it restores the {kind} checkpoint of a "
                 "finished run, or trains it"
             ) from None
+        _check_identity(path, checkpoint, files, fingerprint)
         classes = checkpoint["model_config"].get("num_classes")
         if classes != len(labels.classes):
             raise CheckpointError(
@@ -111,3 +113,21 @@ def evaluate_run(
         )
     result["test_images"] = len(test)
     return Evaluation(result, predictions)
+
+
+def _check_identity(path: Path, checkpoint: dict, files: RunFiles, fingerprint: str | None) -> None:
+    """A checkpoint copied into another run's folder, or left from other settings, is not tested as this run."""
+    variant, _, seed = files.root.name.rpartition("-s")
+    own = (str(checkpoint.get("variant"))[:64], str(checkpoint.get("seed"))[:20])
+    if variant and seed.isdigit() and own != (variant, seed):
+        raise CheckpointError(
+            f"{path} is a checkpoint of {own[0]} seed {own[1]}, not of {variant} seed {seed} (its folder): a run "
+            f"folder holds another run's checkpoints. Restore the folder's own (`dvc checkout {files.root}`) or "
+            f"retrain it (`dvc repro train@{variant}-{seed}`)"
+        )
+    if fingerprint is not None and checkpoint.get("fingerprint") != fingerprint:
+        raise CheckpointError(
+            f"{path} was trained with other settings, data or training code than params.yaml and the prepared data "
+            f"describe (fingerprint {str(checkpoint.get('fingerprint'))[:20]}, expected {fingerprint}); re-run its "
+            "train stage, which sets it aside and trains the run these settings describe"
+        )

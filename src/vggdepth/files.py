@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import csv
+import glob
 import json
 import logging
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterable, Iterator, Sequence
@@ -35,7 +37,7 @@ def ensure_writable(folder: str | Path) -> Path:
     folder = Path(folder)
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        fd, name = tempfile.mkstemp(prefix=".write-check.", dir=folder)
+        fd, name = tempfile.mkstemp(prefix=f".write-check.{TEMPORARY}-", dir=folder)
         os.close(fd)
         os.unlink(name)
     except OSError as exc:
@@ -44,20 +46,53 @@ def ensure_writable(folder: str | Path) -> Path:
     return folder
 
 
+# Every temporary file and staging folder this project writes is named `.<output's name>.vggdepth-tmp-<8 random
+# characters>` (files end in `.part`), and an output being replaced is retired as `.<name>.vggdepth-old`: names no
+# person would choose. Clean-up removes those and nothing else: a user's `.prepared.backup/` beside an output stays.
+TEMPORARY = "vggdepth-tmp"
+_RANDOM = re.compile(r"[a-z0-9_]{8}")  # what tempfile puts in its names
+
+
+def temporary_prefix(dest: Path) -> str:
+    """The start of every temporary name of `dest`'s writers: `.<name>.vggdepth-tmp-`."""
+    return f".{dest.name}.{TEMPORARY}-"
+
+
+def _retired(dest: Path) -> Path:
+    return dest.with_name(f".{dest.name}.vggdepth-old")
+
+
+def is_leftover(path: Path, dest: Path) -> bool:
+    """Whether `path` is a temporary file, staging folder or retired output of a writer of `dest`: by its exact
+    name, which only this project's writers make (a link is never one)."""
+    if path.parent != dest.parent or path.is_symlink():
+        return False
+    if path.name == _retired(dest).name:
+        return True
+    prefix = temporary_prefix(dest)
+    if not path.name.startswith(prefix):
+        return False
+    rest = path.name.removeprefix(prefix)
+    if path.is_dir():
+        return bool(_RANDOM.fullmatch(rest))
+    return rest.endswith(".part") and bool(_RANDOM.fullmatch(rest.removesuffix(".part")))
+
+
 def clean_leftovers(dest: str | Path) -> list[Path]:
-    """Remove what a killed writer of `dest` left beside it (`.<name>.*.part` files, `.<name>.*` staging folders),
-    saying so; return what was removed. Called when a stage starts, before it writes `dest` again."""
+    """Remove what a killed writer of `dest` left beside it (its temporary files, staging folders and retired
+    output, by their exact names: `is_leftover`), saying so; return what was removed. Anything else beside `dest`,
+    whatever its name, is left alone. Called when a stage starts, before it writes `dest` again."""
     dest = Path(dest)
     if not dest.parent.is_dir():
         return []
     removed = []
-    for leftover in dest.parent.glob(f".{dest.name}.*"):
-        if leftover.is_dir() and not leftover.is_symlink():
-            shutil.rmtree(leftover, ignore_errors=True)
-        elif leftover.name.endswith(".part") or leftover.name.endswith(".old"):
-            leftover.unlink(missing_ok=True)
-        else:
+    for leftover in dest.parent.glob(f".{glob.escape(dest.name)}.vggdepth-*"):
+        if not is_leftover(leftover, dest):
             continue
+        if leftover.is_dir():
+            shutil.rmtree(leftover, ignore_errors=True)
+        else:
+            leftover.unlink(missing_ok=True)
         log.warning("removed %s, left by a writer of %s that was killed", leftover, dest)
         removed.append(leftover)
     return removed
@@ -76,7 +111,7 @@ def atomic_path(dest: str | Path) -> Iterator[Path]:
     dest = Path(dest)
     try:
         dest.parent.mkdir(parents=True, exist_ok=True)
-        fd, name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent)
+        fd, name = tempfile.mkstemp(prefix=temporary_prefix(dest), suffix=".part", dir=dest.parent)
     except OSError as exc:
         raise _cannot_write(dest, exc) from None
     os.close(fd)
@@ -91,6 +126,11 @@ def atomic_path(dest: str | Path) -> Iterator[Path]:
         tmp.unlink(missing_ok=True)
 
 
+def staging_dir(dest: Path) -> Path:
+    """A new temporary folder beside `dest`, named as its writers' are (`temporary_prefix`)."""
+    return Path(tempfile.mkdtemp(prefix=temporary_prefix(dest), dir=dest.parent))
+
+
 @contextmanager
 def atomic_dir(dest: str | Path) -> Iterator[Path]:
     """A temporary folder beside `dest` that replaces `dest` whole when the block succeeds, and is removed when
@@ -98,7 +138,7 @@ def atomic_dir(dest: str | Path) -> Iterator[Path]:
     dest = Path(dest)
     try:
         dest.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
+        staging = staging_dir(dest)
         os.chmod(staging, 0o777 & ~_UMASK)  # mkdtemp makes 0700 folders; the output gets the usual permissions
     except OSError as exc:
         raise _cannot_write(dest, exc) from None
@@ -108,7 +148,7 @@ def atomic_dir(dest: str | Path) -> Iterator[Path]:
         except OutputError as exc:  # name the output a user knows, not the staging folder
             raise OutputError(str(exc).replace(str(staging), str(dest))) from None
         if dest.exists():
-            retired = dest.with_name(f".{dest.name}.old")
+            retired = _retired(dest)
             shutil.rmtree(retired, ignore_errors=True)
             os.replace(dest, retired)
             os.replace(staging, dest)

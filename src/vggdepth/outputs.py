@@ -154,6 +154,12 @@ def collect(params: Params, runs: Path, partial: bool = False) -> dict[str, list
                 continue
             epochs = read_epochs(files.epochs_csv)
             train = read_json(files.train_json, TRAIN_KEYS)
+            if (train.get("variant"), train.get("seed")) != (variant, seed):
+                raise ReportError(
+                    f"{files.train_json} is the summary of {str(train.get('variant'))[:64]} seed "
+                    f"{str(train.get('seed'))[:20]}, not of {variant} seed {seed} (its folder): a run folder holds "
+                    f"another run's outputs; {_remedy(files.train_json)}"
+                )
             if train["epochs"] != len(epochs):
                 raise ReportError(
                     f"{files.epochs_csv} has {len(epochs)} epochs, {files.train_json} says {train['epochs']}: "

@@ -31,12 +31,20 @@ from vggdepth.tracking.store import (
 
 def sync_run(params: Params, files: RunFiles) -> list[str]:
     """Send what a run's MLflow run lacks (epochs, artefacts, test metrics) from its outputs; say what was sent.
-    A run folder with tables but no checkpoints (a GPU lease's, see `import_run`) is imported from its tables."""
-    store = Store(params.tracking)
+    A run folder with tables but no checkpoints (a GPU lease's, see `import_run`) is imported from its tables. A
+    checkpoint of another run than its folder names sends nothing."""
     if not files.last.exists() and files.train_json.exists():
-        return import_run(store, params, files)
+        return import_run(Store(params.tracking), params, files)
     state = load_checkpoint(files.last)
+    variant, _, seed = files.root.name.rpartition("-s")
+    own = (str(state["variant"])[:64], str(state["seed"])[:20])
+    if variant and seed.isdigit() and own != (variant, seed):
+        raise TrackingError(
+            f"{files.last} is a checkpoint of {own[0]} seed {own[1]}, not of {variant} seed {seed} (its folder): "
+            "nothing was sent; restore the folder's own checkpoints first"
+        )
     run_id = run_id_of(files, state)
+    store = Store(params.tracking)
     with store_errors(store.uri, f"take what {files.root} has to send"):
         return _sync(store, files, state, run_id)
 
