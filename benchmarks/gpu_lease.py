@@ -59,7 +59,7 @@ from vggdepth.grid import GridResult, choose_packing, group_runs, local_resource
 from vggdepth.labels import Labels, load_labels, write_labels
 from vggdepth.outputs import read_epochs
 from vggdepth.runs import TABLES as RUN_TABLES
-from vggdepth.runs import RunFiles
+from vggdepth.runs import RunFiles, run_name
 from vggdepth.throughput import Timing, first_batches, speed_of, time_epoch, training_loop
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -135,7 +135,7 @@ def _profile_worker(params_json: str, variant: str, data_dir: str, k: int, steps
         cuda = loop.device.type == "cuda"
         activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
         with profile(activities=activities) as prof, tqdm(total=steps, disable=True) as bar:
-            loop.train_epoch(2, bar)
+            loop.train_epoch(2, bar, guard=False)
             if cuda:
                 torch.cuda.synchronize()
     table = prof.key_averages().table(sort_by="cuda_time_total" if cuda else "cpu_time_total", row_limit=30)
@@ -331,50 +331,50 @@ def train_study(
     groups = study_groups(params, runs, data)
     say("groups: " + "; ".join(" + ".join(g) for g in groups))
     fused_with = {name: len(g) for g in groups for name in g}
-    order = [f"{v}-s{s}" for v, s in study_order(params)]
-    started, tested = time.time(), set()
-
-    def states(result: GridResult) -> list[dict]:
-        found = []
-        for name in order:
-            variant, _, seed = name.rpartition("-s")
-            state = {"run": name, "variant": variant, "seed": int(seed), "fused_with": fused_with.get(name, 1)}
-            files = RunFiles.of(runs, variant, int(seed))
-            if name in result.trained:
-                summary = result.trained[name]
-                if name not in tested:
-                    evaluate_run(files, data, labels, params.train, params.runtime, params.evaluate).write(
-                        files, labels
-                    )
-                    tested.add(name)
-                state.update(
-                    state="finished",
-                    epochs=summary["epochs"],
-                    images_per_second=summary["images_per_second"],
-                    val_acc=summary["val_acc"],
-                )
-            elif name in result.failed:
-                state.update(state=f"failed: {result.failed[name]}", epochs=_epochs_done(files))
-            elif name in result.stopped:
-                state.update(state=result.stopped[name], epochs=_epochs_done(files))
-            else:
-                continue
-            state["seconds"] = time.time() - started
-            found.append(state)
-        return found
+    started = time.time()
+    ended: dict[str, dict] = {}  # run name -> its state, fixed when its group ended
 
     def after_group(result: GridResult) -> None:
-        for state in states(result):
-            if state["run"] not in said:
-                said.add(state["run"])
-                say(f"{state['run']}: {state['state']}, {state['epochs']} epochs")
-        progress(states(result))
+        """Each run that has ended since the last call: tested when it finished, its state said and kept."""
+        for variant, seed in study_order(params):
+            name = run_name(variant, seed)
+            files = RunFiles.of(runs, variant, seed)
+            if name in ended:
+                continue
+            if name in result.trained:
+                summary = result.trained[name]
+                evaluate_run(files, data, labels, params.train, params.runtime, params.evaluate).write(files, labels)
+                state = {
+                    "state": "finished",
+                    "epochs": summary["epochs"],
+                    "images_per_second": summary["images_per_second"],
+                    "val_acc": summary["val_acc"],
+                }
+            elif name in result.failed:
+                state = {"state": f"failed: {result.failed[name]}", "epochs": _epochs_done(files)}
+            elif name in result.stopped:
+                state = {"state": result.stopped[name], "epochs": _epochs_done(files)}
+            else:
+                continue
+            ended[name] = {
+                "run": name,
+                "variant": variant,
+                "seed": seed,
+                "fused_with": fused_with.get(name, 1),
+                **state,
+                "seconds": time.time() - started,
+            }
+            say(f"{name}: {state['state']}, {state['epochs']} epochs")
+        progress(states())
 
-    said: set[str] = set()
+    def states() -> list[dict]:
+        return [ended[name] for name in (run_name(v, s) for v, s in study_order(params)) if name in ended]
+
     result, _, _ = run_grid(
         params, data, data_dir, runs, probe=False, deadline=deadline, start_margin_s=margin, after_group=after_group
     )
-    return states(result)
+    after_group(result)  # runs the deadline kept from starting end without a group of their own
+    return states()
 
 
 def _epochs_done(files: RunFiles) -> int:

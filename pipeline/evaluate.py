@@ -35,12 +35,10 @@ def main(
     store = open_store(p)  # before any work: an unreachable tracking server stops the stage here
     prepared = load_prepared(data)
     known = load_labels(labels, prepared.stats)
-    variant, _, seed = files.root.name.rpartition("-s")
-    expected = (  # the run params.yaml describes, when the folder is one of its runs
-        run_fingerprint(p.model, p.train, p.variants[variant], int(seed), prepared.stats)
-        if variant in p.variants and seed.isdigit()
-        else None
-    )
+    expected = None  # the run params.yaml describes, when the folder is one of its runs
+    if files.run is not None and files.run[0] in p.variants:
+        variant, seed = files.run
+        expected = run_fingerprint(p.model, p.train, p.variants[variant], seed, prepared.stats)
     evaluation = evaluate_run(files, prepared, known, p.train, p.runtime, p.evaluate, fingerprint=expected)
     # MLflow first: a stage that fails there leaves no test.json behind
     evaluation.write(files, known, publish=partial(log_evaluation, store, files, evaluation.result))

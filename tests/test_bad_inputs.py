@@ -805,22 +805,23 @@ def _(ws):
     return ws.cli("sync", str(run.root))
 
 
-@case("identity-stats-infinite-std", "std 3 numbers in (0, 0.5], all finite")
-def _(ws):
+def _train_with_stat(ws: Workspace, key: str, channel: int, value: float) -> list[str]:
+    """Train on a copy of the prepared data whose stats.json has `value` as `key`'s `channel`."""
     data = ws.data()
     stats = json.loads((data / "stats.json").read_text())
-    stats["std"][1] = float("inf")
-    (data / "stats.json").write_text(json.dumps(stats))  # json writes Infinity, which json reads back
+    stats[key][channel] = value
+    (data / "stats.json").write_text(json.dumps(stats))  # json writes Infinity and NaN, which json reads back
     return ws.train(data=data)
+
+
+@case("identity-stats-infinite-std", "std 3 numbers in (0, 0.5], all finite")
+def _(ws):
+    return _train_with_stat(ws, "std", 1, float("inf"))
 
 
 @case("identity-stats-nan-mean", "mean must be 3 numbers in [0, 1]")
 def _(ws):
-    data = ws.data()
-    stats = json.loads((data / "stats.json").read_text())
-    stats["mean"][0] = float("nan")
-    (data / "stats.json").write_text(json.dumps(stats))
-    return ws.train(data=data)
+    return _train_with_stat(ws, "mean", 0, float("nan"))
 
 
 def test_other_normalisation_statistics_make_another_run(params, tiny_data):

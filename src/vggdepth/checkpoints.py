@@ -192,6 +192,18 @@ def _set_aside(files: RunFiles, fingerprint: str) -> Path:
     return aside
 
 
+def foreign(state: dict, files: RunFiles) -> str | None:
+    """Why `state` is not a checkpoint of the run its folder names (`<variant>-s<seed>`), or None when it is (or
+    the folder is named otherwise)."""
+    if files.run is None:
+        return None
+    variant, seed = files.run
+    own = (str(state.get("variant"))[:64], str(state.get("seed"))[:20])
+    if own == (variant, str(seed)):
+        return None
+    return f"is a checkpoint of {own[0]} seed {own[1]}, not of {variant} seed {seed} (its folder)"
+
+
 def epochs_in(files: RunFiles, fingerprint: str) -> int:
     """Epochs of the run `fingerprint` names in a run folder (its own checkpoints, or those set aside), changing
     nothing in it."""

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from vggdepth import engine
 from vggdepth.batches import DeviceDataset
-from vggdepth.checkpoints import CheckpointError, load_checkpoint, load_network
+from vggdepth.checkpoints import CheckpointError, foreign, load_checkpoint, load_network
 from vggdepth.config import EvaluateConfig, RuntimeConfig, TrainConfig
 from vggdepth.data import PreparedData
 from vggdepth.engine import BFLOAT16, resolve_device, training_precision
@@ -79,8 +79,7 @@ def evaluate_run(
         try:
             checkpoint = load_checkpoint(path, device)
         except CheckpointError as exc:
-            variant, _, seed = files.root.name.rpartition("-s")
-            stage = f"train@{variant}-{seed}" if variant else "train"
+            stage = f"train@{files.run[0]}-{files.run[1]}" if files.run else "train"
             raise CheckpointError(
                 f"{exc}. Re-run the train stage (`dvc repro {stage}`): it restores the {kind} checkpoint of a "
                 "finished run, or trains it"
@@ -117,13 +116,11 @@ def evaluate_run(
 
 def _check_identity(path: Path, checkpoint: dict, files: RunFiles, fingerprint: str | None) -> None:
     """A checkpoint copied into another run's folder, or left from other settings, is not tested as this run."""
-    variant, _, seed = files.root.name.rpartition("-s")
-    own = (str(checkpoint.get("variant"))[:64], str(checkpoint.get("seed"))[:20])
-    if variant and seed.isdigit() and own != (variant, seed):
+    if why := foreign(checkpoint, files):
+        variant, seed = files.run
         raise CheckpointError(
-            f"{path} is a checkpoint of {own[0]} seed {own[1]}, not of {variant} seed {seed} (its folder): a run "
-            f"folder holds another run's checkpoints. Restore the folder's own (`dvc checkout {files.root}`) or "
-            f"retrain it (`dvc repro train@{variant}-{seed}`)"
+            f"{path} {why}: a run folder holds another run's checkpoints. Restore the folder's own (`dvc checkout "
+            f"{files.root}`) or retrain it (`dvc repro train@{variant}-{seed}`)"
         )
     if fingerprint is not None and checkpoint.get("fingerprint") != fingerprint:
         raise CheckpointError(

@@ -79,6 +79,11 @@ class RunFiles:
         return self / PREVIOUS
 
     @property
+    def run(self) -> tuple[str, int] | None:
+        """(variant, seed) its name says (`parse_run_name`), or None."""
+        return parse_run_name(self.root.name)
+
+    @property
     def outputs(self) -> tuple[Path, ...]:
         """Every file the train stage writes, checkpoints aside."""
         return tuple(self / name for name in TRAINING_TABLES)
@@ -87,6 +92,12 @@ class RunFiles:
 def run_name(variant: str, seed: int) -> str:
     """`<variant>-s<seed>`: a run's folder, its MLflow run and its line in every plan."""
     return f"{variant}-s{seed}"
+
+
+def parse_run_name(name: str) -> tuple[str, int] | None:
+    """(variant, seed) of a run's name `<variant>-s<seed>`; None for any other name."""
+    variant, _, seed = name.rpartition("-s")
+    return (variant, int(seed)) if variant and seed.isdigit() else None
 
 
 @dataclass(frozen=True)

@@ -91,17 +91,16 @@ def time_epoch(loop: StepLoop, ready: Callable[[], object] | None = None) -> Tim
     is off: this times steps, it trains no run."""
     loop.begin()
     loop.start_epoch()
-    # A speed, not a run: a loss that diverges on random pixels (a variant with a huge learning rate) is timed
-    # like any other, not stopped by the NaN guard.
-    loop.check_finite = lambda epoch: None
     device = loop.device
     with tqdm(total=0, disable=True) as bar:  # no bar: the timing is the output
-        loop.train_epoch(0, bar)
+        # A speed, not a run: a loss that diverges on random pixels (a variant with a huge learning rate) is timed
+        # like any other, not stopped by the NaN guard.
+        loop.train_epoch(0, bar, guard=False)
         _sync(device)
         if ready is not None:
             ready()
         started = time.time()
-        loop.train_epoch(1, bar)
+        loop.train_epoch(1, bar, guard=False)
         _sync(device)
         ended = time.time()
     runs = getattr(loop, "k", 1)

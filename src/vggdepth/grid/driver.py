@@ -17,6 +17,7 @@ from vggdepth.data import PreparedData
 from vggdepth.files import write_json
 from vggdepth.grid.on_ray import RayPool, cluster_resources, ray_address, start_ray
 from vggdepth.grid.plan import (
+    PROCESSES,
     GridError,
     Packing,
     PlannedRun,
@@ -138,7 +139,7 @@ def run_grid(
     )
     if params.grid.backend == "processes":
         packing, lines, seconds = packing_and_plan(
-            params, data, planned, local_resources(), None, probe=probe, where="this machine (processes, no Ray)"
+            params, data, planned, local_resources(), None, probe=probe, where=PROCESSES
         )
         _say_lines(lines)
         pool = ProcessPool(params, data_dir.resolve(), recorder_args, packing, deadline)

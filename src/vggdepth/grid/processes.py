@@ -113,7 +113,10 @@ class ProcessPool:
             process.start()
         finally:
             for k, v in saved.items():
-                os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
+                if v is None:
+                    os.environ.pop(k)
+                else:
+                    os.environ[k] = v
         sending.close()
         self.pending[process] = (group, receiving)
         self.slot_of[process] = slot

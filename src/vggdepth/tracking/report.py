@@ -94,5 +94,5 @@ def _gradient_flow_of(store: Store, files: RunFiles) -> None:
         return
     if has_gradient_flow(store, run_id):
         return
-    variant, _, seed = files.root.name.rpartition("-s")
+    variant, seed = files.run
     log_gradient_flow(store, run_id, read_gradients(files.gradients_csv), f"{variant} seed {seed}")

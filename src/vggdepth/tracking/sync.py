@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 
-from vggdepth.checkpoints import load_checkpoint
+from vggdepth.checkpoints import foreign, load_checkpoint
 from vggdepth.config import Params, recorded_params
 from vggdepth.gradients import GradientRow
 from vggdepth.outputs import read_epochs, read_gradients
@@ -36,13 +36,8 @@ def sync_run(params: Params, files: RunFiles) -> list[str]:
     if not files.last.exists() and files.train_json.exists():
         return import_run(Store(params.tracking), params, files)
     state = load_checkpoint(files.last)
-    variant, _, seed = files.root.name.rpartition("-s")
-    own = (str(state["variant"])[:64], str(state["seed"])[:20])
-    if variant and seed.isdigit() and own != (variant, seed):
-        raise TrackingError(
-            f"{files.last} is a checkpoint of {own[0]} seed {own[1]}, not of {variant} seed {seed} (its folder): "
-            "nothing was sent; restore the folder's own checkpoints first"
-        )
+    if why := foreign(state, files):
+        raise TrackingError(f"{files.last} {why}: nothing was sent; restore the folder's own checkpoints first")
     run_id = run_id_of(files, state)
     store = Store(params.tracking)
     with store_errors(store.uri, f"take what {files.root} has to send"):
