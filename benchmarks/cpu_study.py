@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
 import platform
 import shutil
@@ -50,6 +49,7 @@ from vggdepth.outputs import read_epochs  # noqa: E402
 from vggdepth.report import build_report  # noqa: E402
 from vggdepth.runs import TABLES as RUN_TABLES  # noqa: E402
 from vggdepth.runs import RunFiles  # noqa: E402
+from vggdepth.schemas import StudyRecord, TrainRecord, read_record  # noqa: E402
 
 STUDY = ROOT / ".study"
 RESULTS = ROOT / "results"
@@ -70,7 +70,7 @@ class Study:
 
     def __init__(self, results: Path):
         self.results = results
-        self.record = json.loads((results / "study.json").read_text())
+        self.record = read_record(results / "study.json", StudyRecord).model_dump(mode="json")
         self.checkout = STUDY / self.record["commit"][:7]
         self.pid_file = STUDY / f"{results.name}.pid"
         self.log = STUDY / f"{results.name}.log"
@@ -180,7 +180,7 @@ class Study:
         epochs = self.params.train.epochs
         for name in self.run_names():
             files = RunFiles(self.checkout / "runs" / name)
-            trained = files.train_json.exists() and json.loads(files.train_json.read_text())["epochs"] == epochs
+            trained = files.train_json.exists() and read_record(files.train_json, TrainRecord).epochs == epochs
             if trained and not files.test_json.exists():
                 print(f"{name} finished: evaluating it now", flush=True)
                 cmd = [sys.executable, "pipeline/evaluate.py", "--run", f"runs/{name}"]

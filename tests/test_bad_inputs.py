@@ -203,6 +203,25 @@ PARAMS_CASES = {
     "grid-backend-unknown": ("grid.backend", "slurm", "grid.backend"),
     "top-k-above-classes": ("evaluate.top_k", 101, "evaluate.top_k: 101 is more than the 100 classes"),
     "calibration-one-bin": ("evaluate.calibration_bins", 1, "evaluate.calibration_bins: input should be greater than"),
+    # every number is bounded and finite: values that once validated and then crashed or misled a stage
+    "crop-padding-beyond-the-image": (
+        "train.augment.crop_padding",
+        100000,
+        "train.augment.crop_padding: input should be less than or equal to 32 (got 100000)",
+    ),
+    "download-timeout-infinite": ("data.timeout_s", float("inf"), "data.timeout_s: input should be a finite number"),
+    "request-timeout-overflows": (
+        "tracking.request_timeout_s",
+        10**10,
+        "tracking.request_timeout_s: input should be less than or equal to 3600",
+    ),
+    "negative-slope-infinite": ("model.negative_slope", float("inf"), "model.negative_slope: input should be a finite"),
+    "weight-decay-infinite": (
+        "train.weight_decay",
+        float("inf"),
+        "train.weight_decay: input should be a finite number",
+    ),
+    "long-value-quoted-in-part": ("data.url", "http://x/" + "a" * 100_000, "a... (100011 characters))"),
     "per-class-figure-of-three": (
         "report.figures.fig7-per-class-final-vs-vgg08.variants",
         ["VGG-08", "VGG-38", "BN-VGG-38"],
@@ -339,7 +358,7 @@ def _(ws):
     return ws.train(data=data)
 
 
-@case("prepared-stats-without-keys", "stats.json lacks archive_md5, mean")
+@case("prepared-stats-without-keys", "stats.json: archive_md5: field required (and 1 more)")
 def _(ws):
     data = ws.data()
     stats = json.loads((data / "stats.json").read_text())
@@ -348,7 +367,7 @@ def _(ws):
     return ws.train(data=data)
 
 
-@case("prepared-stats-not-json", "stats.json is damaged")
+@case("prepared-stats-not-json", "stats.json: not JSON")
 def _(ws):
     data = ws.data()
     (data / "stats.json").write_text("{ half")
@@ -388,6 +407,43 @@ def _(ws):
     data = ws.data()
     _rewrite_split(data, "test", images=np.zeros((100, 3, 16, 16), dtype=np.uint8))
     return ws.evaluate(ws.run_folder(), data=data)
+
+
+@case("prepared-labels-as-strings", "train.npz has labels <U3 and indices int32, expected whole numbers")
+def _(ws):
+    data = ws.data()
+    with np.load(data / "train.npz") as old:
+        labels = old["labels"].astype(str)
+    _rewrite_split(data, "train", labels=labels)
+    return ws.train(data=data)
+
+
+@case("prepared-a-101st-class", "stats.json: classes: list should have at most 100 items")
+def _(ws):
+    data = ws.data()
+    stats = json.loads((data / "stats.json").read_text())
+    (data / "stats.json").write_text(json.dumps({**stats, "classes": [*stats["classes"], "dragon"]}))
+    with np.load(data / "train.npz") as old:
+        labels = old["labels"].copy()
+    labels[0] = 100
+    _rewrite_split(data, "train", labels=labels)
+    return ws.train(data=data)
+
+
+@case("prepared-npz-is-a-fifo", "train.npz is not a regular file")
+def _(ws):
+    data = ws.data()
+    (data / "train.npz").unlink()
+    os.mkfifo(data / "train.npz")  # opened, it would block the stage forever
+    return ws.train(data=data)
+
+
+@case("prepared-stats-is-a-folder", "stats.json is not a regular file")
+def _(ws):
+    data = ws.data()
+    (data / "stats.json").unlink()
+    (data / "stats.json").mkdir()
+    return ws.train(data=data)
 
 
 # ---- checkpoints ---------------------------------------------------------------------------------------------
@@ -477,7 +533,7 @@ def _(ws):
 @case("labels-class-names-differ", "does not name the prepared data's classes", absent=EVALUATE_ABSENT)
 def _(ws):
     data = json.loads(ws.labels.read_text())
-    (ws.root / "labels.json").write_text(json.dumps({**data, "classes": data["classes"][:10]}))
+    (ws.root / "labels.json").write_text(json.dumps({**data, "classes": [*data["classes"][:-1], "dragon"]}))
     return ws.evaluate(_evaluate_again(ws), labels=ws.root / "labels.json")
 
 
@@ -632,7 +688,7 @@ def _(ws):
     return _damaged_report(ws, damage)
 
 
-@case("report-test-json-damaged", "test.json is not valid JSON", absent=REPORT_ABSENT)
+@case("report-test-json-damaged", "test.json: not JSON", absent=REPORT_ABSENT)
 def _(ws):
     return _damaged_report(ws, lambda runs: (runs / "VGG-08-s0" / "test.json").write_text('{"best": '))
 
@@ -658,7 +714,7 @@ def _(ws):
     return _damaged_report(ws, lambda runs: (runs / "VGG-08-s0" / "per_class.csv").unlink())
 
 
-@case("report-test-json-without-keys", "test.json lacks best with test_acc, test_loss", absent=REPORT_ABSENT)
+@case("report-test-json-without-keys", "test.json: best.epoch: field required", absent=REPORT_ABSENT)
 def _(ws):
     return _damaged_report(ws, lambda runs: (runs / "MBS50-BN-38-s0" / "test.json").write_text('{"best": {}}'))
 
@@ -694,16 +750,122 @@ def _(ws):
     return ws.report(ws.all_runs())
 
 
-@case("guard-summary-missing", "cannot read the guard metrics from", absent=())
+@case("guard-summary-missing", "summary.json is missing; run the pipeline", absent=())
 def _(ws):
     return ws.cli("guard", "--summary", str(ws.root / "summary.json"))
 
 
-@case("guard-summary-without-gradients", "cannot read the guard metrics from", absent=())
+@case("guard-summary-without-gradients", "summary.json: VGG-08.entry_grad_min: field required", absent=())
 def _(ws):
     path = ws.root / "summary.json"
-    path.write_text(json.dumps({v: {"val_acc": 0.1, "val_loss": 4.6} for v in ws.raw["variants"]}))
+    row = {"val_acc": 0.1, "val_loss": 4.6}
+    path.write_text(json.dumps({v: row for v in ws.raw["variants"]}))
     return ws.cli("guard", "--summary", str(path))
+
+
+@case(
+    "report-train-json-a-word", "train.json: parameters: input should be a valid integer (found 'many')", REPORT_ABSENT
+)
+def _(ws):
+    def damage(runs):
+        path = runs / "VGG-38-s0" / "train.json"
+        path.write_text(json.dumps({**json.loads(path.read_text()), "parameters": "many"}))
+
+    return _damaged_report(ws, damage)
+
+
+@case("report-train-json-a-list", "train.json: the whole file: a JSON object is expected", REPORT_ABSENT)
+def _(ws):
+    return _damaged_report(ws, lambda runs: (runs / "VGG-08-s0" / "train.json").write_text("[1]"))
+
+
+@case("report-test-json-top-k-a-word", "test.json: best: test_top5: a finite number is expected", REPORT_ABSENT)
+def _(ws):
+    def damage(runs):
+        path = runs / "BN-VGG-38-s0" / "test.json"
+        test = json.loads(path.read_text())
+        path.write_text(json.dumps({**test, "best": {**test["best"], "test_top5": "x"}}))
+
+    return _damaged_report(ws, damage)
+
+
+def _guard(ws: Workspace, content: str | None) -> list[str]:
+    path = ws.root / "summary.json"
+    if content is None:
+        os.mkfifo(path)  # opened, it would block the guard forever
+    else:
+        path.write_text(content)
+    return ws.cli("guard", "--summary", str(path))
+
+
+@case("guard-summary-a-list", "summary.json: the whole file: a JSON object is expected (found [])", ())
+def _(ws):
+    return _guard(ws, "[]")
+
+
+@case("guard-summary-null", "summary.json: the whole file: a JSON object is expected (found None)", ())
+def _(ws):
+    return _guard(ws, "null")
+
+
+@case("guard-summary-number-a-string", "summary.json: VGG-08.val_acc: input should be a valid number (found '0.5')", ())
+def _(ws):
+    row = {"val_acc": "0.5", "val_loss": 4.6, "test_acc": 0.1, "epochs": 1, "entry_grad_min": 1, "entry_grad_max": 1}
+    return _guard(ws, json.dumps({"VGG-08": row}))
+
+
+@case("guard-summary-variant-absent", "has no row of VGG-38, BN-VGG-38", ())
+def _(ws):
+    row = {"val_acc": 0.5, "val_loss": 4.6, "test_acc": 0.1, "epochs": 1, "entry_grad_min": 1, "entry_grad_max": 1}
+    return _guard(ws, json.dumps({"VGG-08": row}))
+
+
+@case("guard-summary-a-fifo", "summary.json is not a regular file", ())
+def _(ws):
+    return _guard(ws, None)
+
+
+# ---- records of runs trained elsewhere (sync imports a lease's or a study's runs from their tables) ------------
+
+
+def _lease_run(ws: Workspace, record: object) -> RunFiles:
+    """VGG-08's tables as a GPU lease brings them home (no checkpoints), with `record` as its lease.json."""
+    lease = ws.root / "results" / "lease"
+    run = RunFiles(lease / "runs" / f"VGG-08-s{SEED}")
+    shutil.copytree(ws.runs / run.root.name, run.root, ignore=shutil.ignore_patterns("checkpoints"))
+    (lease / "lease.json").write_text(json.dumps(record))
+    return run
+
+
+def _lease_record(ws: Workspace, **changes) -> dict:
+    record = {"device": "NVIDIA H200", "torch": "2.14.1", "commit": "0" * 40, "finished_at": "2026-12-01T00:00:00Z"}
+    return {**record, "params": ws.raw, "runs": [], **changes}
+
+
+@case("sync-lease-train-json-a-list", "train.json: the whole file: a JSON object is expected", ())
+def _(ws):
+    run = _lease_run(ws, _lease_record(ws))
+    run.train_json.write_text("[1]")
+    return ws.cli("sync", str(run.root))
+
+
+@case("sync-lease-record-a-list", "lease.json: the whole file: a JSON object is expected (found [])", ())
+def _(ws):
+    return ws.cli("sync", str(_lease_run(ws, []).root))
+
+
+@case("sync-lease-record-invalid-params", "lease.json: invalid parameters:", ())
+def _(ws):
+    raw = json.loads(json.dumps(ws.raw))
+    raw["train"]["epochs"] = -1
+    return ws.cli("sync", str(_lease_run(ws, _lease_record(ws, params=raw)).root))
+
+
+@case("sync-lease-train-json-of-another-run", "is the summary of VGG-38 seed 0, not of its folder's run", ())
+def _(ws):
+    run = _lease_run(ws, _lease_record(ws))
+    shutil.copy(ws.runs / f"VGG-38-s{SEED}" / "train.json", run.train_json)
+    return ws.cli("sync", str(run.root))
 
 
 # ---- output locations: unwritable, full --------------------------------------------------------------------
@@ -814,12 +976,12 @@ def _train_with_stat(ws: Workspace, key: str, channel: int, value: float) -> lis
     return ws.train(data=data)
 
 
-@case("identity-stats-infinite-std", "std 3 numbers in (0, 0.5], all finite")
+@case("identity-stats-infinite-std", "stats.json: std.1: input should be a finite number")
 def _(ws):
     return _train_with_stat(ws, "std", 1, float("inf"))
 
 
-@case("identity-stats-nan-mean", "mean must be 3 numbers in [0, 1]")
+@case("identity-stats-nan-mean", "stats.json: mean.0: input should be a finite number")
 def _(ws):
     return _train_with_stat(ws, "mean", 0, float("nan"))
 
@@ -906,6 +1068,29 @@ def _leftovers(root: Path) -> list[str]:
     return found
 
 
+def test_every_json_the_stages_write_passes_its_own_schema(fixtures):
+    """The schemas the readers hold every file to are the writers' own shape: what real stages wrote (a run of each
+    variant, the prepared data, the labels) and what the CPU study committed (its record, its report's summary)
+    read back whole."""
+    from vggdepth import schemas
+
+    for run in sorted(fixtures["runs"].iterdir()):
+        train = schemas.read_record(run / "train.json", schemas.TrainRecord)
+        assert (train.variant, train.seed, train.epochs) == (run.name.rsplit("-s", 1)[0], SEED, 1)
+        test = schemas.read_record(run / "test.json", schemas.TestRecord)
+        assert test.best.model_extra["test_top5"] >= test.best.test_acc
+    stats = schemas.read_record(fixtures["prepared"] / "stats.json", schemas.StatsRecord)
+    assert len(stats.classes) == 100 and stats.sizes == {"train": 200, "val": 100, "test": 100}
+    labels = schemas.read_record(fixtures["labels"], schemas.LabelsRecord)
+    assert labels.classes == stats.classes and len(labels.superclasses) == 20
+    studies = sorted((ROOT / "results").glob("*-cpu-*/study.json"))
+    assert studies
+    for study in studies:
+        assert schemas.read_record(study, schemas.StudyRecord).runs
+        summary = schemas.read_record(study.parent / "report" / "summary.json", schemas.SummaryRecord)
+        assert "VGG-08" in summary.root
+
+
 def test_there_are_at_least_forty_cases():
     assert len(CASES) >= 40
 
@@ -944,6 +1129,7 @@ def test_bad_input_ends_in_one_clear_error_and_leaves_nothing_half_written(
         assert len(errors) == 1, detail
         message = result.stderr[result.stderr.index("error:") :]
         assert culprit in message, detail
+        assert len(message) < 3000, f"{name}: the message quotes too much ({len(message)} characters)"
         assert _leftovers(root) == [], detail
         for path in spec.absent:
             assert not (root / path).exists(), f"{name}: {path} was written\n{detail}"

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import types
+
 import pytest
 
 from tests.conftest import run_stage, write_yaml
@@ -126,3 +128,73 @@ def test_a_record_of_runs_from_another_version_keeps_what_changes_results_and_ta
         recorded_params(raw, params, "study.json")
     with pytest.raises(ConfigError, match=r"study\.json: its params are not a mapping"):
         recorded_params([1], params, "study.json")
+
+
+def _numbers(annotation, metadata: list, where: str):
+    """(dotted name, constraints) of every int or float inside `annotation`: a section's fields, list items,
+    mapping values and the members of a union (`int | None`, `int | "auto"`) included."""
+    import typing
+
+    from pydantic import BaseModel
+    from pydantic.fields import FieldInfo
+
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin is typing.Annotated:
+        extra = [c for m in args[1:] for c in (m.metadata if isinstance(m, FieldInfo) else [m])]
+        yield from _numbers(args[0], metadata + extra, where)
+    elif annotation in (int, float):
+        yield where, metadata
+    elif isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        for name, info in annotation.model_fields.items():
+            yield from _numbers(info.annotation, list(info.metadata), f"{where}.{name}".lstrip("."))
+    elif origin is not typing.Literal:
+        for i, arg in enumerate(args):
+            yield from _numbers(arg, metadata if origin in (typing.Union, types.UnionType) else [], f"{where}[{i}]")
+
+
+def test_every_number_in_params_has_an_upper_bound_and_no_float_may_be_infinite():
+    """A value that validates must not crash a stage later (an allocation, an overflow) or mislead it: every
+    number of every section is bounded above, and no section takes inf or NaN."""
+    from pydantic import BaseModel
+
+    from vggdepth import config
+
+    numbers = list(_numbers(config.Params, [], ""))
+    assert len(numbers) >= 38
+    unbounded = [
+        name for name, constraints in numbers if not any(hasattr(c, "le") or hasattr(c, "lt") for c in constraints)
+    ]
+    assert unbounded == []
+    sections = [m for m in vars(config).values() if isinstance(m, type) and issubclass(m, BaseModel)]
+    assert len(sections) >= 15
+    for section in sections:
+        if section is not BaseModel:
+            assert section.model_config.get("allow_inf_nan") is False, section
+
+
+BOUNDS = [
+    ("variants.VGG-08.lr", float("nan"), "variants.VGG-08.lr: input should be a finite number (got nan)"),
+    ("variants.VGG-08.lr", 1e30, "variants.VGG-08.lr: input should be less than or equal to 10"),
+    ("variants.VGG-08.batch_size", 10**9, "variants.VGG-08.batch_size: input should be less than or equal to 50000"),
+    ("variants.VGG-38.blocks_per_stage", 10**6, "variants.VGG-38.blocks_per_stage: input should be less than or equal"),
+    ("train.epochs", 10**12, "train.epochs: input should be less than or equal to 100000"),
+    ("runtime.threads", 10**9, "runtime.threads: input should be less than or equal to 4096"),
+    ("model.width", 10**7, "model.width: input should be less than or equal to 4096"),
+    ("prepare.subset.train", 501, "prepare.subset.train: input should be less than or equal to 500"),
+    ("report.reference.final_test_loss", float("inf"), "report.reference.final_test_loss: input should be a finite"),
+    ("report.guard.vanishing_below", float("-inf"), "report.guard.vanishing_below: input should be a finite number"),
+    ("data.url", "x" * 5000, r"data.url: string should have at most 4096 characters (got 'xxx"),
+]
+
+
+@pytest.mark.parametrize(("key", "value", "message"), BOUNDS, ids=[f"{k}={str(v)[:8]}" for k, v, _ in BOUNDS])
+def test_out_of_bounds_numbers_name_the_field_and_quote_a_bounded_excerpt(raw_params, tmp_path, key, value, message):
+    *parents, last = key.split(".")
+    node = raw_params
+    for part in parents:
+        node = node[part]
+    node[last] = value
+    with pytest.raises(ConfigError) as err:
+        load_params(write_yaml(tmp_path / "params.yaml", raw_params))
+    assert message in str(err.value)
+    assert len(str(err.value)) < 500

@@ -121,6 +121,10 @@ def test_nan_loss_stops_with_epoch_and_step_and_keeps_the_checkpoint(
         _train(tiny_data, params, quick_train, tmp_path, epochs=4)
     assert "NaN or infinite at epoch 2, step 1" in str(err.value)
     assert f"the last good checkpoint {last} (end of epoch 1) is kept" in str(err.value)
+    # it names every setting that can cause it, with its value, the prepared data's statistics included
+    for setting in ("variants.VGG-08.lr 0.001", "variants.VGG-08.batch_size", "train.weight_decay 0", "train.betas"):
+        assert setting in str(err.value)
+    assert f"mean {[round(m, 4) for m in tiny_data.mean]}" in str(err.value)
     state = load_checkpoint(last)
     assert state["epoch"] == 2
     assert all(torch.isfinite(t).all() for t in state["model"].values() if t.is_floating_point())

@@ -447,7 +447,7 @@ def test_guard_without_a_summary_says_what_to_do(params, tmp_path):
         cwd=ROOT,
     )
     assert result.returncode == 1
-    assert result.stderr.startswith(f"error: cannot read the guard metrics from {tmp_path / 'none.json'}")
+    assert result.stderr == f"error: {tmp_path / 'none.json'} is missing; run the pipeline (`dvc repro`) to make it\n"
 
 
 def test_dvc_plots_show_renders_every_chart_offline(study, built, tmp_path):

@@ -1,6 +1,5 @@
 """`python -m vggdepth ...`: the study's commands for people (the DVC stages live in pipeline/)."""
 
-import json
 from pathlib import Path
 from typing import Annotated
 
@@ -11,6 +10,7 @@ from vggdepth.config import load_params
 from vggdepth.errors import VggdepthError
 from vggdepth.report import check_guard, collect, read_paper_table, table1, table_markdown
 from vggdepth.runs import RunFiles
+from vggdepth.schemas import SummaryRecord, read_record
 from vggdepth.tracking.sync import sync_run
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
@@ -65,10 +65,12 @@ def guard(
 ) -> None:
     """Check the study's claim on a pipeline run (`report.guard`): entry-layer gradients vanish in VGG-38 and not in
     VGG-08 or BN-VGG-38; VGG-38 stays at chance and both beat it by `accuracy_margin`. Exit 1 when a check fails."""
-    try:
-        lines = check_guard(load_params(params), json.loads(summary.read_text()))
-    except (OSError, ValueError, KeyError) as exc:
-        raise VggdepthError(f"cannot read the guard metrics from {summary}: {exc}; run the pipeline first") from None
+    p = load_params(params)
+    rows = read_record(summary, SummaryRecord, "run the pipeline (`dvc repro`) to make it").root
+    absent = [name for name in (p.report.guard.vanishing, *p.report.guard.learning) if name not in rows]
+    if absent:
+        raise VggdepthError(f"{summary} has no row of {', '.join(absent)} (report.guard names them); run the pipeline")
+    lines = check_guard(p, {name: row.model_dump() for name, row in rows.items()})
     typer.echo("\n".join(lines))
     if any(line.startswith("FAIL") for line in lines):
         raise typer.Exit(1)

@@ -9,15 +9,20 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
-from vggdepth.errors import VggdepthError
+from vggdepth.errors import VggdepthError, excerpt
 
-PositiveInt = Annotated[int, Field(gt=0)]
-NonNegativeInt = Annotated[int, Field(ge=0)]
-PositiveFloat = Annotated[float, Field(gt=0)]
+# Every number has a bound that no sane study reaches and every float is finite (`_Section`): a value that validates
+# must not crash a stage later (an allocation, an overflow) or mislead it (an infinite rate or decay).
+PositiveInt = Annotated[int, Field(gt=0, le=10**6)]
+Threads = Annotated[int, Field(ge=0, le=4096)]
+Epochs = Annotated[int, Field(gt=0, le=100_000)]
+Seconds = Annotated[float, Field(gt=0, le=86_400)]  # a day: a timeout beyond it is no timeout
+Rate = Annotated[float, Field(gt=0, le=10)]  # a learning rate
+Fraction = Annotated[float, Field(ge=0, le=1)]
 Md5 = Annotated[str, Field(pattern=r"^[0-9a-f]{32}$")]
 # Variant names become DVC stage names (`train@<variant>-<seed>`: DVC allows no punctuation but `-` and `_`),
 # MLflow run names and file names: keep them to that alphabet.
-VariantName = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]*$")]
+VariantName = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]*$", max_length=64)]
 # numpy's random seeds are 32-bit.
 Seed = Annotated[int, Field(ge=0, lt=2**32)]
 IMAGE_SIZE = 32  # CIFAR's images are 32 x 32 pixels
@@ -29,41 +34,42 @@ class ConfigError(VggdepthError):
 
 
 class _Section(BaseModel):
-    # strict: "1e-3" (a string) is not a learning rate; forbid: a misspelt key is an error, not a silent default.
-    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+    # strict: "1e-3" (a string) is not a learning rate; forbid: a misspelt key is an error, not a silent default;
+    # no inf or NaN anywhere.
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True, allow_inf_nan=False)
 
 
 class DataConfig(_Section):
     """Where the CIFAR-100 python archive comes from (download stage)."""
 
-    url: Annotated[str, Field(min_length=1)]
+    url: Annotated[str, Field(min_length=1, max_length=4096)]
     md5: Md5
-    timeout_s: PositiveFloat
+    timeout_s: Seconds
 
 
 class SubsetConfig(_Section):
     """Images per class kept in each split; `None` keeps the whole split (reduced runs for tests and CI)."""
 
-    train: PositiveInt | None
-    val: PositiveInt | None
-    test: PositiveInt | None
+    train: Annotated[int, Field(gt=0, le=500)] | None  # CIFAR-100 has 500 training and 100 test images a class
+    val: Annotated[int, Field(gt=0, le=500)] | None
+    test: Annotated[int, Field(gt=0, le=100)] | None
 
 
 class PrepareConfig(_Section):
     """How the official training set is split and reduced (prepare stage)."""
 
-    split_seed: NonNegativeInt
-    val_size: PositiveInt
+    split_seed: Annotated[int, Field(ge=0, lt=2**32)]
+    val_size: Annotated[int, Field(gt=0, lt=50_000)]  # of the 50,000 official training images
     subset: SubsetConfig
 
 
 class ModelConfig(_Section):
     """Architecture shared by every variant (SPEC.md, The network)."""
 
-    width: PositiveInt
-    stages: PositiveInt
-    negative_slope: Annotated[float, Field(ge=0)]
-    num_classes: PositiveInt
+    width: Annotated[int, Field(gt=0, le=4096)]
+    stages: Annotated[int, Field(gt=0, le=64)]
+    negative_slope: Fraction
+    num_classes: Annotated[int, Field(gt=0, le=10_000)]
 
     @model_validator(mode="after")
     def _fits_cifar100(self) -> ModelConfig:
@@ -83,7 +89,7 @@ class ModelConfig(_Section):
 
 
 class AugmentConfig(_Section):
-    crop_padding: NonNegativeInt
+    crop_padding: Annotated[int, Field(ge=0, le=IMAGE_SIZE)]  # beyond the image, a crop can be all padding
     flip: bool
 
 
@@ -92,10 +98,10 @@ class TrainConfig(_Section):
     the training stages depend on this section and a run's fingerprint is made of it (`epochs` aside: a longer
     run continues a shorter one)."""
 
-    epochs: PositiveInt
-    lr_min: Annotated[float, Field(ge=0)]
+    epochs: Epochs
+    lr_min: Annotated[float, Field(ge=0, le=10)]
     betas: Annotated[list[Annotated[float, Field(ge=0, lt=1)]], Field(min_length=2, max_length=2)]  # Adam
-    weight_decay: Annotated[float, Field(ge=0)]
+    weight_decay: Fraction
     augment: AugmentConfig
     bf16: bool
     grad_stats: bool
@@ -107,9 +113,9 @@ class RuntimeConfig(_Section):
     values is resumed."""
 
     device: Annotated[str, Field(pattern=r"^(auto|cpu|cuda(:\d+)?)$")]
-    threads: NonNegativeInt
+    threads: Threads
     progress_every: PositiveInt
-    eval_batch_size: PositiveInt
+    eval_batch_size: Annotated[int, Field(gt=0, le=100_000)]
     cuda_graphs: bool  # fused runs on CUDA replay each training step as one CUDA graph (vggdepth.fused)
 
 
@@ -141,19 +147,19 @@ class GridConfig(_Section):
 class Variant(_Section):
     """One row of the report's Table 1."""
 
-    blocks_per_stage: NonNegativeInt
+    blocks_per_stage: Annotated[int, Field(ge=0, le=256)]
     batch_norm: bool
-    lr: PositiveFloat
+    lr: Rate
     schedule: Literal["cosine", "warm_restarts"]
-    period: PositiveInt  # cosine: annealing period; warm_restarts: epochs between restarts
-    batch_size: PositiveInt
+    period: Epochs  # cosine: annealing period; warm_restarts: epochs between restarts
+    batch_size: Annotated[int, Field(gt=0, le=50_000)]
 
 
 class EvaluateConfig(_Section):
     """What the evaluate stage measures beyond test loss and accuracy (README "Evaluation")."""
 
-    top_k: Annotated[int, Field(ge=2)]  # top-k accuracy: the true class among the k most probable
-    calibration_bins: Annotated[int, Field(ge=2)]  # equal-width confidence bins of the ECE
+    top_k: Annotated[int, Field(ge=2, le=10_000)]  # top-k accuracy: the true class among the k most probable
+    calibration_bins: Annotated[int, Field(ge=2, le=10_000)]  # equal-width confidence bins of the ECE
 
     @property
     def top_k_metric(self) -> str:
@@ -165,20 +171,20 @@ class TrackingConfig(_Section):
     """MLflow tracking of every training run (the store comes from MLFLOW_TRACKING_URI or mlruns/)."""
 
     enabled: bool
-    experiment: Annotated[str, Field(min_length=1)]
+    experiment: Annotated[str, Field(min_length=1, max_length=500)]
     system_metrics: bool
     log_model: bool
-    request_timeout_s: PositiveInt
-    request_retries: NonNegativeInt
+    request_timeout_s: Annotated[int, Field(gt=0, le=3600)]
+    request_retries: Annotated[int, Field(ge=0, le=100)]
 
 
 class ReferenceConfig(_Section):
     """The report's own numbers, to compare with."""
 
     table: Annotated[str, Field(min_length=1)]
-    epochs: PositiveInt
-    final_test_acc: Annotated[float, Field(ge=0, le=1)]
-    final_test_loss: Annotated[float, Field(ge=0)]
+    epochs: Epochs
+    final_test_acc: Fraction
+    final_test_loss: Annotated[float, Field(ge=0, le=1000)]
     curves: dict[VariantName, str]
 
 
@@ -201,11 +207,11 @@ class GuardConfig(_Section):
     then accuracy with a margin measured to hold on the reduced profile (benchmarks/guard_margins.py)."""
 
     vanishing: VariantName
-    vanishing_below: PositiveFloat  # its entry-layer mean |gradient| stays below this in every epoch
+    vanishing_below: Annotated[float, Field(gt=0, le=1e6)]  # its entry-layer mean |gradient| stays below this
     learning: Annotated[list[VariantName], Field(min_length=1)]
-    learning_above: PositiveFloat  # their entry-layer mean |gradient| stays above this in every epoch
-    chance_tolerance: PositiveFloat
-    accuracy_margin: Annotated[float, Field(ge=0)]  # validation accuracy lead of each learning variant
+    learning_above: Annotated[float, Field(gt=0, le=1e6)]  # their entry-layer mean |gradient| stays above this
+    chance_tolerance: Annotated[float, Field(gt=0, le=10)]  # of the validation loss from ln(classes)
+    accuracy_margin: Fraction  # validation accuracy lead of each learning variant
 
     @model_validator(mode="after")
     def _ordered(self) -> GuardConfig:
@@ -241,7 +247,7 @@ class Params(_Section):
     evaluate: EvaluateConfig
     grid: GridConfig
     variants: Annotated[dict[VariantName, Variant], Field(min_length=1)]
-    seeds: Annotated[list[Seed], Field(min_length=1)]
+    seeds: Annotated[list[Seed], Field(min_length=1, max_length=1000)]
     tracking: TrackingConfig
     report: ReportConfig
 
@@ -328,7 +334,7 @@ def _describe(err: Any) -> str:
         return err["msg"].removeprefix("Value error, ")
     where = ".".join(loc) or "params"
     got = err.get("input")
-    shown = "" if isinstance(got, dict) or err["type"] == "missing" else f" (got {got!r})"
+    shown = "" if isinstance(got, dict) or err["type"] == "missing" else f" (got {excerpt(got)})"
     return f"{where}: {err['msg'][0].lower()}{err['msg'][1:]}{shown}"
 
 

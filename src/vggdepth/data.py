@@ -15,6 +15,7 @@ from vggdepth.config import PrepareConfig
 from vggdepth.download import md5sum
 from vggdepth.errors import VggdepthError
 from vggdepth.files import atomic_dir, ready_to_write
+from vggdepth.schemas import RecordError, StatsRecord, check_file, read_record
 
 log = logging.getLogger(__name__)
 
@@ -189,7 +190,7 @@ def _write(out_dir: Path, splits: dict[str, Split], stats: dict) -> None:
             raise PrepareError(f"cannot write the prepared data to {out_dir}: {exc.strerror or exc}") from None
 
 
-STATS_KEYS = ("archive_md5", "split_seed", "sizes", "subset", "mean", "std", "classes")
+MAX_SPLIT_BYTES = 1 << 30  # the 47,500 training images are 146 MB
 
 
 def load_prepared(out_dir: str | Path) -> PreparedData:
@@ -197,32 +198,18 @@ def load_prepared(out_dir: str | Path) -> PreparedData:
     fit (shapes, label range, split sizes)."""
     out_dir = Path(out_dir)
     remedy = "run `dvc repro prepare` (or `dvc checkout data/prepared`) to make it again"
-    stats_path = out_dir / STATS_FILE
     try:
-        stats = json.loads(stats_path.read_text())
-    except FileNotFoundError:
-        raise PrepareError(f"no prepared data: {stats_path} is missing; {remedy}") from None
-    except (OSError, ValueError) as exc:
-        raise PrepareError(f"{stats_path} is damaged ({exc}); {remedy}") from None
-    missing = [k for k in STATS_KEYS if not isinstance(stats, dict) or k not in stats]
-    if missing:
-        raise PrepareError(f"{stats_path} lacks {', '.join(missing)}; {remedy}")
-    if not (
-        _floats(stats["mean"], 3)
-        and _floats(stats["std"], 3)
-        and all(0 <= v <= 1 for v in stats["mean"])  # pixels scaled to [0, 1]: NaN and infinities fail too
-        and all(0 < v <= 0.5 for v in stats["std"])  # values in [0, 1] spread at most 0.5
-    ):
-        raise PrepareError(
-            f"{stats_path}: mean must be 3 numbers in [0, 1] and std 3 numbers in (0, 0.5], all finite (found mean "
-            f"{str(stats['mean'])[:80]}, std {str(stats['std'])[:80]}); {remedy}"
-        )
-    if not isinstance(stats["sizes"], dict) or not isinstance(stats["classes"], list) or not stats["classes"]:
-        raise PrepareError(f"{stats_path}: sizes must be a mapping and classes a list of names; {remedy}")
+        stats = read_record(out_dir / STATS_FILE, StatsRecord, remedy).model_dump(mode="json")
+    except RecordError as exc:
+        raise PrepareError(str(exc)) from None
     classes = stats["classes"]
     splits = {}
     for name in SPLITS:
         path = out_dir / f"{name}.npz"
+        try:
+            check_file(path, remedy, MAX_SPLIT_BYTES)
+        except RecordError as exc:
+            raise PrepareError(f"no usable prepared data: {exc}") from None
         try:
             with np.load(path, allow_pickle=False) as arrays:
                 split = Split(arrays["images"], arrays["labels"], arrays["index"])
@@ -239,10 +226,6 @@ def load_prepared(out_dir: str | Path) -> PreparedData:
     return PreparedData(stats=stats, **splits)
 
 
-def _floats(values: object, n: int) -> bool:
-    return isinstance(values, list) and len(values) == n and all(isinstance(v, int | float) for v in values)
-
-
 def _split_problem(split: Split, classes: int) -> str | None:
     """What is wrong with a loaded split, or None."""
     if split.images.dtype != np.uint8 or split.images.ndim != 4 or split.images.shape[1:] != IMAGE_SHAPE:
@@ -251,6 +234,8 @@ def _split_problem(split: Split, classes: int) -> str | None:
         return f"has {len(split.images)} images but {len(split.labels)} labels and {len(split.index)} indices"
     if len(split) == 0:
         return "is empty"
+    if split.labels.dtype.kind not in "iu" or split.index.dtype.kind not in "iu":
+        return f"has labels {split.labels.dtype} and indices {split.index.dtype}, expected whole numbers"
     if split.labels.min() < 0 or split.labels.max() >= classes:
         return f"has labels outside 0..{classes - 1} (the classes of {STATS_FILE})"
     return None

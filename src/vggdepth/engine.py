@@ -323,7 +323,22 @@ class Trainer(StepLoop):
         )
         raise NonFiniteLossError(
             f"{self.run.variant} seed {self.seed}: the training loss became NaN or infinite at epoch {epoch}, "
-            f"step {step}; {kept}. Lower the learning rate or check the data."
+            f"step {step}; {kept}. {self.suspects()}"
+        )
+
+    def suspects(self) -> str:
+        """The settings a non-finite loss can come from, with their values, for the NaN guard's message."""
+        v, name, data = self.variant, self.run.variant, self.run.config["data"]
+
+        def rounded(values: list[float]) -> list[float]:
+            return [round(x, 4) for x in values]
+
+        return (
+            f"The settings that can cause it: variants.{name}.lr {v.lr:g} (lower it first), variants.{name}.batch_size "
+            f"{v.batch_size}, variants.{name}.batch_norm {str(v.batch_norm).lower()}, train.weight_decay "
+            f"{self.cfg.weight_decay:g}, train.betas {list(self.cfg.betas)}, the precision ({self.precision}, "
+            f"train.bf16), and the prepared data's mean {rounded(data['mean'])} and std {rounded(data['std'])} "
+            "(stats.json)"
         )
 
     def evaluate(self, data: DeviceDataset) -> tuple[float, float]:
@@ -404,7 +419,7 @@ class Trainer(StepLoop):
         if not math.isfinite(record.val_loss):
             raise NonFiniteLossError(
                 f"{self.run.variant} seed {self.seed}: the validation loss is {record.val_loss} after epoch "
-                f"{record.epoch}"
+                f"{record.epoch}. {self.suspects()}"
             )
         self.scheduler.step()
         self.history.append(record)

@@ -7,3 +7,9 @@ class VggdepthError(Exception):
 
 class TrainingError(VggdepthError):
     """Training cannot go on."""
+
+
+def excerpt(value: object, limit: int = 80) -> str:
+    """A bounded excerpt of a bad value, for an error message: a message never quotes a whole value."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"

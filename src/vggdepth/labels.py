@@ -6,7 +6,6 @@ superclass, so the file holds the mapping, checked against every test image of t
 
 from __future__ import annotations
 
-import json
 import pickle
 import tarfile
 from dataclasses import dataclass
@@ -17,8 +16,7 @@ import numpy as np
 from vggdepth.download import md5sum
 from vggdepth.errors import VggdepthError
 from vggdepth.files import write_json
-
-LABEL_KEYS = ("archive_md5", "classes", "superclasses", "superclass_of")
+from vggdepth.schemas import LabelsRecord, RecordError, read_record
 
 
 class LabelsError(VggdepthError):
@@ -91,13 +89,9 @@ def load_labels(path: str | Path, stats: dict) -> Labels:
     path = Path(path)
     remedy = "run `dvc repro labels` to make it again from the archive the data was prepared from"
     try:
-        data = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise LabelsError(f"{path} is missing; {remedy}") from None
-    except (OSError, ValueError) as exc:
-        raise LabelsError(f"{path} is damaged ({exc}); {remedy}") from None
-    if not isinstance(data, dict) or any(k not in data for k in LABEL_KEYS):
-        raise LabelsError(f"{path} must hold {', '.join(LABEL_KEYS)}; {remedy}")
+        data = read_record(path, LabelsRecord, remedy).model_dump()
+    except RecordError as exc:
+        raise LabelsError(str(exc)) from None
     if data["archive_md5"] != stats.get("archive_md5"):
         raise LabelsError(
             f"{path} is of the archive with md5 {data['archive_md5']}, the prepared data of "
@@ -107,6 +101,6 @@ def load_labels(path: str | Path, stats: dict) -> Labels:
     superclasses = data["superclasses"]
     if data["classes"] != stats.get("classes") or superclass_of.shape != (len(data["classes"]),):
         raise LabelsError(f"{path} does not name the prepared data's classes one superclass each; {remedy}")
-    if superclass_of.dtype.kind != "i" or superclass_of.min() < 0 or superclass_of.max() >= len(superclasses):
+    if superclass_of.max() >= len(superclasses):
         raise LabelsError(f"{path}: superclass_of must hold indices into its {len(superclasses)} superclasses")
     return Labels(data["archive_md5"], data["classes"], superclasses, superclass_of)

@@ -4,8 +4,6 @@ build on. Every reader names the file it could not use and says how to make it a
 from __future__ import annotations
 
 import csv
-import json
-import math
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -15,6 +13,7 @@ from vggdepth.errors import VggdepthError
 from vggdepth.gradients import COLUMNS as GRADIENT_COLUMNS
 from vggdepth.gradients import GradientRow
 from vggdepth.runs import EPOCH_COLUMNS, RunFiles
+from vggdepth.schemas import TestRecord, TrainRecord, check_file, read_record
 
 
 class ReportError(VggdepthError):
@@ -25,8 +24,12 @@ def _remedy(path: Path) -> str:
     return f"re-run the stage that wrote it (`dvc repro --force` on it, or delete {path} and `dvc repro`)"
 
 
+MAX_TABLE_BYTES = 256 << 20  # a 100-epoch run's gradient table is about 1 MB
+
+
 def read_table(path: Path, columns: tuple[str, ...], numeric: tuple[str, ...]) -> list[dict]:
     """A CSV with at least `columns`, every `numeric` column a finite number or NaN; a clear error otherwise."""
+    check_file(path, _remedy(path), MAX_TABLE_BYTES)
     try:
         with open(path, newline="") as f:
             reader = csv.DictReader(f)
@@ -76,34 +79,22 @@ def read_gradients(path: Path) -> list[GradientRow]:
     ]
 
 
-def read_json(path: Path, required: dict[str, tuple[str, ...]]) -> dict:
-    """A JSON object with the keys of `required` ({key: sub-keys}, numbers where sub-keys are named)."""
-    try:
-        data = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise ReportError(f"{path} is missing; {_remedy(path)}") from None
-    except (OSError, ValueError) as exc:
-        raise ReportError(f"{path} is not valid JSON ({exc}); {_remedy(path)}") from None
-    for key, sub in required.items():
-        value = data.get(key) if isinstance(data, dict) else None
-        ok = value is not None and (not sub or (isinstance(value, dict) and all(_number(value.get(s)) for s in sub)))
-        if not ok:
-            wanted = f"{key} with {', '.join(sub)}" if sub else key
-            raise ReportError(f"{path} lacks {wanted}; {_remedy(path)}")
-    return data
+def read_train(files: RunFiles) -> dict:
+    """A run's `train.json` (schemas.TrainRecord), as a mapping."""
+    return read_record(files.train_json, TrainRecord, _remedy(files.train_json)).model_dump()
 
 
-def _number(value: object) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool) and not math.isinf(value)
-
-
-TRAIN_KEYS: dict[str, tuple[str, ...]] = {"parameters": (), "best_val_acc": (), "epochs": ()}
-
-
-def test_keys(params: Params) -> dict[str, tuple[str, ...]]:
-    """What `test.json` holds for each checkpoint (vggdepth.evaluation)."""
-    keys = ("test_acc", "test_loss", params.evaluate.top_k_metric, "test_superclass_acc", "test_ece")
-    return {"best": keys, "final": keys}
+def read_test(files: RunFiles, params: Params) -> dict:
+    """A run's `test.json` (schemas.TestRecord) with the top-k accuracy `params` names, as a mapping."""
+    record = read_record(files.test_json, TestRecord, _remedy(files.test_json)).model_dump()
+    metric = params.evaluate.top_k_metric
+    for kind in ("best", "final"):
+        if metric not in record[kind]:
+            raise ReportError(
+                f"{files.test_json}: {kind}.{metric}: missing (evaluate.top_k is {params.evaluate.top_k}); "
+                f"{_remedy(files.test_json)}"
+            )
+    return record
 
 
 @dataclass(frozen=True)
@@ -153,7 +144,7 @@ def collect(params: Params, runs: Path, partial: bool = False) -> dict[str, list
                     break
                 continue
             epochs = read_epochs(files.epochs_csv)
-            train = read_json(files.train_json, TRAIN_KEYS)
+            train = read_train(files)
             if (train.get("variant"), train.get("seed")) != (variant, seed):
                 raise ReportError(
                     f"{files.train_json} is the summary of {str(train.get('variant'))[:64]} seed "
@@ -165,9 +156,7 @@ def collect(params: Params, runs: Path, partial: bool = False) -> dict[str, list
                     f"{files.epochs_csv} has {len(epochs)} epochs, {files.train_json} says {train['epochs']}: "
                     f"one of them is stale; {_remedy(files.epochs_csv)}"
                 )
-            found[variant].append(
-                RunOutputs(variant, seed, files, epochs, train, read_json(files.test_json, test_keys(params)))
-            )
+            found[variant].append(RunOutputs(variant, seed, files, epochs, train, read_test(files, params)))
     if missing and not (partial and found):
         raise ReportError(
             f"the report needs every run's outputs; missing: {', '.join(missing)}. Run `dvc repro` to make them."

@@ -8,73 +8,22 @@ nothing is left behind.
 
 from __future__ import annotations
 
-import json
 import re
 import tarfile
 import zlib
 from pathlib import Path
-from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
-
-from vggdepth.errors import VggdepthError
+from vggdepth import schemas
+from vggdepth.errors import excerpt
 from vggdepth.runs import TABLES
+from vggdepth.schemas import LeaseRecord, RecordError, parse_record
 
 MAX_MEMBER_BYTES = 64 << 20  # a table of a 100-epoch run is about 1 MB; predictions.npz about 0.5 MB
 MAX_TOTAL_BYTES = 512 << 20
 MAX_MEMBERS = 2000  # 18 runs x 8 tables, and room for larger studies
 RECORD, PROFILE = "lease.json", "profile.txt"
-RUN_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}-s[0-9]{1,10}")  # `<variant>-s<seed>`: config's variant-name rule
+RUN_NAME = re.compile(schemas.RUN_NAME)
 FOLDER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
-
-
-class RecordError(VggdepthError):
-    """A record or archive of runs from elsewhere is not what it must be."""
-
-
-def excerpt(value: Any, limit: int = 80) -> str:
-    """A bounded excerpt of a bad value, for an error message."""
-    text = repr(value)
-    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
-
-
-class _Record(BaseModel):
-    model_config = ConfigDict(extra="allow")
-
-
-class RunState(_Record):
-    run: Annotated[str, Field(pattern=RUN_NAME.pattern)]
-    variant: Annotated[str, Field(min_length=1, max_length=64)]
-    seed: Annotated[int, Field(ge=0, lt=2**32)]
-    state: Annotated[str, Field(max_length=2000)]
-
-
-class LeaseRecord(_Record):
-    """`lease.json`: what a lease ran, where, and each run's state."""
-
-    device: Annotated[str, Field(min_length=1, max_length=200)]
-    torch: Annotated[str, Field(max_length=100)]
-    commit: Annotated[str, Field(max_length=100)]
-    finished_at: Annotated[str, Field(pattern=r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}Z$")]
-    params: dict
-    runs: list[RunState] = Field(default_factory=list, max_length=MAX_MEMBERS)
-
-
-def parse_record(raw: bytes | str, model: type[BaseModel], source: str) -> Any:
-    """`raw` JSON read as `model`; a `RecordError` naming `source` and the first bad field otherwise."""
-    try:
-        data = json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise RecordError(f"{source}: not JSON ({str(exc).splitlines()[0][:120]})") from None
-    try:
-        return model.model_validate(data)
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(part) for part in first["loc"]) or "the whole file"
-        more = f" (and {exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
-        raise RecordError(
-            f"{source}: {where}: {first['msg'].lower()} (found {excerpt(first.get('input'))}){more}"
-        ) from None
 
 
 def _wanted(name: str) -> tuple[str, ...] | None:

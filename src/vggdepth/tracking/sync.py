@@ -4,13 +4,12 @@ from the tables it brought home. Used by `python -m vggdepth sync`, never by a p
 
 from __future__ import annotations
 
-import json
-
 from vggdepth.checkpoints import foreign, load_checkpoint
 from vggdepth.config import Params, recorded_params
 from vggdepth.gradients import GradientRow
 from vggdepth.outputs import read_epochs, read_gradients
 from vggdepth.runs import EpochRecord, RunFiles
+from vggdepth.schemas import LeaseRecord, StudyRecord, TestRecord, TrainRecord, read_record
 from vggdepth.tracking.callback import complete_run_artifacts, log_tables
 from vggdepth.tracking.report import has_gradient_flow, log_gradient_flow
 from vggdepth.tracking.results import log_evaluation, send_evaluation
@@ -23,7 +22,6 @@ from vggdepth.tracking.store import (
     config_params,
     pending_epochs,
     run_id_of,
-    short,
     store_errors,
     training_tags,
 )
@@ -34,7 +32,7 @@ def sync_run(params: Params, files: RunFiles) -> list[str]:
     A run folder with tables but no checkpoints (a GPU lease's, see `import_run`) is imported from its tables. A
     checkpoint of another run than its folder names sends nothing."""
     if not files.last.exists() and files.train_json.exists():
-        return import_run(Store(params.tracking), params, files)
+        return import_run(params, files)
     state = load_checkpoint(files.last)
     if why := foreign(state, files):
         raise TrackingError(f"{files.last} {why}: nothing was sent; restore the folder's own checkpoints first")
@@ -57,7 +55,7 @@ def _sync(store: Store, files: RunFiles, state: dict, run_id: str) -> list[str]:
         log_gradient_flow(store, run_id, gradients, f"{state['variant']} seed {state['seed']}")
         sent.append("gradient-flow figure")
     if files.test_json.exists() and not store.client.get_metric_history(run_id, "test_acc_best"):
-        log_evaluation(store, files, json.loads(files.test_json.read_text()), files.root)
+        log_evaluation(store, files, read_record(files.test_json, TestRecord).model_dump(), files.root)
         sent.append("test metrics")
     if store.client.get_run(run_id).info.status != "FINISHED" and files.train_json.exists():
         store.client.set_terminated(run_id, "FINISHED")
@@ -67,46 +65,47 @@ def _sync(store: Store, files: RunFiles, state: dict, run_id: str) -> list[str]:
 
 # What trained a folder of runs brought home as tables, by the record beside its runs/ folder: a GPU lease
 # (benchmarks/gpu_results.py) or a study on this machine's CPU (benchmarks/cpu_study.py).
-RECORDS = {"lease.json": "GPU lease", "study.json": "CPU study"}
+RECORDS = {"lease.json": ("GPU lease", LeaseRecord), "study.json": ("CPU study", StudyRecord)}
 
 
-def import_run(store: Store, params: Params, files: RunFiles) -> list[str]:
+def import_run(params: Params, files: RunFiles) -> list[str]:
     """A run trained without tracking and brought back as tables (results/<name>/runs/<run>/: a GPU lease's or a
     CPU study's) becomes a finished MLflow run from them: every epoch with its gradient statistics, the test
     metrics, the tables and the gradient-flow figure (no checkpoints or model: none come back). Its parent run
     stands for the lease or study, tagged with its device, torch version and commit. Importing again sends only
-    what is missing."""
+    what is missing. The record and `train.json` are read through their schemas before the store is opened."""
     folder = files.root.parent.parent
-    found = [(folder / name, kind) for name, kind in RECORDS.items() if (folder / name).exists()]
-    try:
-        if not found:
-            raise FileNotFoundError(f"no {' or '.join(RECORDS)} in {folder}")
-        record_path, kind = found[0]
-        record = json.loads(record_path.read_text())
-        summary = json.loads(files.train_json.read_text())
-        variant, seed, epochs = summary["variant"], int(summary["seed"]), int(summary["epochs"])
-    except (OSError, ValueError, KeyError) as exc:
+    found = [(folder / name, *kind) for name, kind in RECORDS.items() if (folder / name).exists()]
+    if not found:
         raise TrackingError(
             f"{files.root} has no checkpoints, so it can only be imported as the run of a GPU lease or a CPU study, "
-            f"with its train.json and the record beside its runs/ folder: {short(exc)}"
-        ) from None
-    if "params" in record:  # what the runs trained with, whatever params.yaml says now
+            f"with its train.json and a {' or '.join(RECORDS)} beside its runs/ folder; {folder} has neither"
+        )
+    record_path, kind, schema = found[0]
+    record = read_record(record_path, schema).model_dump()
+    summary = read_record(files.train_json, TrainRecord)
+    variant, seed, epochs = summary.variant, summary.seed, summary.epochs
+    if record["params"] is not None:  # what the runs trained with, whatever params.yaml says now
         params = recorded_params(record["params"], params, str(record_path))
     else:
         params = params.model_copy(update={"train": params.train.model_copy(update={"epochs": epochs})})
+    if (variant, seed) != files.run:
+        raise TrackingError(f"{files.train_json} is the summary of {variant} seed {seed}, not of its folder's run")
     history = [EpochRecord(**row) for row in read_epochs(files.epochs_csv)]
     gradients = read_gradients(files.gradients_csv)
+    tested = read_record(files.test_json, TestRecord).model_dump() if files.test_json.exists() else None
     source = f"{kind} {folder.name}"
     context = PipelineContext(
         key=f"lease:{folder.name}",
         name=source,
         tags={
-            "git_commit": str(record.get("commit", "")),
-            "device": str(record.get("device", "")),
-            "torch": str(record.get("torch", "")),
-            "lease_command": str(record.get("command", ""))[:5000],
+            "git_commit": record["commit"],
+            "device": record["device"],
+            "torch": record["torch"],
+            "lease_command": record["command"],
         },
     )
+    store = Store(params.tracking)  # opened once the record and the tables have passed their checks
     with store_errors(store.uri, f"import {files.root}"):
         parent = store.parent_run(context)
         found = store.find(
@@ -125,9 +124,9 @@ def import_run(store: Store, params: Params, files: RunFiles) -> list[str]:
                 run_name=f"{variant}-s{seed}",
                 tags={
                     **training_tags(parent, variant, seed),
-                    NODE_TAG: str(summary.get("node", "")),
-                    "device": str(summary.get("device", "")),
-                    PRECISION_TAG: str(summary.get("precision", "")),
+                    NODE_TAG: summary.node,
+                    "device": summary.device,
+                    PRECISION_TAG: summary.precision,
                     "vggdepth.source": source,
                     **context.tags,
                 },
@@ -145,8 +144,8 @@ def import_run(store: Store, params: Params, files: RunFiles) -> list[str]:
             log_tables(store, run_id, files)
             log_gradient_flow(store, run_id, gradients, f"{variant} seed {seed}")
             sent.append("tables")
-        if files.test_json.exists() and not store.client.get_metric_history(run_id, "test_acc_best"):
-            send_evaluation(store, run_id, files, json.loads(files.test_json.read_text()), files.root)
+        if tested is not None and not store.client.get_metric_history(run_id, "test_acc_best"):
+            send_evaluation(store, run_id, files, tested, files.root)
             sent.append("test metrics")
         if store.client.get_run(run_id).info.status != "FINISHED":
             store.client.set_terminated(run_id, "FINISHED")
