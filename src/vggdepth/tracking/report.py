@@ -4,7 +4,6 @@ gradient-flow figure into its own run, and the final variant's best model into t
 from __future__ import annotations
 
 import csv
-import json
 import logging
 import tempfile
 from pathlib import Path
@@ -13,6 +12,7 @@ from vggdepth.config import Params
 from vggdepth.gradients import GradientRow
 from vggdepth.outputs import read_gradients
 from vggdepth.runs import RunFiles
+from vggdepth.schemas import TrainRecord, read_record
 from vggdepth.tracking.store import TABLE1_ARTIFACT, PipelineContext, Store, TrackingError, run_id_of, store_errors
 
 log = logging.getLogger(__name__)
@@ -41,7 +41,8 @@ def _log_report(store: Store, params: Params, out: Path, runs: Path, context: Pi
     with (out / "table1.csv").open(newline="") as f:
         rows = list(csv.DictReader(f))
     columns = {name: [row[name] for row in rows] for name in (rows[0] if rows else [])}
-    mlflow.log_table(data=columns, artifact_file=TABLE1_ARTIFACT, run_id=parent)
+    table = {"data": columns, "artifact_file": TABLE1_ARTIFACT, "run_id": parent}
+    store.call("take Table 1", mlflow.log_table, **table, each_request=True)
     for variant in params.variants:
         for seed in params.seeds:
             _gradient_flow_of(store, RunFiles.of(runs, variant, seed))
@@ -50,14 +51,24 @@ def _log_report(store: Store, params: Params, out: Path, runs: Path, context: Pi
     final = params.report.final_variant
     best_files = max(
         (RunFiles.of(runs, final, seed) for seed in params.seeds),
-        key=lambda f: json.loads(f.train_json.read_text())["best_val_acc"],
+        key=lambda f: read_record(f.train_json, TrainRecord).best_val_acc,
     )
     run_id = run_id_of(best_files)
     model_uri = client.get_run(run_id).data.tags.get("vggdepth.model_uri")
     if not model_uri:
         raise TrackingError(f"MLflow run {run_id} ({best_files.root}) has no logged model: set tracking.log_model")
     name, alias = params.report.registered_model, params.report.alias
-    version = mlflow.register_model(model_uri, name, tags={"variant": final, "run": best_files.root.name})
+    tags = {"variant": final, "run": best_files.root.name}
+    # A few requests, and a wait for the new version to be ready: that too within one request's deadline.
+    version = store.call(
+        "register the model",
+        mlflow.register_model,
+        model_uri,
+        name,
+        tags=tags,
+        await_registration_for=int(store.deadline_s),
+        each_request=True,
+    )
     client.set_registered_model_alias(name, alias, version.version)
     client.set_tag(parent, "vggdepth.registered_model", f"models:/{name}@{alias} (version {version.version})")
     store.stage_done(parent)

@@ -9,7 +9,7 @@ import tempfile
 from pathlib import Path
 
 from vggdepth.runs import EVALUATION_TABLES, RunFiles
-from vggdepth.tracking.store import Store, TrackingError, now_ms, run_id_of, short
+from vggdepth.tracking.store import DeadlineError, Store, TrackingError, now_ms, run_id_of, short
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +44,9 @@ def log_evaluation(store: Store | None, files: RunFiles, result: dict, tables: P
     """Test metrics, `test.json` and the tables in `tables` (predictions, per-class, superclass confusion) of the
     evaluate stage, into the training run they belong to; called before the stage puts its outputs in place, so a
     stage that fails here leaves none. A server lost since the stage started costs the log, not the stage (the
-    gap is reported, `sync` sends it later); a store that answers but refuses fails the stage, with its reason."""
+    gap is reported, `sync` sends it later); a store that answers but refuses fails the stage, with its reason.
+    Every request is bounded (`Store.deadline_s`): one past its deadline is a server that does not answer, not
+    asked again."""
     if store is None:
         return
     run_id = run_id_of(files)
@@ -52,7 +54,7 @@ def log_evaluation(store: Store | None, files: RunFiles, result: dict, tables: P
         send_evaluation(store, run_id, files, result, tables)
         store.stage_done(run_id)
     except Exception as exc:
-        if store.answers():
+        if not isinstance(exc, DeadlineError) and store.answers():
             raise TrackingError(
                 f"MLflow at {store.uri} refused the test metrics of {files.root} (run {run_id}): {short(exc)}"
             ) from None

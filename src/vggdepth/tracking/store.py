@@ -11,12 +11,17 @@ the DVC experiment when there is one, else the git commit and parameters of a `d
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import http.client
 import json
 import logging
 import math
 import os
+import stat
 import subprocess
+import sys
+import threading
 import time
 import urllib.error
 import urllib.parse
@@ -78,6 +83,75 @@ class TrackingError(VggdepthError):
     """The tracking store cannot be used."""
 
 
+class DeadlineError(TrackingError):
+    """The tracking store gave no complete answer to a request within its deadline (`Store.deadline_s`)."""
+
+
+class Late(Exception):
+    """An `Attempt` that has not ended within its deadline (it goes on, abandoned)."""
+
+
+class Attempt:
+    """`fn(*args, **kwargs)` running in a daemon thread: waited for up to a deadline and abandoned past it. A request
+    abandoned so is never stopped (no thread can be), but nothing waits on it: it ends when its socket does, or
+    with the process. `done` tells whether it has ended; `result` gives its value or raises its exception."""
+
+    def __init__(self, name: str, fn, *args, **kwargs):
+        self.done = threading.Event()
+        self.value, self.error = None, None
+        threading.Thread(target=self._run, args=(fn, args, kwargs), name=name, daemon=True).start()
+
+    def _run(self, fn, args, kwargs) -> None:
+        try:
+            self.value = fn(*args, **kwargs)
+        except BaseException as exc:  # handed to whoever waits
+            self.error = exc
+        finally:
+            self.done.set()
+
+    def result(self, timeout_s: float):
+        """Its value, once it has ended within `timeout_s`; `Late` when it has not (it goes on, abandoned)."""
+        if not self.done.wait(max(timeout_s, 0.0)):
+            raise Late(f"no answer within {timeout_s:g} s")
+        if self.error is not None:
+            raise self.error
+        return self.value
+
+
+def within(timeout_s: float, name: str, fn, *args, **kwargs):
+    """`fn(*args, **kwargs)`, given up after `timeout_s` in all (`Late`): a total deadline, where a socket's
+    timeout bounds only each read (a server that sends one byte a second never trips it)."""
+    return Attempt(name, fn, *args, **kwargs).result(timeout_s)
+
+
+class RequestWatch:
+    """Runs an operation of several MLflow requests (logging a model: serialising it, then a request per file and
+    a few more) and tells when the HTTP request it has under way began (`since`, monotonic; None between
+    requests), so that each request, not the whole, gets a deadline. It watches MLflow's one function for HTTP
+    requests (`mlflow.utils.rest_utils.http_request`, which the REST store and the server's artefact proxy both
+    use) with a profile hook in the operation's own thread."""
+
+    def __init__(self):
+        self.since: float | None = None
+
+    def run(self, fn, *args, **kwargs):
+        from mlflow.utils import rest_utils
+
+        code, depth = rest_utils.http_request.__code__, 0
+
+        def hook(frame, event, _arg) -> None:
+            nonlocal depth
+            if frame.f_code is code and event in ("call", "return"):
+                depth += 1 if event == "call" else -1
+                self.since = (self.since or time.monotonic()) if depth > 0 else None
+
+        sys.setprofile(hook)  # this thread only
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            sys.setprofile(None)
+
+
 def project_root() -> Path:
     return Path(os.environ.get("DVC_ROOT") or Path.cwd()).resolve()
 
@@ -93,45 +167,131 @@ def is_embedded(uri: str) -> bool:
     return uri.startswith("sqlite:///")
 
 
+def is_remote(uri: str) -> bool:
+    """Whether the store is another machine (a tracking server, a database server), where a request can wait on
+    a server that does not answer: every request to it has a total deadline (`Store.call`). A local store (a
+    SQLite file, a folder) has no server to wait on; whatever would make MLflow wait there (a file that is not a
+    regular file, a folder it cannot write) is refused at once by `check_reachable`."""
+    scheme = urllib.parse.urlsplit(uri).scheme.split("+")[0].lower()
+    return len(scheme) > 1 and scheme not in ("file", "sqlite")  # one letter: a Windows drive
+
+
 # Stores MLflow can track to: a server, a database, or a local folder.
 KNOWN_SCHEMES = ("http", "https", "sqlite", "postgresql", "mysql", "mssql", "file", "databricks")
 
 
+def _get(url: str, timeout_s: float) -> tuple[int, str, bytes]:
+    """(status, reason, body) of GET `url`, an HTTP error's too; the whole request within `timeout_s` (`Late`),
+    not only each read."""
+
+    def request() -> tuple[int, str, bytes]:
+        try:
+            with urllib.request.urlopen(url, timeout=timeout_s) as response:  # noqa: S310 (http(s) checked by caller)
+                return response.status, response.reason, response.read()
+        except urllib.error.HTTPError as exc:
+            try:
+                body = exc.read()
+            except (OSError, http.client.HTTPException):
+                body = b""
+            return exc.code, exc.reason, body
+
+    return within(timeout_s, f"vggdepth-probe {url}", request)
+
+
 def _server_problem(uri: str, timeout_s: float) -> str | None:
-    """Why the tracking server at `uri` cannot be used, or None when it answers as an MLflow server."""
+    """Why the tracking server at `uri` cannot be used, or None when it answers as an MLflow server. Each probe is
+    one request with a total deadline of `timeout_s`."""
     base = uri.rstrip("/")
-    try:
-        with urllib.request.urlopen(f"{base}/health", timeout=timeout_s) as response:  # noqa: S310
-            if response.status != 200:
-                return f"HTTP {response.status} from /health"
-    except urllib.error.HTTPError as exc:
-        return f"HTTP {exc.code} {exc.reason} from /health"
-    except (urllib.error.URLError, OSError) as exc:
-        return str(getattr(exc, "reason", exc))
-    # Any web server may answer /health; only an MLflow server answers its REST API, with JSON.
     query = urllib.parse.urlencode({"experiment_name": "Default"})
-    try:
-        with urllib.request.urlopen(  # noqa: S310
-            f"{base}/api/2.0/mlflow/experiments/get-by-name?{query}", timeout=timeout_s
-        ) as response:
-            json.loads(response.read())
-    except urllib.error.HTTPError as exc:
-        try:  # MLflow answers an unknown experiment (404) or a request without credentials (401, 403) in JSON
-            if exc.code in (401, 403, 404) and json.loads(exc.read()).get("error_code"):
-                return None
-        except (ValueError, AttributeError, OSError):
-            pass
-        return f"HTTP {exc.code} {exc.reason} from its REST API: is it an MLflow server?"
-    except ValueError:
+    # Any web server may answer /health; only an MLflow server answers its REST API, with JSON.
+    for path in ("/health", f"/api/2.0/mlflow/experiments/get-by-name?{query}"):
+        where = "/health" if path == "/health" else "its REST API"
+        try:
+            status, reason, body = _get(f"{base}{path}", timeout_s)
+        except Late:
+            return f"no complete answer from {where} within {timeout_s:g} s (tracking.request_timeout_s)"
+        except (urllib.error.URLError, OSError, http.client.HTTPException) as exc:
+            return str(getattr(exc, "reason", exc)) or type(exc).__name__
+        if path == "/health":
+            if status != 200:
+                return f"HTTP {status} {reason} from /health"
+            continue
+        try:
+            answer = json.loads(body)
+        except ValueError:
+            answer = None
+        if status == 200 and answer is not None:
+            return None
+        # MLflow answers an unknown experiment (404) or a request without credentials (401, 403) in JSON.
+        if status in (401, 403, 404) and isinstance(answer, dict) and answer.get("error_code"):
+            return None
+        if status != 200:
+            return f"HTTP {status} {reason} from its REST API: is it an MLflow server?"
         return "its REST API does not answer with JSON: is it an MLflow server?"
-    except (urllib.error.URLError, OSError) as exc:
-        return str(getattr(exc, "reason", exc))
     return None
 
 
+def _local_store_problem(uri: str) -> str | None:
+    """Why the local store at `uri` (a SQLite file, or a folder store) cannot be used, as the end of a sentence
+    about it, or None. Refused at once, nothing opened: a path that is not what MLflow expects there (a folder, a
+    FIFO or a device where the database file goes, which MLflow would retry for minutes or wait on forever), a
+    folder it cannot create or write."""
+    scheme = urllib.parse.urlsplit(uri).scheme.lower()
+    if scheme == "sqlite":
+        path = uri.split("://", 1)[1].removeprefix("/").split("?", 1)[0]
+        if not path or path == ":memory:":  # `sqlite://`: in memory
+            return None
+        database = Path(path)
+        folder = database.parent
+        if _kind(folder) not in (None, "a folder"):
+            return f"cannot be used: {folder} is {_kind(folder)}, not a folder"
+        for file in [database] + [database.with_name(database.name + end) for end in ("-journal", "-wal", "-shm")]:
+            if _kind(file) not in (None, "a regular file"):
+                return (
+                    f"cannot be used: {file} is {_kind(file)}, where SQLite keeps a regular file. Move it away, "
+                    f"point {URI_ENV} at another store, or set tracking.enabled: false"
+                )
+        if not folder.exists():
+            try:
+                folder.mkdir(parents=True)
+            except OSError as exc:
+                return f"cannot be created: {folder}: {exc.strerror or exc}"
+        if database.exists() and not os.access(database, os.W_OK):
+            return "is read-only: MLflow cannot record runs in it"
+        if not os.access(folder, os.W_OK | os.X_OK):  # a new database, and SQLite's journal, are written there
+            return f"is read-only: MLflow cannot record runs in it (SQLite cannot write in {folder})"
+        return None
+    if scheme in ("file", "") or len(scheme) == 1:  # a folder store (a one-letter scheme is a Windows drive)
+        folder = Path(urllib.request.url2pathname(urllib.parse.urlsplit(uri).path) if scheme == "file" else uri)
+        if _kind(folder) not in (None, "a folder"):
+            return f"cannot be used: {folder} is {_kind(folder)}, where MLflow keeps a folder"
+    return None
+
+
+def _kind(path: Path) -> str | None:
+    """What `path` is (links followed): 'a regular file', 'a folder', 'a FIFO', ...; None when there is nothing."""
+    try:
+        mode = path.stat().st_mode
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    except OSError as exc:
+        return f"unreadable ({exc.strerror or exc})"
+    for test, name in (
+        (stat.S_ISREG, "a regular file"),
+        (stat.S_ISDIR, "a folder"),
+        (stat.S_ISFIFO, "a FIFO"),
+        (stat.S_ISSOCK, "a socket"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+    ):
+        if test(mode):
+            return name
+    return "not a regular file"
+
+
 def check_reachable(uri: str, timeout_s: float) -> None:
-    """Fail at once, naming the URI, when the store's scheme is unknown or a tracking server does not answer as
-    an MLflow server (within `timeout_s`)."""
+    """Fail at once, naming the URI, when the store's scheme is unknown, a tracking server does not answer as an
+    MLflow server (each probe within `timeout_s` in all), or a local store's files are not what MLflow expects."""
     scheme = urllib.parse.urlsplit(uri).scheme.split("+")[0]
     if scheme and scheme not in KNOWN_SCHEMES:  # no scheme: a local folder, which MLflow takes as a file store
         raise TrackingError(
@@ -145,14 +305,8 @@ def check_reachable(uri: str, timeout_s: float) -> None:
                 f"the MLflow tracking server at {uri} cannot be used ({problem}). Start it, point {URI_ENV} at a "
                 "running server, unset it to use the embedded store under mlruns/, or set tracking.enabled: false"
             )
-    if is_embedded(uri):
-        database = Path(uri.removeprefix("sqlite:///"))
-        try:
-            database.parent.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise TrackingError(f"cannot create the tracking store at {uri}: {exc.strerror or exc}") from None
-        if database.exists() and not os.access(database, os.W_OK):
-            raise TrackingError(f"the tracking store at {uri} is read-only: MLflow cannot record runs in it")
+    if not is_remote(uri) and (problem := _local_store_problem(uri)):
+        raise TrackingError(f"the tracking store at {uri} {problem}")
 
 
 @contextmanager
@@ -249,17 +403,77 @@ class Store:
         # Fail fast on a lost server: MLflow's defaults retry for minutes before an error comes back.
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", str(cfg.request_timeout_s))
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", str(cfg.request_retries))
-        import mlflow
-        from mlflow import MlflowClient
-
         self.cfg = cfg
         self.root = (root or project_root()).resolve()
         self.uri = uri or tracking_uri(self.root)
-        check_reachable(self.uri, cfg.request_timeout_s)
+        self.remote = is_remote(self.uri)
+        check_reachable(self.uri, cfg.request_timeout_s)  # before importing MLflow: a store refused takes no time
+        if is_embedded(self.uri) and _kind(self.artifacts) not in (None, "a folder"):
+            raise TrackingError(
+                f"the tracking store at {self.uri} cannot be used: {self.artifacts} is {_kind(self.artifacts)}, "
+                "where MLflow keeps the runs' artefacts in a folder. Move it away, or set tracking.enabled: false"
+            )
+        import mlflow
+        from mlflow import MlflowClient
+
         with store_errors(self.uri, f"open experiment {cfg.experiment!r}"):
             mlflow.set_tracking_uri(self.uri)
-            self.client = MlflowClient(self.uri)
+            # Every call of the client is one request with a total deadline (a database server's is made here).
+            self.client = BoundedClient(self.call("open the store", MlflowClient, self.uri), self)
             self.experiment_id = self._experiment()
+
+    @property
+    def artifacts(self) -> Path:
+        """Where the embedded store keeps artefacts: beside its database, not in ./mlartifacts of wherever."""
+        return self.root / "mlruns" / "artifacts"
+
+    @property
+    def deadline_s(self) -> float:
+        """The longest one request to the store may take, retries included: `tracking.request_timeout_s` for each
+        of 1 + `tracking.request_retries` attempts. Also the bound of a training run's flush at its end."""
+        return float(self.cfg.request_timeout_s * (self.cfg.request_retries + 1))
+
+    def call(self, what: str, fn, *args, timeout_s: float | None = None, each_request: bool = False, **kwargs):
+        """`fn(*args, **kwargs)`, a request to the store, within a total deadline: `deadline_s`, or `timeout_s`.
+        With `each_request`, an operation of many requests (logging a model or a folder of files), and on an
+        MLflow server: each of its requests within `deadline_s`, its local work between them unbounded. Past a
+        deadline the operation is abandoned (its thread goes on, nothing waits for it) and a `DeadlineError`
+        names the URI: MLflow's own timeout bounds each read of a socket, not a request, and a server that
+        trickles an answer would hold the stage forever. A local store (`is_remote`) is called directly: no
+        server there can keep it waiting."""
+        if not self.remote:
+            return fn(*args, **kwargs)
+        name = f"vggdepth-mlflow {what}"
+        if each_request and self.uri.lower().startswith(("http://", "https://")):
+            watch = RequestWatch()
+            attempt = Attempt(name, watch.run, fn, *args, **kwargs)
+            while True:
+                since = watch.since  # until the request under way is due, or another deadline's time to look again
+                wait = self.deadline_s if since is None else since + self.deadline_s - time.monotonic()
+                try:
+                    return attempt.result(wait)
+                except Late:
+                    if since is not None and watch.since == since:  # the same request, past its deadline
+                        raise self._late(what, self.deadline_s, self.bound()) from None
+        seconds = self.deadline_s if timeout_s is None else timeout_s
+        try:
+            return within(seconds, name, fn, *args, **kwargs)
+        except Late:
+            bound = self.bound() if timeout_s is None else "what was left of its bound"
+            raise self._late(what, seconds, bound) from None
+
+    def _late(self, what: str, seconds: float, bound: str) -> DeadlineError:
+        return DeadlineError(
+            f"MLflow at {self.uri} gave no complete answer to {what} within {seconds:g} s ({bound}); the server is "
+            "stuck or overloaded"
+        )
+
+    def bound(self) -> str:
+        """How `deadline_s` comes from the settings, for messages."""
+        return (
+            f"tracking.request_timeout_s: {self.cfg.request_timeout_s} s for each of 1 + tracking.request_retries: "
+            f"{self.cfg.request_retries} attempts"
+        )
 
     def answers(self) -> bool:
         """Whether the store answers now (a server may have gone away since the stage started)."""
@@ -279,7 +493,7 @@ class Store:
             )
         if found is None:
             # The embedded store keeps artefacts beside its database, not in ./mlartifacts of whatever directory.
-            location = (self.root / "mlruns" / "artifacts").as_uri() if is_embedded(self.uri) else None
+            location = self.artifacts.as_uri() if is_embedded(self.uri) else None
             try:
                 self.client.create_experiment(self.cfg.experiment, artifact_location=location)
             except Exception:  # created meanwhile by a concurrent stage, or a real failure
@@ -370,6 +584,28 @@ class Store:
 
     def logged_epochs(self, run_id: str) -> set[int]:
         return {m.step for m in self.client.get_metric_history(run_id, EPOCH_METRICS["train_loss"])}
+
+
+class BoundedClient:
+    """An `MlflowClient` whose every method call is one request within the store's deadline (`Store.call`), so no
+    caller (this package's modules, `sync`) can wait on the store forever; a call that uploads a folder is a
+    request per file, each within it. `unbounded` is the client itself."""
+
+    EACH_REQUEST = frozenset({"log_artifacts", "log_model_artifacts"})
+
+    def __init__(self, client, store: Store):
+        self.unbounded, self._store = client, store
+
+    def __getattr__(self, name: str):
+        attribute = getattr(self.unbounded, name)
+        if not callable(attribute):
+            return attribute
+
+        @functools.wraps(attribute)
+        def bounded(*args, **kwargs):
+            return self._store.call(name, attribute, *args, each_request=name in self.EACH_REQUEST, **kwargs)
+
+        return bounded
 
 
 def training_tags(parent: str, variant: str, seed: int) -> dict[str, str]:
