@@ -15,6 +15,7 @@ from vggdepth.errors import VggdepthError
 from vggdepth.evaluation import evaluate_run
 from vggdepth.files import ready_to_write
 from vggdepth.labels import load_labels
+from vggdepth.locks import writing
 from vggdepth.runs import RunFiles
 from vggdepth.tracking.results import log_evaluation
 from vggdepth.tracking.store import open_store
@@ -31,17 +32,18 @@ def main(
     files = RunFiles(run)
     if not files.checkpoints.is_dir():
         raise VggdepthError(f"{files.checkpoints} does not exist: train the run first (the train stage)")
-    ready_to_write(files.test_json)
-    store = open_store(p)  # before any work: an unreachable tracking server stops the stage here
-    prepared = load_prepared(data)
-    known = load_labels(labels, prepared.stats)
-    expected = None  # the run params.yaml describes, when the folder is one of its runs
-    if files.run is not None and files.run[0] in p.variants:
-        variant, seed = files.run
-        expected = run_fingerprint(p.model, p.train, p.variants[variant], seed, prepared.stats)
-    evaluation = evaluate_run(files, prepared, known, p.train, p.runtime, p.evaluate, fingerprint=expected)
-    # MLflow first: a stage that fails there leaves no test.json behind
-    evaluation.write(files, known, publish=partial(log_evaluation, store, files, evaluation.result))
+    with writing(run):  # the one writer of the run folder: a train or evaluate of it running now refuses this one
+        ready_to_write(files.test_json)
+        store = open_store(p)  # before any work: an unreachable tracking server stops the stage here
+        prepared = load_prepared(data)
+        known = load_labels(labels, prepared.stats)
+        expected = None  # the run params.yaml describes, when the folder is one of its runs
+        if files.run is not None and files.run[0] in p.variants:
+            variant, seed = files.run
+            expected = run_fingerprint(p.model, p.train, p.variants[variant], seed, prepared.stats)
+        evaluation = evaluate_run(files, prepared, known, p.train, p.runtime, p.evaluate, fingerprint=expected)
+        # MLflow first: a stage that fails there leaves no test.json behind
+        evaluation.write(files, known, publish=partial(log_evaluation, store, files, evaluation.result))
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ from vggdepth.config import load_params
 from vggdepth.data import load_prepared
 from vggdepth.files import ready_to_write
 from vggdepth.grid import finish, run_grid
+from vggdepth.locks import writing
 
 
 @entry_point
@@ -24,10 +25,11 @@ def main(
     params: Annotated[Path, typer.Option(help="parameters file")] = Path("params.yaml"),
 ) -> None:
     p = load_params(params)
-    ready_to_write(out)
-    prepared = load_prepared(data)
-    result, planned, packing = run_grid(p, prepared, data, runs)
-    finish(result, planned, packing, out, len(prepared.train))
+    with writing(out):  # and run_grid holds every run folder's lock: a second grid is refused at once
+        ready_to_write(out)
+        prepared = load_prepared(data)
+        result, planned, packing = run_grid(p, prepared, data, runs)
+        finish(result, planned, packing, out, len(prepared.train))
 
 
 if __name__ == "__main__":

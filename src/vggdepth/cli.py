@@ -1,4 +1,5 @@
-"""What every command-line entry point shares: logging to stderr and one clear line per user error."""
+"""What every command-line entry point shares: logging to stderr, one clear line per user error, and signals that
+end it cleanly (vggdepth.signals): one `interrupted (...)` line and exit status 128 + the signal."""
 
 from __future__ import annotations
 
@@ -10,19 +11,26 @@ from typing import TypeVar
 
 import typer
 
+from vggdepth import signals
 from vggdepth.errors import VggdepthError
 
 F = TypeVar("F", bound=Callable)
 
 
 def entry_point(fn: F) -> F:
-    """Wrap a typer command: set up logging; turn a `VggdepthError` into `error: ...` and exit status 1."""
+    """Wrap a typer command: set up logging; turn a `VggdepthError` into `error: ...` and exit status 1; turn
+    SIGTERM, SIGHUP, SIGINT, or the end of the process that started this one, into an interruption that the
+    command's code cleans up after, then `interrupted (SIGTERM): <what was kept>` and exit status 128 + signal."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
         try:
-            return fn(*args, **kwargs)
+            with signals.handled():
+                return fn(*args, **kwargs)
+        except KeyboardInterrupt as exc:  # a signal (vggdepth.signals), or Ctrl-C
+            typer.echo(signals.interruption_line(exc), err=True)
+            raise typer.Exit(signals.exit_status(exc)) from None
         except VggdepthError as exc:
             typer.echo(f"error: {exc}", err=True)
             raise typer.Exit(1) from None

@@ -29,7 +29,9 @@ from vggdepth.grid.plan import (
     plan_runs,
 )
 from vggdepth.grid.processes import ProcessPool
-from vggdepth.runs import TRAINING_FILES
+from vggdepth.locks import writing
+from vggdepth.runs import TRAINING_FILES, RunFiles
+from vggdepth.signals import keeping
 
 log = logging.getLogger(__name__)
 
@@ -112,8 +114,19 @@ def run_grid(
     `grid.backend: processes`); returns what trained, what failed and the plan. `deadline` (epoch time): no group
     starts with less than `start_margin_s` left, and a run stops after its last epoch that ends before it
     (`GridResult.stopped`).
-    `after_group(result)` is called whenever a group ends."""
+    `after_group(result)` is called whenever a group ends.
+    The grid is the one writer of every run folder of the study while it runs (vggdepth.locks: a train stage or a
+    second grid on them is refused). Interrupted (SIGTERM, or the stage's parent gone: vggdepth.signals), it stops
+    its workers, closes their MLflow runs as KILLED and says that every run keeps its last finished epoch."""
     runs = runs.resolve()
+    folders = [RunFiles.of(runs, variant, seed).root for variant in params.variants for seed in params.seeds]
+    kept = f"every run in {runs} keeps its last finished epoch; run the grid again (dvc repro) to resume them"
+    with writing(*folders), keeping(lambda: kept):
+        return _run_grid(params, data, data_dir, runs, probe, deadline, start_margin_s, after_group)
+
+
+def _run_grid(params, data, data_dir, runs, probe, deadline, start_margin_s, after_group):
+    """`run_grid`, its locks held."""
     planned = plan_runs(params, runs, data.stats)
     stale = [r for r in planned if r.stale]
     result = GridResult()
@@ -155,6 +168,7 @@ def run_grid(
     if address is None:  # this machine: probed before Ray's processes start, so they do not slow the probe
         packing, lines, seconds = packing_and_plan(params, data, planned, local_resources(), address, probe=probe)
     ray = start_ray(address)
+    pool = None
     try:
         if address is not None:
             packing, lines, seconds = packing_and_plan(
@@ -164,6 +178,8 @@ def run_grid(
         pool = RayPool(ray, params, data, recorder_args, packing, deadline)
         result = _launch(pool, params, stale, packing, seconds, len(data.train), deadline, start_margin_s, after_group)
     finally:
+        if pool is not None:
+            pool.close()
         ray.shutdown()
     return result, planned, packing
 

@@ -7,6 +7,7 @@ import logging
 import os
 from pathlib import Path
 
+from vggdepth import signals
 from vggdepth.config import Params
 from vggdepth.grid.plan import GridError, PlannedRun, local_resources
 from vggdepth.grid.workers import WORKER_DIED, Recorder, reason, train_group
@@ -96,6 +97,7 @@ def start_ray(address: str | None):
             )
         where = "a local Ray instance" if address is None else f"the Ray cluster at {address}"
         raise GridError(f"cannot start {where}: {text}{hint}") from None
+    signals.reinstall()  # ray.init made SIGTERM a bare sys.exit: an interruption again (vggdepth.signals)
     return ray
 
 
@@ -174,6 +176,18 @@ class RayPool:
 
     def record(self, method: str, *args):
         return self.ray.get(getattr(self.recorder, method).remote(*args))
+
+    def close(self) -> None:
+        """Stop the workers of the groups still training (the grid was interrupted, or failed; each of their runs
+        resumes from its last epoch when re-run), and have the recorder close the MLflow runs they left open as
+        KILLED. Idle workers end with the driver's Ray job."""
+        for worker, _ in self.pending.values():
+            self.ray.kill(worker, no_restart=True)
+        self.pending.clear()
+        try:
+            self.ray.get(self.recorder.interrupted.remote(), timeout=60)
+        except Exception as exc:  # the recorder died with the rest: the runs stay RUNNING until re-run
+            log.warning("could not close the grid's unfinished MLflow runs: %s", exc)
 
 
 def ray_reason(ray, exc: BaseException) -> str:

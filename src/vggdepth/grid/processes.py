@@ -3,9 +3,11 @@ recorder in the driver, answering each process over a local connection (127.0.0.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
+import time
 
 import torch
 
@@ -18,31 +20,45 @@ log = logging.getLogger(__name__)
 
 def process_group(request: dict, address: tuple, authkey: bytes, results) -> None:
     """A group in a process of its own (`ProcessPool`): the prepared data from disk, the recorder over a local
-    connection; its outcomes (or why it failed) onto `results`."""
+    connection; its outcomes (or why it failed) onto `results`. It ends with the driver: the driver's SIGTERM
+    (`ProcessPool.close`), or the driver gone (killed: this process's parent ended), interrupts it as Ctrl-C would
+    (vggdepth.signals): its runs' MLflow runs closed as KILLED while the recorder answers, its temporary folder
+    removed, its runs resuming from their last epoch when re-run."""
     from multiprocessing.connection import Client
 
+    from vggdepth import signals
     from vggdepth.data import load_prepared
 
-    try:
-        params = Params.model_validate_json(request["params"])
-        connection = Client(address, authkey=authkey)
+    with signals.handled(watch=True):
+        try:
+            params = Params.model_validate_json(request["params"])
+            connection = Client(address, authkey=authkey)
 
-        def call(method: str, *args):
-            connection.send((method, args))
-            ok, answer = connection.recv()
-            if not ok:
-                raise GridError(f"the grid's recorder refused {method}: {answer}")
-            return answer
+            def call(method: str, *args):
+                connection.send((method, args))
+                ok, answer = connection.recv()
+                if not ok:
+                    raise GridError(f"the grid's recorder refused {method}: {answer}")
+                return answer
 
-        data = load_prepared(request["data_dir"])
-        packing = Packing(**request["packing"])
-        outcomes = train_group(
-            params, request["group"], data, request["starts"], packing, call, LOCAL, request["deadline"]
-        )
-        results.send(outcomes)
-    except Exception as error:  # the driver learns why, in one line, and says it
-        results.send(reason(error))
-        sys.exit(1)
+            data = load_prepared(request["data_dir"])
+            packing = Packing(**request["packing"])
+            outcomes = train_group(
+                params, request["group"], data, request["starts"], packing, call, LOCAL, request["deadline"]
+            )
+            _send(results, outcomes)
+        except KeyboardInterrupt as error:  # a signal, or the driver gone: one line for the driver, if it is there
+            why = f"interrupted ({signals.signal_name(error)}); resumes from its last epoch when re-run"
+            _send(results, why)
+            sys.exit(signals.exit_status(error))
+        except Exception as error:  # the driver learns why, in one line, and says it
+            _send(results, reason(error))
+            sys.exit(1)
+
+
+def _send(results, outcome) -> None:
+    with contextlib.suppress(OSError):  # the driver is gone: nobody to tell
+        results.send(outcome)
 
 
 class ProcessPool:
@@ -141,8 +157,21 @@ class ProcessPool:
         with self.lock:
             return getattr(self.recorder, method)(*args)
 
-    def close(self) -> None:
+    def close(self, grace_s: float = 20.0) -> None:
+        """Stop the groups still training (the grid was interrupted, or failed): SIGTERM, which each process takes
+        as an interruption (its runs tell the recorder, still answering here, and their MLflow runs close as
+        KILLED), SIGKILL for one still alive after `grace_s`; then the runs the recorder still has open (a process
+        that could not tell it) are closed as KILLED too."""
         for process in self.pending:
             process.terminate()
-            process.join(10)
+        deadline = time.monotonic() + grace_s
+        for process in self.pending:
+            process.join(max(0.0, deadline - time.monotonic()))
+            if process.is_alive():
+                process.kill()
+                process.join()
+        self.pending.clear()
+        self.slot_of.clear()
+        with self.lock:
+            self.recorder.interrupted()
         self.listener.close()

@@ -221,6 +221,13 @@ class Recorder:
             error = KeyboardInterrupt() if interrupted else GridError(message)
             callback.on_run_error(run, error)
 
+    def interrupted(self) -> list[str]:
+        """The grid was stopped: close the MLflow runs still open as KILLED (each resumes when re-run)."""
+        names = list(self.open)
+        for name in names:
+            self.lost(name, "the grid was interrupted", interrupted=True)
+        return names
+
     def state(self) -> tuple[int, list[str]]:
         """Epochs trained in this grid, all runs together, and the warnings logged since the last call."""
         messages, self.messages = self.messages, []
