@@ -11,6 +11,7 @@ import subprocess
 from pathlib import Path
 
 import mlflow
+import numpy as np
 import pytest
 import torch
 from mlflow import MlflowClient
@@ -127,21 +128,38 @@ def test_training_run_is_fully_tracked(store, params, tiny_data, tiny_data_dir, 
         "checkpoints/last.pt",
     }
 
-    # The model comes back and gives the checkpoint's logits on real images.
-    model = mlflow.pytorch.load_model(tags["vggdepth.model_uri"])
+    # The model takes raw uint8 images as a user has them (N x 32 x 32 x 3, or N x 3 x 32 x 32), normalises them
+    # with the run's statistics and gives the checkpoint's class probabilities, by class name.
+    model = mlflow.pyfunc.load_model(tags["vggdepth.model_uri"])
     reference = load_network(load_checkpoint(tmp_path / "run" / "checkpoints" / "best.pt"), torch.device("cpu"))
     images, _ = next(DeviceDataset(tiny_data.test, tiny_data.mean, tiny_data.std, torch.device("cpu")).batches(50))
     with torch.no_grad():
-        torch.testing.assert_close(model.eval()(images), reference(images), rtol=0, atol=1e-6)
+        expected = torch.softmax(reference(images).double(), dim=1).numpy()
+    raw = tiny_data.test.images[:50]  # N x 3 x 32 x 32 uint8
+    for layout in (raw.transpose(0, 2, 3, 1), raw):
+        answer = model.predict(np.ascontiguousarray(layout))
+        assert list(answer.columns) == list(tiny_data.classes)
+        np.testing.assert_allclose(answer.to_numpy(), expected, rtol=0, atol=1e-6)
+    assert isinstance(model.unwrap_python_model().net, VGG)  # the network itself, for those who want it
+    # Loading it unpickles nothing: the model is code (served_model.py), the weights a weights-only checkpoint.
+    folder = Path(mlflow.artifacts.download_artifacts(tags["vggdepth.model_uri"], dst_path=str(tmp_path / "model")))
+    assert not [p.name for p in folder.rglob("*") if p.suffix in (".pkl", ".pickle")]
+    assert (folder / "artifacts" / "best.pt").is_file()
     # It sits in the run's experiment, named after the run, and nothing went to experiment Default.
     (logged,) = client.search_logged_models([store.experiment_id])
     assert (logged.name, logged.source_run_id) == ("VGG-08-s0", run.info.run_id)
     assert tags["vggdepth.model_uri"] == f"models:/{logged.model_id}"
     assert not client.search_logged_models(["0"])
-    # Its input example is the first two real test images, normalised.
-    example = mlflow.models.Model.load(tags["vggdepth.model_uri"]).load_input_example(tags["vggdepth.model_uri"])
-    torch.testing.assert_close(torch.from_numpy(example), images[:2].contiguous(), rtol=0, atol=0)
-    assert example.std() > 0.5
+    # Its signature and input example say what it takes: the first two real test images, uint8, N x 32 x 32 x 3.
+    logged_model = mlflow.models.Model.load(tags["vggdepth.model_uri"])
+    example = logged_model.load_input_example(tags["vggdepth.model_uri"])
+    np.testing.assert_array_equal(example, raw[:2].transpose(0, 2, 3, 1))
+    assert example.dtype == np.uint8
+    (spec,) = logged_model.signature.inputs.inputs
+    assert (spec.type, spec.shape) == (np.dtype(np.uint8), (-1, -1, -1, -1))
+    assert logged_model.signature.outputs.input_names() == list(tiny_data.classes)
+    with pytest.raises(Exception, match=r"images must be N x 32 x 32 x 3 or N x 3 x 32 x 32 uint8, got shape"):
+        model.predict(np.zeros((2, 32, 3, 32), dtype=np.uint8))
 
     # Data lineage: the archive's md5 as digest, the split as context.
     inputs = {

@@ -131,7 +131,10 @@ BAD: dict[str, tuple[Callable, str]] = {
     ),
     # the record's content
     "record-not-json": (lambda p, d: archive(d, [("lease.json", b"{not json", "file")]), "lease.json: not JSON"),
-    "record-a-list": (lambda p, d: archive(d, [json_member([])]), "the whole file: a JSON object is expected (found [])"),
+    "record-a-list": (
+        lambda p, d: archive(d, [json_member([])]),
+        "the whole file: a JSON object is expected (found [])",
+    ),
     "runs-not-a-list": (
         lambda p, d: archive(d, [json_member(lease_record(p, runs={"VGG-08-s0": "finished"}))]),
         "runs: input should be a valid list",

@@ -1,5 +1,5 @@
 """Fetch the CIFAR-100 archive from a URL or a local path: streamed, md5-verified, written atomically, within a
-total deadline (data.timeout_s)."""
+total deadline (data.timeout_s); a server silent for READ_TIMEOUT_S is given up sooner."""
 
 from __future__ import annotations
 
@@ -27,6 +27,8 @@ log = logging.getLogger(__name__)
 
 CHUNK = 1 << 20
 BUFFERED = 16  # chunks read ahead of the file being written: memory, not time
+TIMEOUT_S = 600.0  # the whole fetch, as data.timeout_s in params.yaml: a slow link still fetches the 169 MB archive
+READ_TIMEOUT_S = 60.0  # one read of the socket (data.timeout_s when shorter): a silent server is said in a minute
 
 
 class DownloadError(VggdepthError):
@@ -42,12 +44,14 @@ def md5sum(path: str | Path) -> str:
     return digest.hexdigest()
 
 
-def fetch_archive(url: str, md5: str, dest: str | Path, *, timeout_s: float = 60.0) -> Path:
+def fetch_archive(url: str, md5: str, dest: str | Path, *, timeout_s: float = TIMEOUT_S) -> Path:
     """Copy `url` (http(s)://, file:// or a path to a regular file) to `dest` if its md5 is `md5`.
 
     `timeout_s` (data.timeout_s) bounds the whole fetch, not only each read: a server that trickles its answer
-    fails it as surely as one that is silent. The bytes go to a temporary file beside `dest` that is renamed only
-    once complete and verified: on any failure `dest` is left as it was and no partial file remains.
+    fails it as surely as one that is silent. Each read of an http(s) answer has READ_TIMEOUT_S (or `timeout_s`,
+    when shorter), so a server gone silent is said within a minute, not at the end of the whole. The bytes go to
+    a temporary file beside `dest` that is renamed only once complete and verified: on any failure `dest` is left
+    as it was and no partial file remains.
     """
     ready_to_write(dest)
     deadline = time.monotonic() + timeout_s
@@ -111,8 +115,10 @@ def _open_source(url: str, timeout_s: float, deadline: float) -> Iterator[tuple[
         yield _file_chunks(stream, url, timeout_s, deadline, size), size
 
 
-def _kind(mode: int) -> str:
+def file_kind(mode: int) -> str:
+    """What a file of `mode` (`os.stat`'s st_mode) is, in words: 'a regular file', 'a folder', 'a FIFO', ..."""
     for test, name in (
+        (stat.S_ISREG, "a regular file"),
         (stat.S_ISDIR, "a folder"),
         (stat.S_ISFIFO, "a FIFO"),
         (stat.S_ISSOCK, "a socket"),
@@ -137,7 +143,7 @@ def _open_regular(path: Path, url: str) -> Iterator:
         raise DownloadError(f"cannot read {path} (from data.url={url}): {exc.strerror or exc}") from None
     if not stat.S_ISREG(mode):
         raise DownloadError(
-            f"{path} (from data.url={url}) is {_kind(mode)}, not a regular file: point data.url at the archive"
+            f"{path} (from data.url={url}) is {file_kind(mode)}, not a regular file: point data.url at the archive"
         )
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
@@ -147,7 +153,7 @@ def _open_regular(path: Path, url: str) -> Iterator:
     if not stat.S_ISREG(mode):
         os.close(fd)
         raise DownloadError(
-            f"{path} (from data.url={url}) is {_kind(mode)}, not a regular file: point data.url at the archive"
+            f"{path} (from data.url={url}) is {file_kind(mode)}, not a regular file: point data.url at the archive"
         )
     os.set_blocking(fd, True)
     with os.fdopen(fd, "rb") as stream:
@@ -172,8 +178,10 @@ def _file_chunks(stream, url: str, timeout_s: float, deadline: float, size: int)
 @contextmanager
 def _http_source(url: str, timeout_s: float, deadline: float) -> Iterator[tuple[Iterator[bytes], int | None]]:
     """GET `url` in a daemon thread that hands over what arrives; this thread waits for each piece only until
-    `deadline`. The socket's timeout (`timeout_s` too) bounds each read, which a server sending one byte a second
-    never trips; the deadline bounds it all. Past it the request is abandoned: its thread ends at its next read."""
+    `deadline`. The socket's timeout (READ_TIMEOUT_S, or `timeout_s` when shorter) bounds each read, which a server
+    sending one byte a second never trips; the deadline bounds it all. Past it the request is abandoned: its
+    thread ends at its next read, within the socket's timeout."""
+    read_s = min(READ_TIMEOUT_S, timeout_s)
     pieces: queue.Queue = queue.Queue(maxsize=BUFFERED)
     stop = threading.Event()
 
@@ -187,7 +195,7 @@ def _http_source(url: str, timeout_s: float, deadline: float) -> Iterator[tuple[
 
     def fetch() -> None:
         try:
-            with urllib.request.urlopen(url, timeout=timeout_s) as response:  # noqa: S310 (scheme checked)
+            with urllib.request.urlopen(url, timeout=read_s) as response:  # noqa: S310 (scheme checked)
                 length = response.headers.get("Content-Length")
                 if not put("size", int(length) if length and length.isdigit() else None):
                     return
@@ -208,7 +216,7 @@ def _http_source(url: str, timeout_s: float, deadline: float) -> Iterator[tuple[
         except queue.Empty:
             raise _late(url, timeout_s, received, size) from None
         if kind == "error":
-            raise _http_error(url, value, started=started)
+            raise _http_error(url, value, read_s, started=started)
         return value
 
     threading.Thread(target=fetch, name=f"vggdepth-download {url}", daemon=True).start()
@@ -229,7 +237,7 @@ def _http_source(url: str, timeout_s: float, deadline: float) -> Iterator[tuple[
         stop.set()
 
 
-def _http_error(url: str, exc: BaseException, *, started: bool) -> DownloadError:
+def _http_error(url: str, exc: BaseException, read_s: float, *, started: bool) -> DownloadError:
     """The one line for what went wrong fetching `url`: before its answer began, or mid-transfer (`started`)."""
     if isinstance(exc, urllib.error.HTTPError):
         return DownloadError(f"HTTP {exc.code} {exc.reason} from {url}; check data.url")
@@ -241,7 +249,7 @@ def _http_error(url: str, exc: BaseException, *, started: bool) -> DownloadError
             "copy of the archive (a path or file:// URL) and data.md5 at its md5"
         )
     if isinstance(exc, TimeoutError):
-        return DownloadError(f"download from {url} stalled: no data within the timeout (data.timeout_s)")
+        return DownloadError(f"download from {url} stalled: no data for {read_s:g} s; try again")
     if isinstance(exc, OSError | http.client.HTTPException):
         return DownloadError(f"download from {url} failed mid-transfer: {exc}; try again")
     return DownloadError(f"download from {url} failed: {type(exc).__name__}: {exc}")

@@ -1,13 +1,16 @@
 """The training run in MLflow: a callback of the training loop (`MlflowCallback`) that opens the run, logs its
 params, inputs and every epoch's metrics, and at the end its tables, checkpoints and model. Training never waits on
 the store: epochs are queued and sent by a thread of their own, and the run's end waits for them at most one
-request's deadline (`Store.deadline_s`); what is still queued then is said, and `sync` sends it later."""
+request's deadline (`Store.deadline_s`); what is still queued then is said, and `sync` sends it later. Its
+artefacts and model take a deadline a request, the model `Store.operation_cap_s` in all. Runs ending while others
+still train (a fused group, a grid) end side by side, in threads of their own."""
 
 from __future__ import annotations
 
+import json
 import logging
 import os
-import queue
+import tempfile
 import threading
 import time
 import warnings
@@ -15,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from vggdepth.checkpoints import load_checkpoint, load_network
+from vggdepth.checkpoints import load_checkpoint
 from vggdepth.config import Params
 from vggdepth.gradients import GradientRow
 from vggdepth.runs import Callback, EpochRecord, RunFiles, RunInfo
@@ -34,26 +37,28 @@ from vggdepth.tracking.store import (
     pending_epochs,
     short,
     store_errors,
+    within,
 )
 
 log = logging.getLogger(__name__)
 
 
-def input_example(data_dir: Path) -> np.ndarray | None:
-    """The model's input example: the first two test images of the prepared data, normalised as the network sees
-    them (N x 3 x 32 x 32 float32); None, with a warning, when the prepared data is not there."""
-    import torch
-
-    from vggdepth.batches import DeviceDataset
+def served_data(data_dir: Path) -> tuple[list[str], np.ndarray | None]:
+    """The class names and two real test images (the input example) of the prepared data; with a warning, the
+    classes by number and no example when the prepared data is not there."""
     from vggdepth.data import load_prepared
+    from vggdepth.serving import input_example
 
     try:
         data = load_prepared(data_dir)
     except Exception as exc:
-        log.warning("the model is logged without an input example: no prepared data at %s (%s)", data_dir, short(exc))
-        return None
-    test = DeviceDataset(data.test, data.mean, data.std, torch.device("cpu"))
-    return test.normalise(test.images[:2]).contiguous().numpy()
+        log.warning(
+            "the model is logged without class names or an input example: no prepared data at %s (%s)",
+            data_dir,
+            short(exc),
+        )
+        return [f"class {i}" for i in range(100)], None
+    return list(data.classes), input_example(data.test.images)
 
 
 def log_run_artifacts(
@@ -70,27 +75,35 @@ def log_run_artifacts(
     client.log_artifact(run_id, str(files.best), "checkpoints")
     client.log_artifact(run_id, str(files.last), "checkpoints")
     if store.cfg.log_model and model:
+        from vggdepth.serving import INPUTS, signature
+
         best = load_checkpoint(files.best)
-        net = load_network(best, torch.device("cpu"))
-        example = input_example(data_dir or store.root / "data" / "prepared")
+        classes, example = served_data(data_dir or store.root / "data" / "prepared")
         owner = client.get_run(run_id).info
 
         def log_model():
             # A logged model belongs to the active experiment, not to the run given by id: make it the run's.
             mlflow.set_experiment(experiment_id=owner.experiment_id)
-            # Pickled, not torch.export: load_model gives back the nn.Module, and the code travels with it.
-            return mlflow.pytorch.log_model(
-                net,
+            # Raw uint8 images in, probabilities by class name out (vggdepth.serving); the weights travel as the
+            # checkpoint, loaded with weights_only, and the code as the vggdepth package.
+            return mlflow.models.Model.log(  # mlflow.pyfunc.log_model, for a run given by id
+                artifact_path=None,
+                flavor=mlflow.pyfunc,
                 name=owner.run_name,  # `<variant>-s<seed>`
+                python_model=str(Path(__file__).parents[1] / "served_model.py"),  # code, not a pickle
+                artifacts={"checkpoint": str(files.best), "inputs": str(inputs)},
+                signature=signature(classes),
                 input_example=example,
-                serialization_format="pickle",
                 code_paths=[str(Path(__file__).parents[1])],  # the vggdepth package
-                pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "numpy", "pydantic>=2", "pyyaml"],
+                pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "numpy", "pandas", "pydantic>=2"],
                 run_id=run_id,
                 step=best["epoch"] - 1,  # the epoch whose weights these are
             )
 
-        info = store.call("log the model", log_model, each_request=True)
+        with tempfile.TemporaryDirectory() as tmp:
+            inputs = Path(tmp) / INPUTS
+            inputs.write_text(json.dumps({"classes": classes, "mean": best["mean"], "std": best["std"]}))
+            info = store.call("log the model", log_model, each_request=True)
         client.set_tag(run_id, "vggdepth.model_uri", info.model_uri)
         client.set_tag(run_id, "vggdepth.model_epoch", str(best["epoch"] - 1))
 
@@ -116,16 +129,60 @@ def complete_run_artifacts(store: Store, run_id: str, files: RunFiles, data_dir:
     return True
 
 
-_STOP = None  # the sender's last item: send what is queued, then end
+class _Ends:
+    """The trackers of this process whose run is open, and the ends of runs that go on in threads of their own.
+
+    The training loop tells its callbacks one run after another: the runs of a fused group (vggdepth.fused), the
+    runs a grid's recorder follows. A tracker's end waits on the store (its queued epochs, its artefacts, its
+    status), so ending in the caller's thread would hold every run still training, and N runs ending together
+    would wait N deadlines one after another. So a run that ends while others are open stops its queue at once
+    and ends in a thread of its own, and the caller goes on; the last open run to end stops its queue, ends in
+    the caller's thread and then waits for those threads. They all ran side by side, each within its own bound
+    from when its queue stopped: the wait is one bound, not N. Nothing in an end waits without a bound, so the
+    threads end by themselves; they are not daemons, so the process waits for them before it exits."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.open: set[MlflowCallback] = set()
+        self.under_way: list[threading.Thread] = []
+
+    def opened(self, tracker: MlflowCallback) -> None:
+        with self.lock:
+            self.open.add(tracker)
+
+    def end(self, tracker: MlflowCallback, name: str, work) -> None:
+        """`work()`, the end of `tracker`'s run: in a thread of its own while other runs are open, else here, and
+        then every end still under way waited for."""
+        with self.lock:
+            self.open.discard(tracker)
+            if self.open:
+                thread = threading.Thread(target=work, name=f"vggdepth-mlflow end {name}")
+                thread.start()
+                self.under_way = [t for t in self.under_way if t.is_alive()] + [thread]
+                return
+            others, self.under_way = self.under_way, []
+        try:
+            work()
+        finally:
+            for thread in others:
+                thread.join()  # bounded: every wait of an end is
+
+
+_ENDS = _Ends()
 
 
 class MlflowCallback(Callback):
     """Sends a training run to MLflow. The run is opened before training (a store that cannot be used stops the
     stage there); then the training thread only queues: a thread of this callback sends each epoch, so a store
     that is slow, silent or gone never slows training. An epoch the store does not take stays queued and is sent
-    with the next one once it answers again. At the run's end the queue is waited for at most one request's
-    deadline (`Store.deadline_s`, from `tracking.request_timeout_s` and `tracking.request_retries`), and whatever
-    MLflow still lacks is said in one line: `python -m vggdepth sync` sends it from the run's outputs."""
+    with the next one once it answers again.
+
+    At the run's end its queue stops, and the queued epochs are waited for at most one request's deadline from
+    then (`Store.deadline_s`, from `tracking.request_timeout_s` and `tracking.request_retries`). Then, if they were
+    all taken, its tables, checkpoints and model are sent (each request within the deadline, the model within
+    `Store.operation_cap_s`: a large upload takes what it takes) and its status; whatever MLflow still lacks is
+    said in one line: `python -m vggdepth sync` sends it from the run's outputs. Runs that end while others train
+    (a fused group, a grid) end side by side without holding the training loop (`_Ends`)."""
 
     def __init__(
         self, store: Store, context: PipelineContext, stage: str, data_dir: Path, *, system_metrics: bool = True
@@ -137,13 +194,13 @@ class MlflowCallback(Callback):
         self.run_id = ""
         self.lock = threading.Lock()
         self.pending: list[tuple[int, list]] = []  # (epoch, metrics) not sent yet, oldest first; under `lock`
-        self.queue: queue.Queue | None = None  # wakes the sender: an epoch's number for each epoch queued, or _STOP
-        self.stopped = False  # the sender's last item is queued
+        self.wake = threading.Event()  # tells the sender that epochs were queued, or that it is to stop
+        self.stopping = False  # under `lock`: the sender sends what is queued once more, then ends
         self.sender: threading.Thread | None = None
-        self.inflight: Attempt | None = None  # the request sending pending[0]; abandoned past its deadline
         self.problem = ""  # why the last epoch was not sent
         self.offline_since: int | None = None
         self.monitor = None
+        self.monitor_stop: Attempt | None = None  # the system metrics' monitor being stopped
 
     # -- hooks --------------------------------------------------------------------------------------------------
 
@@ -169,21 +226,43 @@ class MlflowCallback(Callback):
                     resume_logging=not created,
                     tracking_uri=self.store.uri,
                 )
-        # At most one item an epoch (restored or trained) and the stop: putting never blocks, and never fails.
-        self.queue = queue.Queue(maxsize=int(run.config["train"]["epochs"]) + 1)
         self._enqueue(resumed)
         self.sender = threading.Thread(target=self._send_loop, name=f"vggdepth-mlflow {run.name}", daemon=True)
         self.sender.start()
         if self.monitor is not None:
             self.monitor.start()
+        _ENDS.opened(self)
         log.info("tracking %s-s%d in MLflow run %s at %s", run.variant, run.seed, self.run_id, self.store.uri)
 
     def on_epoch_end(self, run: RunInfo, record: EpochRecord, gradients: list[GradientRow]) -> None:
         self._enqueue([(record.epoch, epoch_metrics(record, gradients))])
 
     def on_run_end(self, run: RunInfo, summary: dict) -> None:
+        deadline = self._stop()
+        _ENDS.end(self, run.name, lambda: self._conclude(run, summary, deadline))
+
+    def on_run_error(self, run: RunInfo, error: BaseException) -> None:
+        deadline = self._stop()
+        _ENDS.end(self, run.name, lambda: self._abandon(run, error, deadline))
+
+    # -- ending -------------------------------------------------------------------------------------------------
+
+    def _stop(self) -> float:
+        """Stop the queue and the system metrics at once, without waiting; the end of the wait for them
+        (monotonic): one deadline from now."""
         deadline = time.monotonic() + self.store.deadline_s
-        answers, reason = self._stop_sending(deadline)
+        if self.monitor is not None:  # its thread may itself be waiting on the store
+            self.monitor_stop = Attempt("vggdepth-mlflow system metrics", self.monitor.finish)
+            self.monitor = None
+        with self.lock:
+            self.stopping = True
+        self.wake.set()
+        return deadline
+
+    def _conclude(self, run: RunInfo, summary: dict, deadline: float) -> None:
+        """The end of a run that trained to its last epoch: its epochs by `deadline`; its artefacts and model if
+        the store took them all; its status."""
+        answers, reason = self._wait_sent(deadline)
         artefacts = False
         if answers:  # everything queued was taken: the store answers
             try:
@@ -204,54 +283,55 @@ class MlflowCallback(Callback):
         missing = [] if artefacts else ["its artefacts and model"]
         self._report(run, missing, closed, status, why or reason)
 
-    def on_run_error(self, run: RunInfo, error: BaseException) -> None:
-        deadline = time.monotonic() + self.store.deadline_s
+    def _abandon(self, run: RunInfo, error: BaseException, deadline: float) -> None:
+        """The end of a run stopped before its last epoch: its status first (a stopped stage, SIGTERM or Ctrl-C,
+        gets it within the bound, queued epochs or not), then its epochs, both by `deadline`."""
         status = "KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED"
-        self._stop_queue()  # the queue goes on draining beside the status
         message = str(error)[:5000] or type(error).__name__
-        # The status first: a stopped stage (SIGTERM, Ctrl-C) gets it within the bound, queued epochs or not.
         closed, why = self._close(status, deadline, error=message)
-        _, late = self._stop_sending(deadline)
+        _, late = self._wait_sent(deadline)
         self._report(run, [], closed, status, why or late, finished=False)
 
     # -- sending ------------------------------------------------------------------------------------------------
 
     def _enqueue(self, epochs: list[tuple[int, list]]) -> None:
-        """The training thread's part: add to what is to be sent, and wake the sender."""
+        """The training thread's part: add to what is to be sent, and wake the sender. Never blocks, never
+        fails: the queue has no bound (an epoch's metrics are a few hundred numbers)."""
         if epochs:
             with self.lock:
                 self.pending.extend(epochs)
-            self.queue.put_nowait(epochs[-1][0])
+            self.wake.set()
 
     def _send_loop(self) -> None:
-        """The sender: whatever is queued, in order, each time an epoch comes, until the stop."""
+        """The sender: whatever is queued, in order, each time it is woken, until the stop."""
         while True:
-            item = self.queue.get()
+            self.wake.wait()
+            self.wake.clear()
+            with self.lock:
+                stopping = self.stopping
             self._send_pending()
-            if item is _STOP:
+            if stopping:
                 return
 
     def _send_pending(self) -> None:
-        """Send the epochs not sent yet, oldest first; stop at the first the store does not take (it is sent
-        again with the next epoch, or at the end). A request past its deadline is never sent twice: while it may
-        still arrive, its answer is awaited instead, so no epoch is logged twice."""
+        """Send the epochs not sent yet, oldest first, each within the store's deadline; stop at the first the
+        store does not take: it is sent again with the next epoch, or at the end. A request past its deadline is
+        abandoned, never waited for again (one that trickles forever would hold back every later epoch): its
+        epoch is sent anew. That may deliver it twice, which is harmless: its metrics keep their timestamps, and
+        MLflow keeps one row of identical ones."""
         while True:
             with self.lock:
                 if not self.pending:
                     return
                 epoch, metrics = self.pending[0]
-            if self.inflight is None:
-                self.inflight = Attempt(f"vggdepth-mlflow epoch {epoch}", self._log_epoch, metrics)
             try:
-                self.inflight.result(self.store.deadline_s)
-            except Late:
+                self.client.log_batch(self.run_id, metrics=metrics)  # in chunks of MLflow's limit per batch
+            except DeadlineError:
                 self._offline(epoch, f"no answer within {self.store.deadline_s:g} s ({self.store.bound()})")
                 return
             except Exception as exc:
-                self.inflight = None
                 self._offline(epoch, short(exc))
                 return
-            self.inflight = None
             with self.lock:
                 self.pending.pop(0)
             if self.offline_since is not None:
@@ -261,10 +341,6 @@ class MlflowCallback(Callback):
                     self.offline_since,
                 )
                 self.offline_since = None
-
-    def _log_epoch(self, metrics: list) -> None:
-        for start in range(0, len(metrics), 1000):  # MLflow's limit per batch
-            self.client.unbounded.log_batch(self.run_id, metrics=metrics[start : start + 1000])
 
     def _offline(self, epoch: int, problem: str) -> None:
         self.problem = f"MLflow at {self.store.uri}: {problem}"
@@ -278,24 +354,14 @@ class MlflowCallback(Callback):
                 problem,
             )
 
-    def _stop_queue(self) -> None:
-        if self.queue is not None and not self.stopped:
-            self.queue.put_nowait(_STOP)
-            self.stopped = True
-
-    def _stop_sending(self, deadline: float) -> tuple[bool, str]:
-        """Let the sender send what is queued and end, and stop sampling system metrics, waiting for both until
-        `deadline` (monotonic). (whether everything queued was sent, why not)."""
-        finishing = None
-        if self.monitor is not None:  # its thread may itself be waiting on the store
-            finishing = Attempt("vggdepth-mlflow system metrics", self.monitor.finish)
-            self.monitor = None
-        self._stop_queue()
+    def _wait_sent(self, deadline: float) -> tuple[bool, str]:
+        """Wait until `deadline` (monotonic) at most for the sender to send what is queued and end, and for the
+        system metrics to stop. (whether everything queued was sent, why not)."""
         if self.sender is not None:
             self.sender.join(max(deadline - time.monotonic(), 0.0))
-        if finishing is not None:
+        if self.monitor_stop is not None:
             try:
-                finishing.result(deadline - time.monotonic())
+                self.monitor_stop.result(deadline - time.monotonic())
             except Late:  # its thread waits on the store: left to itself (system metrics are not sent later)
                 pass
             except Exception as exc:
@@ -321,17 +387,12 @@ class MlflowCallback(Callback):
         if seconds <= 0:
             return False, ""
         try:
-            Attempt(f"vggdepth-mlflow close {self.run_id}", close).result(seconds)
+            within(seconds, f"vggdepth-mlflow close {self.run_id}", close)
         except Late:
             return False, f"MLflow at {self.store.uri} gave no answer within {seconds:.3g} s ({self.store.bound()})"
         except Exception as exc:
             return False, f"MLflow at {self.store.uri} failed: {short(exc)}"
-        try:  # a courtesy, bounded like the rest
-            Attempt("vggdepth-mlflow parent", self.store.stage_done, self.run_id).result(
-                self.store.deadline_s if deadline is None else deadline - time.monotonic()
-            )
-        except Late:
-            log.warning("could not extend the parent run of %s: %s gave no answer", self.run_id, self.store.uri)
+        self.store.stage_done(self.run_id)  # a courtesy: each of its requests bounded, its failure only said
         return True, ""
 
     def _report(

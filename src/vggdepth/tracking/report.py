@@ -4,6 +4,7 @@ gradient-flow figure into its own run, and the final variant's best model into t
 from __future__ import annotations
 
 import csv
+import json
 import logging
 import tempfile
 from pathlib import Path
@@ -36,13 +37,7 @@ def _log_report(store: Store, params: Params, out: Path, runs: Path, context: Pi
     for name in ("table1.md", "table1.csv", "summary.json"):
         client.log_artifact(parent, str(out / name))
     client.log_artifacts(parent, str(out / "figures"), "figures")
-    # Table 1 as an MLflow table (the UI shows it as one, and mlflow.load_table reads it back): one row per variant,
-    # not one metric per cell, which would fill the chart view with single-bar charts before the runs' curves.
-    with (out / "table1.csv").open(newline="") as f:
-        rows = list(csv.DictReader(f))
-    columns = {name: [row[name] for row in rows] for name in (rows[0] if rows else [])}
-    table = {"data": columns, "artifact_file": TABLE1_ARTIFACT, "run_id": parent}
-    store.call("take Table 1", mlflow.log_table, **table, each_request=True)
+    log_table1(store, parent, out / "table1.csv")
     for variant in params.variants:
         for seed in params.seeds:
             _gradient_flow_of(store, RunFiles.of(runs, variant, seed))
@@ -59,7 +54,8 @@ def _log_report(store: Store, params: Params, out: Path, runs: Path, context: Pi
         raise TrackingError(f"MLflow run {run_id} ({best_files.root}) has no logged model: set tracking.log_model")
     name, alias = params.report.registered_model, params.report.alias
     tags = {"variant": final, "run": best_files.root.name}
-    # A few requests, and a wait for the new version to be ready: that too within one request's deadline.
+    # A few requests, each within a deadline, and a wait of one deadline for the new version to be ready; the
+    # whole within the store's cap for an operation of many requests (Store.call).
     version = store.call(
         "register the model",
         mlflow.register_model,
@@ -76,6 +72,29 @@ def _log_report(store: Store, params: Params, out: Path, runs: Path, context: Pi
         "registered %s of %s as models:/%s@%s (version %s)", model_uri, best_files.root, name, alias, version.version
     )
     return name, version.version
+
+
+def log_table1(store: Store, parent: str, table1_csv: Path) -> None:
+    """Table 1 as an MLflow table on the parent run (the UI shows it as one, and `mlflow.load_table` reads it back):
+    one row per variant, not one metric per cell, which would fill the chart view with single-bar charts before
+    the runs' curves. `table1.json` is written here, in the form `mlflow.log_table` writes (pandas' "split"
+    orient, no index), and uploaded over any earlier one, with the tag that marks it a table. Not
+    `mlflow.log_table`: it downloads a table that is already there and appends to it, so every re-run of the
+    report on the same parent run would add Table 1's rows again (and wait on a download no deadline sees)."""
+    from mlflow.utils.mlflow_tags import MLFLOW_LOGGED_ARTIFACTS
+
+    with table1_csv.open(newline="") as f:
+        reader = csv.DictReader(f)
+        rows = list(reader)
+        columns = list(reader.fieldnames or [])
+    with tempfile.TemporaryDirectory() as tmp:
+        table = Path(tmp) / TABLE1_ARTIFACT
+        table.write_text(json.dumps({"columns": columns, "data": [[row[c] for c in columns] for row in rows]}))
+        store.client.log_artifact(parent, str(table))
+    logged = json.loads(store.client.get_run(parent).data.tags.get(MLFLOW_LOGGED_ARTIFACTS, "[]"))
+    entry = {"path": TABLE1_ARTIFACT, "type": "table"}
+    if entry not in logged:
+        store.client.set_tag(parent, MLFLOW_LOGGED_ARTIFACTS, json.dumps([*logged, entry]))
 
 
 GRADIENT_FLOW = "gradient_flow.png"

@@ -45,8 +45,8 @@ def log_evaluation(store: Store | None, files: RunFiles, result: dict, tables: P
     evaluate stage, into the training run they belong to; called before the stage puts its outputs in place, so a
     stage that fails here leaves none. A server lost since the stage started costs the log, not the stage (the
     gap is reported, `sync` sends it later); a store that answers but refuses fails the stage, with its reason.
-    Every request is bounded (`Store.deadline_s`): one past its deadline is a server that does not answer, not
-    asked again."""
+    Every request is bounded (`Store.call`: `Store.deadline_s` a request, an upload `Store.operation_cap_s` in
+    all): one past its bound is a server that does not answer, not asked again."""
     if store is None:
         return
     run_id = run_id_of(files)

@@ -18,7 +18,6 @@ import json
 import logging
 import math
 import os
-import stat
 import subprocess
 import sys
 import threading
@@ -33,6 +32,7 @@ from pathlib import Path
 
 from vggdepth.checkpoints import load_checkpoint
 from vggdepth.config import Params, TrackingConfig
+from vggdepth.download import file_kind
 from vggdepth.errors import VggdepthError
 from vggdepth.gradients import GradientRow
 from vggdepth.runs import EpochRecord, RunFiles, RunInfo
@@ -127,9 +127,12 @@ def within(timeout_s: float, name: str, fn, *args, **kwargs):
 class RequestWatch:
     """Runs an operation of several MLflow requests (logging a model: serialising it, then a request per file and
     a few more) and tells when the HTTP request it has under way began (`since`, monotonic; None between
-    requests), so that each request, not the whole, gets a deadline. It watches MLflow's one function for HTTP
-    requests (`mlflow.utils.rest_utils.http_request`, which the REST store and the server's artefact proxy both
-    use) with a profile hook in the operation's own thread."""
+    requests), so that each request, not the whole, gets a deadline. It watches
+    `mlflow.utils.rest_utils.http_request`, through which MLflow's REST store and its `mlflow-artifacts:`
+    repository (a server proxying artefacts) send their requests, with a profile hook in the operation's own
+    thread. Not every wait on the network is inside it: a request MLflow sends from a thread of its own (it
+    downloads files in a pool), a streamed download's body read after `http_request` returned, a multipart upload
+    or one straight to cloud storage. `Store.call` caps the whole operation for those."""
 
     def __init__(self):
         self.since: float | None = None
@@ -276,17 +279,7 @@ def _kind(path: Path) -> str | None:
         return None
     except OSError as exc:
         return f"unreadable ({exc.strerror or exc})"
-    for test, name in (
-        (stat.S_ISREG, "a regular file"),
-        (stat.S_ISDIR, "a folder"),
-        (stat.S_ISFIFO, "a FIFO"),
-        (stat.S_ISSOCK, "a socket"),
-        (stat.S_ISCHR, "a character device"),
-        (stat.S_ISBLK, "a block device"),
-    ):
-        if test(mode):
-            return name
-    return "not a regular file"
+    return file_kind(mode)
 
 
 def check_reachable(uri: str, timeout_s: float) -> None:
@@ -399,6 +392,11 @@ def log10_or_floor(value: float) -> float:
 class Store:
     """The MLflow client of this process, its experiment and the parent run of this pipeline run."""
 
+    # An operation of many requests (`call(each_request=True)`: logging a model or a folder of files, registering
+    # a model) ends within this many request deadlines in all, whatever it waits on: generous (600 s with the
+    # default settings), since a model's upload on a slow link is progress, not a server that does not answer.
+    OPERATION_DEADLINES = 20
+
     def __init__(self, cfg: TrackingConfig, uri: str | None = None, root: Path | None = None):
         # Fail fast on a lost server: MLflow's defaults retry for minutes before an error comes back.
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", str(cfg.request_timeout_s))
@@ -407,6 +405,7 @@ class Store:
         self.root = (root or project_root()).resolve()
         self.uri = uri or tracking_uri(self.root)
         self.remote = is_remote(self.uri)
+        self.http = urllib.parse.urlsplit(self.uri).scheme.lower() in ("http", "https")
         check_reachable(self.uri, cfg.request_timeout_s)  # before importing MLflow: a store refused takes no time
         if is_embedded(self.uri) and _kind(self.artifacts) not in (None, "a folder"):
             raise TrackingError(
@@ -418,8 +417,9 @@ class Store:
 
         with store_errors(self.uri, f"open experiment {cfg.experiment!r}"):
             mlflow.set_tracking_uri(self.uri)
-            # Every call of the client is one request with a total deadline (a database server's is made here).
-            self.client = BoundedClient(self.call("open the store", MlflowClient, self.uri), self)
+            # Not within a deadline: a database store is migrated to MLflow's schema here, which takes what it
+            # takes (a tracking server was probed above, and nothing here asks it anything).
+            self.client = BoundedClient(MlflowClient(self.uri), self)
             self.experiment_id = self._experiment()
 
     @property
@@ -430,43 +430,60 @@ class Store:
     @property
     def deadline_s(self) -> float:
         """The longest one request to the store may take, retries included: `tracking.request_timeout_s` for each
-        of 1 + `tracking.request_retries` attempts. Also the bound of a training run's flush at its end."""
+        of 1 + `tracking.request_retries` attempts. Also how long a training run's end waits for its queued
+        epochs (`MlflowCallback`)."""
         return float(self.cfg.request_timeout_s * (self.cfg.request_retries + 1))
 
-    def call(self, what: str, fn, *args, timeout_s: float | None = None, each_request: bool = False, **kwargs):
-        """`fn(*args, **kwargs)`, a request to the store, within a total deadline: `deadline_s`, or `timeout_s`.
-        With `each_request`, an operation of many requests (logging a model or a folder of files), and on an
-        MLflow server: each of its requests within `deadline_s`, its local work between them unbounded. Past a
-        deadline the operation is abandoned (its thread goes on, nothing waits for it) and a `DeadlineError`
-        names the URI: MLflow's own timeout bounds each read of a socket, not a request, and a server that
-        trickles an answer would hold the stage forever. A local store (`is_remote`) is called directly: no
-        server there can keep it waiting."""
+    @property
+    def operation_cap_s(self) -> float:
+        """The longest an operation of many requests (`call(each_request=True)`) may take in all."""
+        return self.OPERATION_DEADLINES * self.deadline_s
+
+    def call(self, what: str, fn, *args, each_request: bool = False, **kwargs):
+        """`fn(*args, **kwargs)` against the store, within a total deadline; past it the call is abandoned (its
+        thread goes on, nothing waits for it) and a one-line `DeadlineError` names the URI. MLflow's own timeout
+        bounds each read of a socket, not a request: a server that trickles an answer would hold the stage
+        forever.
+
+        A call of the client (a request, or the few of one call: `log_batch` sends its chunks, `get_metric_history`
+        its pages) gets `deadline_s`. With `each_request`, an operation of many requests and local work between
+        them (logging a model or a folder of files, registering a model) gets `operation_cap_s` in all; on an
+        MLflow server (http(s)://) each request that `RequestWatch` sees also gets `deadline_s`, so a server that
+        stops answering fails the operation within one deadline, not the cap. A database store (postgresql://,
+        ...) has no such watch: the cap alone bounds it. A local store (`is_remote`) is called directly: no server
+        there can keep it waiting."""
         if not self.remote:
             return fn(*args, **kwargs)
         name = f"vggdepth-mlflow {what}"
-        if each_request and self.uri.lower().startswith(("http://", "https://")):
-            watch = RequestWatch()
-            attempt = Attempt(name, watch.run, fn, *args, **kwargs)
-            while True:
-                since = watch.since  # until the request under way is due, or another deadline's time to look again
-                wait = self.deadline_s if since is None else since + self.deadline_s - time.monotonic()
-                try:
-                    return attempt.result(wait)
-                except Late:
-                    if since is not None and watch.since == since:  # the same request, past its deadline
-                        raise self._late(what, self.deadline_s, self.bound()) from None
-        seconds = self.deadline_s if timeout_s is None else timeout_s
-        try:
-            return within(seconds, name, fn, *args, **kwargs)
-        except Late:
-            bound = self.bound() if timeout_s is None else "what was left of its bound"
-            raise self._late(what, seconds, bound) from None
+        if not each_request:
+            try:
+                return within(self.deadline_s, name, fn, *args, **kwargs)
+            except Late:
+                raise self._late(what, self.deadline_s, self.bound()) from None
+        ends = time.monotonic() + self.operation_cap_s
+        watch = RequestWatch() if self.http else None
+        attempt = Attempt(name, watch.run, fn, *args, **kwargs) if watch else Attempt(name, fn, *args, **kwargs)
+        while True:
+            # Until the request under way is due; between requests, a deadline's time to look again; the cap.
+            since = watch.since if watch else None
+            due = ends if watch is None else (time.monotonic() if since is None else since) + self.deadline_s
+            try:
+                return attempt.result(min(due, ends) - time.monotonic())
+            except Late:
+                if time.monotonic() >= ends:
+                    raise self._late(what, self.operation_cap_s, self.cap()) from None
+                if since is not None and watch.since == since:  # the same request, past its deadline
+                    raise self._late(f"one of the requests to {what}", self.deadline_s, self.bound()) from None
 
     def _late(self, what: str, seconds: float, bound: str) -> DeadlineError:
         return DeadlineError(
             f"MLflow at {self.uri} gave no complete answer to {what} within {seconds:g} s ({bound}); the server is "
             "stuck or overloaded"
         )
+
+    def cap(self) -> str:
+        """How `operation_cap_s` comes from the settings, for messages."""
+        return f"{self.OPERATION_DEADLINES} x {self.deadline_s:g} s, the deadline of one request"
 
     def bound(self) -> str:
         """How `deadline_s` comes from the settings, for messages."""
@@ -587,11 +604,14 @@ class Store:
 
 
 class BoundedClient:
-    """An `MlflowClient` whose every method call is one request within the store's deadline (`Store.call`), so no
-    caller (this package's modules, `sync`) can wait on the store forever; a call that uploads a folder is a
-    request per file, each within it. `unbounded` is the client itself."""
+    """An `MlflowClient` whose every method call ends within the store's deadline (`Store.call`), so no caller
+    (this package's modules, `sync`) can wait on the store forever. Most calls are one request; some are a few,
+    bounded together (`log_batch` sends chunks of 1000 metrics, `get_metric_history` and `search_runs` page).
+    A call that moves files (`EACH_REQUEST`: an upload may look up the run first, send a large file in parts, or
+    go straight to cloud storage) is an operation of many requests: each that `RequestWatch` sees within the
+    deadline, the whole within `Store.operation_cap_s`. `unbounded` is the client itself."""
 
-    EACH_REQUEST = frozenset({"log_artifacts", "log_model_artifacts"})
+    EACH_REQUEST = frozenset({"log_artifact", "log_artifacts", "log_model_artifacts", "download_artifacts"})
 
     def __init__(self, client, store: Store):
         self.unbounded, self._store = client, store
