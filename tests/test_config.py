@@ -17,6 +17,10 @@ TABLE1 = {  # SPEC.md, The variants: blocks per stage, BN, LR, schedule, period,
     "WR50-HIGHLR-BN-38": (5, True, 7.5e-3, "warm_restarts", 50, 100),
     "MBS50-BN-38": (5, True, 7.5e-3, "warm_restarts", 50, 50),
 }
+BEYOND = {  # the report's future work: residual shortcuts, without and with batch norm, BN-VGG-38's protocol
+    "RC-VGG-38": (5, False, 1e-3, "cosine", 100, 100),
+    "BN-RC-VGG-38": (5, True, 1e-3, "cosine", 100, 100),
+}
 
 
 def test_shipped_params_hold_table1_as_data(params):
@@ -24,8 +28,9 @@ def test_shipped_params_hold_table1_as_data(params):
         name: (v.blocks_per_stage, v.batch_norm, v.lr, v.schedule, v.period, v.batch_size)
         for name, v in params.variants.items()
     }
-    assert rows == TABLE1
-    assert list(params.variants) == list(TABLE1)  # the table's order is the report's order
+    assert rows == TABLE1 | BEYOND
+    assert list(params.variants) == [*TABLE1, *BEYOND]  # Table 1 in the report's order, then the rows beyond it
+    assert [name for name, v in params.variants.items() if v.residual] == list(BEYOND)
     assert params.seeds == [0, 1, 2]
     assert params.train.epochs == 100
     assert params.train.lr_min == 2e-5

@@ -71,3 +71,58 @@ def test_reduction_convs_have_bias_processing_convs_do_not(params):
     assert net.stage1.reduce.conv0.bias is not None
     assert net.stage1.block2.conv0.bias is None
     assert net.entry.conv.bias is None
+
+
+# ---- residual connections (rows beyond the report) ----------------------------------------------------------
+
+
+@pytest.mark.parametrize(("plain", "residual"), [("VGG-38", "RC-VGG-38"), ("BN-VGG-38", "BN-RC-VGG-38")])
+def test_residual_rows_are_their_plain_network_with_identity_shortcuts(params, plain, residual):
+    """Same layers, names and parameters (a shortcut has none); every processing block outputs its input plus
+    what it computes, and a reduction block (which changes the shape) keeps no shortcut."""
+    torch.manual_seed(0)
+    net = VGG(params.model, params.variant(residual)).eval()
+    torch.manual_seed(0)
+    same = VGG(params.model, params.variant(plain)).eval()
+    assert [n for n, _ in weight_tensors(net)] == [n for n, _ in weight_tensors(same)]
+    assert count_parameters(net) == count_parameters(same)
+    block, x = net.stage1.block2, torch.randn(2, params.model.width, 16, 16)
+    with torch.no_grad():
+        assert torch.equal(block(x), x + nn.Sequential(*block.children())(x))
+        assert torch.equal(net.stage1.reduce(x), same.stage1.reduce(x))
+        assert not torch.equal(net(torch.randn(2, 3, 32, 32)), same(torch.randn(2, 3, 32, 32)))
+
+
+def test_residual_false_leaves_every_table1_fingerprint_where_it_was(params):
+    """`residual: false` is what a row was before the setting existed: its fingerprint is the one computed from
+    the row without the key, and `residual: true` makes another run."""
+    from vggdepth.config import Variant
+    from vggdepth.engine import run_fingerprint
+
+    stats = {"archive_md5": "0" * 32, "split_seed": 0, "sizes": {}, "subset": {}, "mean": [0.5] * 3, "std": [0.2] * 3}
+    for name, variant in params.variants.items():
+        before = Variant.model_validate(variant.model_dump(exclude={"residual"}))
+        fingerprint = run_fingerprint(params.model, params.train, variant, 0, stats)
+        if variant.residual:
+            plain = variant.model_copy(update={"residual": False})
+            assert fingerprint != run_fingerprint(params.model, params.train, plain, 0, stats), name
+        else:
+            assert fingerprint == run_fingerprint(params.model, params.train, before, 0, stats), name
+
+
+def test_a_shortcut_carries_the_gradient_to_the_entry_layer_where_the_plain_network_loses_it(params, tiny_data):
+    """One backward pass at initialisation on 100 real training images: VGG-38's entry-layer gradient has all but
+    vanished (the study's mechanism), RC-VGG-38's, the same network with shortcuts, has not."""
+    from vggdepth.batches import DeviceDataset
+
+    images = DeviceDataset(tiny_data.train, tiny_data.mean, tiny_data.std, torch.device("cpu"))
+    x = images.normalise(images.images[:100])
+    y = torch.as_tensor(tiny_data.train.labels[:100]).long()
+    entry = {}
+    for name in ("VGG-38", "RC-VGG-38"):
+        torch.manual_seed(0)
+        net = VGG(params.model, params.variant(name))
+        nn.functional.cross_entropy(net(x), y).backward()
+        entry[name] = net.entry.conv.weight.grad.abs().mean().item()
+    assert entry["VGG-38"] < 1e-8
+    assert entry["RC-VGG-38"] > 1e-6 and entry["RC-VGG-38"] > 1000 * entry["VGG-38"]

@@ -43,7 +43,7 @@ def _close_figures():
 
 
 @pytest.fixture(scope="session")
-def study(params, tiny_data, labels, tmp_path_factory):
+def study(params, tiny_data, tiny_data_dir, labels, tmp_path_factory):
     """Real train and evaluate outputs of every variant for two seeds (1 epoch, 200 images), tracked in an
     embedded MLflow store under a temporary project root."""
     root = tmp_path_factory.mktemp("study")
@@ -60,7 +60,7 @@ def study(params, tiny_data, labels, tmp_path_factory):
     for variant in p.variants:
         for seed in SEEDS:
             files = RunFiles.of(root / "runs", variant, seed)
-            tracker = MlflowCallback(store, context, f"train@{variant}-{seed}", root / "data")
+            tracker = MlflowCallback(store, context, f"train@{variant}-{seed}", tiny_data_dir)
             Trainer(
                 model=p.model,
                 train=p.train,
@@ -122,13 +122,30 @@ def test_mean_and_std_are_over_seeds(study, built):
 def test_paper_columns_match_the_published_table(built):
     with open(ROOT / "reference" / "paper-table1.csv") as f:
         paper = {row["model"]: row for row in csv.DictReader(f)}
+    assert {v for v, row in built["rows"].items() if row["in_paper"] == "True"} == set(paper)
     for variant, row in built["rows"].items():
+        if variant not in paper:  # a row beyond the report: nothing to compare with
+            assert row["paper_val_acc"] == row["diff_val_acc"] == "" and row["in_paper"] == "False"
+            continue
         for metric in ("train_acc", "train_loss", "val_acc", "val_loss"):
             assert float(row[f"paper_{metric}"]) == float(paper[variant][metric])
             assert float(row[f"diff_{metric}"]) == pytest.approx(float(row[metric]) - float(paper[variant][metric]))
     final = built["rows"]["WR50-HIGHLR-BN-38"]
     assert (float(final["paper_test_acc"]), float(final["paper_test_loss"])) == (0.501, 1.859)
     assert built["rows"]["VGG-08"]["paper_test_acc"] == ""  # the report tested only its final model
+
+
+def test_table1_holds_the_reports_rows_and_a_second_table_the_rows_beyond_it(built):
+    """Table 1 keeps the report's six rows (and only they are compared with it); the residual rows, which the
+    paper does not have, come in a table of their own, seed 0 and over seeds."""
+    text = (built["out"] / "table1.md").read_text()
+    table1, beyond = text.split("### Beyond the report (rows the paper does not have): seed 0")
+    against = table1[table1.index("### Against the report") :]
+    for variant in ("VGG-08", "VGG-38", "BN-VGG-38", "HIGHLR-BN-38", "WR50-HIGHLR-BN-38", "MBS50-BN-38"):
+        assert f"| {variant} |" in table1 and f"| {variant} |" in against and f"| {variant} |" not in beyond
+    for variant in ("RC-VGG-38", "BN-RC-VGG-38"):
+        assert f"| {variant} |" not in table1
+        assert beyond.count(f"| {variant} |") == 2  # seed 0, and over seeds
 
 
 def test_curves_hold_every_variants_epochs_of_the_shown_seed(study, built):
@@ -218,12 +235,13 @@ def test_figures_carry_the_expected_series(study):
     assert len(left.get_lines()) == 1 + 4  # one line per epoch, a dotted line between stages
 
     grid = [a for a in figures["fig3-val-accuracy-over-seeds"].axes if a.get_visible()]
-    assert [a.get_title() for a in grid] == list(p.variants)
+    assert [a.get_title() for a in grid] == p.report.figures["fig3-val-accuracy-over-seeds"].variants
     for a in grid:
         assert sum(isinstance(c, PolyCollection) for c in a.collections) == 1  # the min-max band
         assert [line.get_label() for line in a.get_lines()] == ["mean of 2 seeds", "chance (1%)"]
     # One colour per variant in every figure: BN-VGG-38's in figures 3, 4 and 5 alike.
-    bn_colour = grid[list(p.variants).index("BN-VGG-38")].get_lines()[0].get_color()
+    bn_colour = grid[p.report.figures["fig3-val-accuracy-over-seeds"].variants.index("BN-VGG-38")].get_lines()[0]
+    bn_colour = bn_colour.get_color()
     for name in ("fig4-lr-7.5e-3-vs-1e-3", "fig5-warm-restart-vs-none"):
         (a,) = figures[name].axes
         assert {line.get_color() for line in a.get_lines() if line.get_label().startswith("BN-VGG-38 ")} == {bn_colour}
@@ -241,6 +259,16 @@ def test_figures_carry_the_expected_series(study):
         "chance (1%)",
     ]
     assert "drawn only when they match" in figures["reference-overlay-vgg08-vgg38"]
+
+    # Figures 10 and 11, beyond the report: the residual rows named beside the plain ones they extend.
+    plain, shortcut = figures["fig10-gradient-flow-residual"].axes[:2]
+    assert (plain.get_title(), shortcut.get_title()) == ("VGG-38 (seed 0)", "RC-VGG-38 (seed 0)")
+    (ax,) = figures["fig11-accuracy-residual"].axes
+    rows = ("VGG-38", "RC-VGG-38", "BN-VGG-38", "BN-RC-VGG-38")
+    assert [line.get_label() for line in ax.get_lines()] == [
+        *(f"{v} {kind}" for v in rows for kind in ("train", "validation")),
+        "chance (1%)",
+    ]
 
     # Figure 7: per-class accuracy differences, sorted, from the two runs' per_class.csv; the extremes named.
     (ax,) = figures["fig7-per-class-final-vs-vgg08"].axes
@@ -288,30 +316,40 @@ def test_reference_overlay_is_drawn_for_runs_as_long_as_the_reference(study):
     assert len(reference_line.get_ydata()) == 101  # the shipped reference curve, resume row included
 
 
-def test_final_model_is_registered_and_loads_by_alias(study, built, tiny_data):
-    p = study["params"]
-    name, version = log_report(study["store"], p, built["out"], study["runs"], study["context"])
+@pytest.fixture(scope="module")
+def registered(study, built):
+    """The report's final model registered (`report.registered_model` @ `report.alias`): (name, version)."""
+    return log_report(study["store"], study["params"], built["out"], study["runs"], study["context"])
 
-    model = mlflow.pytorch.load_model(f"models:/{name}@{p.report.alias}")
-    best_seed = max(
-        SEEDS,
-        key=lambda s: json.loads((study["runs"] / f"WR50-HIGHLR-BN-38-s{s}" / "train.json").read_text())[
-            "best_val_acc"
-        ],
+
+def _best_run(study) -> RunFiles:
+    """The final variant's run the report registers: the seed of the best validation accuracy."""
+    final = study["params"].report.final_variant
+    return max(
+        (RunFiles(study["runs"] / f"{final}-s{s}") for s in SEEDS),
+        key=lambda f: json.loads(f.train_json.read_text())["best_val_acc"],
     )
-    checkpoint = load_checkpoint(RunFiles(study["runs"] / f"WR50-HIGHLR-BN-38-s{best_seed}").best)
+
+
+def test_final_model_is_registered_and_loads_by_alias(study, built, registered, tiny_data):
+    p = study["params"]
+    name, version = registered
+
+    model = mlflow.pyfunc.load_model(f"models:/{name}@{p.report.alias}")
+    checkpoint = load_checkpoint(_best_run(study).best)
     images, _ = next(DeviceDataset(tiny_data.test, tiny_data.mean, tiny_data.std, torch.device("cpu")).batches(64))
     with torch.no_grad():
-        logits = model.eval()(images)
-        torch.testing.assert_close(logits, load_network(checkpoint, torch.device("cpu"))(images), rtol=0, atol=1e-6)
-    assert logits.shape == (64, 100)
+        expected = torch.softmax(load_network(checkpoint, torch.device("cpu"))(images).double(), dim=1).numpy()
+    answer = model.predict(np.ascontiguousarray(tiny_data.test.images[:64].transpose(0, 2, 3, 1)))
+    np.testing.assert_allclose(answer.to_numpy(), expected, rtol=0, atol=1e-6)
+    assert answer.shape == (64, 100) and list(answer.columns) == list(tiny_data.classes)
     assert study["store"].client.get_model_version_by_alias(name, p.report.alias).version == version
     parent = study["store"].parent_run(study["context"])
     artefacts = {a.path for a in study["store"].client.list_artifacts(parent)}
     assert {"table1.json", "table1.md", "table1.csv", "summary.json", "figures"} <= artefacts
     logged_figures = {a.path for a in study["store"].client.list_artifacts(parent, "figures")}
-    for name in ("fig7-per-class-final-vs-vgg08", "fig8-superclass-confusion-final", "fig9-reliability"):
-        assert f"figures/{name}.png" in logged_figures
+    for figure in ("fig7-per-class-final-vs-vgg08", "fig8-superclass-confusion-final", "fig9-reliability"):
+        assert f"figures/{figure}.png" in logged_figures
     # Table 1 as an MLflow table with the CSV's rows, and no per-cell metrics on the parent.
     table = mlflow.load_table("table1.json", run_ids=[parent])
     with (built["out"] / "table1.csv").open() as f:
@@ -326,6 +364,68 @@ def test_final_model_is_registered_and_loads_by_alias(study, built, tiny_data):
             assert [a.path for a in client.list_artifacts(run_id) if a.path.endswith(".png")] == ["gradient_flow.png"]
     log_report(study["store"], p, built["out"], study["runs"], study["context"])
     assert [a.path for a in client.list_artifacts(run_id) if a.path.endswith(".png")] == ["gradient_flow.png"]
+
+
+def test_the_registered_model_served_over_http_answers_raw_images_as_the_evaluate_stage_did(
+    study, registered, tiny_data, tmp_path
+):
+    """`mlflow models serve -m models:/<registered>@champion --env-manager local` on 127.0.0.1, as the README tells a
+    user to run it; real test images posted as raw uint8 N x 32 x 32 x 3; the answer, one probability per class
+    name, agrees with the evaluate stage's predictions.npz for those images (which it computed under the run's
+    precision, bfloat16 on a CPU that has it: hence the tolerance)."""
+    import os
+    import signal
+    import urllib.request
+
+    from tests.conftest import free_port
+    from vggdepth.metrics import load_predictions
+
+    p = study["params"]
+    name, _ = registered
+    port = free_port()
+    env = {**os.environ, "MLFLOW_TRACKING_URI": study["store"].uri}
+    command = ["mlflow", "models", "serve", "-m", f"models:/{name}@{p.report.alias}", "--env-manager", "local"]
+    server = subprocess.Popen(
+        [*command, "-h", "127.0.0.1", "-p", str(port)],
+        env={**env, "PATH": f"{Path(sys.executable).parent}:{env['PATH']}"},
+        stdout=(tmp_path / "serve.log").open("w"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    try:
+        images = tiny_data.test.images[:20].transpose(0, 2, 3, 1)  # as a user has them: N x 32 x 32 x 3 uint8
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{port}/invocations",
+            data=json.dumps({"inputs": images.tolist()}).encode(),
+            headers={"Content-Type": "application/json"},
+        )
+        for _ in range(240):  # the server loads the model from the registry first
+            if server.poll() is not None:
+                pytest.fail(f"mlflow models serve ended: {(tmp_path / 'serve.log').read_text()[-3000:]}")
+            try:
+                with urllib.request.urlopen(request, timeout=30) as response:
+                    answer = json.loads(response.read())["predictions"]
+                break
+            except (ConnectionError, urllib.error.URLError):
+                import time
+
+                time.sleep(0.5)
+        else:
+            pytest.fail(f"mlflow models serve never answered: {(tmp_path / 'serve.log').read_text()[-3000:]}")
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=60)
+
+    served = np.array([[row[c] for c in tiny_data.classes] for row in answer])
+    assert served.shape == (20, 100) and set(answer[0]) == set(tiny_data.classes)
+    np.testing.assert_allclose(served.sum(axis=1), 1, atol=1e-9)
+    evaluated = load_predictions(_best_run(study).root / "predictions.npz", len(tiny_data.test))["best"]
+    top, top_prob = evaluated.top[:20], evaluated.top_prob[:20]
+    np.testing.assert_allclose(np.take_along_axis(served, top, axis=1), top_prob, rtol=0.02, atol=1e-4)
+    # The class the evaluate stage found most probable is the served one, up to bfloat16's rounding in near ties.
+    assert (np.take_along_axis(served, top[:, :1], axis=1)[:, 0] >= 0.98 * served.max(axis=1)).all()
+    clear = top_prob[:, 0] - top_prob[:, 1] > 0.02 * top_prob[:, 0]
+    assert (served.argmax(axis=1) == top[:, 0])[clear].all()
 
 
 def test_report_command_prints_table1(study, tmp_path):
@@ -364,7 +464,8 @@ def test_a_partial_report_covers_the_finished_variants_and_names_the_rest(study,
     with open(tmp_path / "report" / "table1.csv") as f:
         assert [row["variant"] for row in csv.DictReader(f)] == ["VGG-08", "VGG-38"]
     table = (tmp_path / "report" / "table1.md").read_text()
-    assert "Still training, so not in this table yet: BN-VGG-38, HIGHLR-BN-38, WR50-HIGHLR-BN-38, MBS50-BN-38." in table
+    waiting = "BN-VGG-38, HIGHLR-BN-38, WR50-HIGHLR-BN-38, MBS50-BN-38, RC-VGG-38, BN-RC-VGG-38"
+    assert f"Still training, so not in these tables yet: {waiting}." in table
     drawn = sorted(p.name for p in (tmp_path / "report" / "figures").iterdir())
     assert drawn == ["fig1-accuracy-vgg08-vs-vgg38.png", "fig2-gradient-flow-vgg08-vs-vgg38.png"]
     assert set(json.loads((tmp_path / "report" / "summary.json").read_text())) == {"VGG-08", "VGG-38"}

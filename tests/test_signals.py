@@ -136,6 +136,24 @@ def _interrupted_lines(stderr: str) -> list[str]:
     return [line for line in stderr.splitlines() if line.startswith("interrupted (")]
 
 
+def _terminated_after_an_epoch(process: subprocess.Popen, run: Path, timeout_s: float = 60, before=None) -> tuple:
+    """SIGTERM to `process` once `run` has a finished epoch (`before(process)` first, if given): it must end with
+    exit status 143, no traceback and one interruption line, which is returned with its stderr and what
+    `before` returned."""
+    try:
+        _after_an_epoch(run, process)
+        found = before(process) if before else None
+        process.send_signal(signal.SIGTERM)
+        _, stderr = process.communicate(timeout=timeout_s)
+    finally:
+        process.kill()
+        process.wait()
+    assert process.returncode == 128 + signal.SIGTERM, stderr[-3000:]
+    assert "Traceback" not in stderr, stderr[-3000:]
+    (line,) = _interrupted_lines(stderr)
+    return line, stderr, found
+
+
 def _statuses(root: Path) -> dict[str, str]:
     client = MlflowClient(f"sqlite:///{root / 'mlruns' / 'mlflow.db'}")
     experiment = client.get_experiment_by_name("vggdepth")
@@ -159,17 +177,7 @@ def test_sigterm_to_train_keeps_its_checkpoint_says_one_line_and_resumes_to_the_
     project, undisturbed, tmp_path
 ):
     root = _copy(project, tmp_path / "p", **{"tracking.enabled": True})
-    process = _start(root, "train", *TRAIN)
-    try:
-        _after_an_epoch(root / RUN, process)
-        process.send_signal(signal.SIGTERM)
-        _, stderr = process.communicate(timeout=60)
-    finally:
-        process.kill()
-        process.wait()
-    assert process.returncode == 128 + signal.SIGTERM, stderr[-3000:]
-    assert "Traceback" not in stderr, stderr[-3000:]
-    (line,) = _interrupted_lines(stderr)
+    line, stderr, _ = _terminated_after_an_epoch(_start(root, "train", *TRAIN), root / RUN)
     assert stderr.rstrip().endswith(line), "the interruption is the last thing said"
     kept = re.fullmatch(
         rf"interrupted \(SIGTERM\): {RUN} keeps its checkpoint after epoch ([12]) of 3 \((\S+)\); run the stage "
@@ -393,17 +401,7 @@ def _workers(driver: subprocess.Popen) -> list[int]:
 def test_sigterm_to_the_grid_ends_its_workers_and_marks_their_runs_killed(project, tmp_path):
     root = _copy(project, tmp_path / "p", **{"train.epochs": 200, "tracking.enabled": True})
     driver = _grid(root)
-    try:
-        _after_an_epoch(root / RUN, driver)
-        workers = _workers(driver)
-        driver.send_signal(signal.SIGTERM)
-        _, stderr = driver.communicate(timeout=60)
-    finally:
-        driver.kill()
-        driver.wait()
-    assert driver.returncode == 128 + signal.SIGTERM, stderr[-3000:]
-    assert "Traceback" not in stderr, stderr[-3000:]
-    (line,) = _interrupted_lines(stderr)
+    line, _, workers = _terminated_after_an_epoch(driver, root / RUN, before=_workers)
     assert line == (
         f"interrupted (SIGTERM): every run in {root / 'runs'} keeps its last finished epoch; run the grid again "
         "(dvc repro) to resume them"
@@ -434,16 +432,8 @@ def test_a_killed_grid_driver_takes_its_workers_with_it(project, tmp_path):
 def test_sigterm_to_the_grid_on_ray_ends_its_actors_and_marks_their_runs_killed(project, tmp_path):
     root = _copy(project, tmp_path / "p", **{"train.epochs": 200, "tracking.enabled": True, "grid.backend": "ray"})
     driver = _grid(root, VGGDEPTH_TEST_DRIVER=str(tmp_path))
-    try:
-        _after_an_epoch(root / RUN, driver)
-        driver.send_signal(signal.SIGTERM)  # ray.init made SIGTERM a bare sys.exit: the grid takes it back
-        _, stderr = driver.communicate(timeout=120)
-    finally:
-        driver.kill()
-        driver.wait()
-    assert driver.returncode == 128 + signal.SIGTERM, stderr[-3000:]
-    assert "Traceback" not in stderr, stderr[-3000:]
-    (line,) = _interrupted_lines(stderr)
+    # ray.init made SIGTERM a bare sys.exit: the grid takes it back
+    line, _, _ = _terminated_after_an_epoch(driver, root / RUN, timeout_s=120)
     assert line.startswith("interrupted (SIGTERM): every run in ")
     assert set(_statuses(root).values()) == {"KILLED"}
     assert not list((root / "runs").glob(".*.vggdepth-lock"))

@@ -145,10 +145,13 @@ class GridConfig(_Section):
 
 
 class Variant(_Section):
-    """One row of the report's Table 1."""
+    """One row of the report's Table 1, or of the rows beyond it."""
 
     blocks_per_stage: Annotated[int, Field(ge=0, le=256)]
     batch_norm: bool
+    # an identity shortcut around every processing block (output = input + block(input)). Absent means false, so
+    # that records of runs made before the setting existed still read; false leaves a run's fingerprint as it was.
+    residual: bool = False
     lr: Rate
     schedule: Literal["cosine", "warm_restarts"]
     period: Epochs  # cosine: annealing period; warm_restarts: epochs between restarts

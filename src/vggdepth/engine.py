@@ -114,7 +114,8 @@ def run_fingerprint(model: ModelConfig, train: TrainConfig, variant: Variant, se
         "code": _code_digest(),
         "model": model.model_dump(),
         "train": train.model_dump(exclude={"epochs"}),
-        "variant": variant.model_dump(),
+        # `residual: false` is what a run was before the setting existed: the same fingerprint
+        "variant": variant.model_dump(exclude=set() if variant.residual else {"residual"}),
         "seed": seed,
         # the normalisation statistics too: the same images normalised otherwise are another run
         "data": {k: data[k] for k in ("archive_md5", "split_seed", "sizes", "subset", "mean", "std")},

@@ -247,6 +247,7 @@ def comparison(params, variants: Sequence[str]) -> str:
     aspects = (
         ("", layers),
         ("batch norm ", lambda v: "on" if v.batch_norm else "off"),
+        ("residual shortcuts ", lambda v: "on" if v.residual else "off"),
         ("learning rate ", lambda v: _scientific(v.lr)),
         ("", schedule),
         ("batch ", lambda v: str(v.batch_size)),

@@ -213,7 +213,8 @@ class FusedRecorder:
 
 def fusable(a: Variant, b: Variant) -> bool:
     """Whether runs of these variants can share one fused network: same shape and the same steps per epoch."""
-    return (a.blocks_per_stage, a.batch_norm, a.batch_size) == (b.blocks_per_stage, b.batch_norm, b.batch_size)
+    shape = ("blocks_per_stage", "batch_norm", "residual", "batch_size")
+    return all(getattr(a, key) == getattr(b, key) for key in shape)
 
 
 def fusion_groups(params: Params, runs: Sequence[tuple[str, int]], most: int) -> list[list[tuple[str, int]]]:

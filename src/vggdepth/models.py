@@ -1,7 +1,7 @@
 """The VGG-style networks of the study (SPEC.md, The network), readable against the spec in one screen.
 
 entry:     conv 3->w (no bias) -> BN -> LeakyReLU                          (BN in every variant)
-processing: conv (no bias) -> [BN] -> LeakyReLU -> conv (no bias) -> [BN] -> LeakyReLU
+processing: conv (no bias) -> [BN] -> LeakyReLU -> conv (no bias) -> [BN] -> LeakyReLU   [+ input: residual]
 reduction:  conv (bias) -> [BN] -> LeakyReLU -> avgpool 2x2 -> conv (bias) -> [BN] -> LeakyReLU
 stage:      N processing blocks, then one reduction block; `stages` of them (32 -> 16 -> 8 -> 4 pixels)
 head:       global average pool -> linear w->classes (bias)
@@ -37,10 +37,15 @@ def _conv_units(block: nn.Module, width: int, slope: float, batch_norm: bool, bi
 
 
 class ProcessingBlock(nn.Sequential):
-    def __init__(self, width: int, slope: float, batch_norm: bool):
+    def __init__(self, width: int, slope: float, batch_norm: bool, residual: bool = False):
         super().__init__()
         for i in range(2):
             _conv_units(self, width, slope, batch_norm, bias=False, index=i)
+        self.residual = residual  # an identity shortcut: no parameters, module names unchanged
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = super().forward(x)
+        return x + out if self.residual else out
 
 
 class ReductionBlock(nn.Sequential):
@@ -52,11 +57,12 @@ class ReductionBlock(nn.Sequential):
 
 
 class Stage(nn.Sequential):
-    def __init__(self, blocks: int, width: int, slope: float, batch_norm: bool):
+    def __init__(self, variant: Variant, width: int, slope: float):
         super().__init__()
-        for i in range(blocks):
-            self.add_module(f"block{i}", ProcessingBlock(width, slope, batch_norm))
-        self.add_module("reduce", ReductionBlock(width, slope, batch_norm))
+        bn = variant.batch_norm
+        for i in range(variant.blocks_per_stage):
+            self.add_module(f"block{i}", ProcessingBlock(width, slope, bn, variant.residual))
+        self.add_module("reduce", ReductionBlock(width, slope, bn))  # changes the shape: no shortcut
 
 
 class Head(nn.Module):
@@ -73,10 +79,10 @@ class VGG(nn.Sequential):
 
     def __init__(self, model: ModelConfig, variant: Variant):
         super().__init__()
-        w, slope, bn = model.width, model.negative_slope, variant.batch_norm
+        w, slope = model.width, model.negative_slope
         self.add_module("entry", EntryBlock(w, slope))
         for s in range(model.stages):
-            self.add_module(f"stage{s}", Stage(variant.blocks_per_stage, w, slope, bn))
+            self.add_module(f"stage{s}", Stage(variant, w, slope))
         self.add_module("head", Head(w, model.num_classes))
 
 

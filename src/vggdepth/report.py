@@ -67,6 +67,7 @@ def table1(params: Params, results: dict[str, list[RunOutputs]], paper: dict[str
         for metric in (*TEST_METRICS, *evaluation_metrics(params)):
             row[metric] = shown.test["best"][metric]
             row[f"{metric}_mean"], row[f"{metric}_std"] = _mean_std([r.test["best"][metric] for r in runs])
+        row["in_paper"] = variant in paper  # Table 1; else a row beyond the report, in a table of its own
         published = dict(paper.get(variant, {}))
         if variant == params.report.final_variant:
             published.update(test_acc=reference.final_test_acc, test_loss=reference.final_test_loss)
@@ -85,6 +86,7 @@ def table_columns(params: Params) -> tuple[str, ...]:
         "parameters",
         "epochs",
         "comparable",
+        "in_paper",
         "seeds",
         "entry_grad_min",
         "entry_grad_max",
@@ -101,13 +103,13 @@ def _signed(value: float | None) -> str:
     return "" if value is None else f"{value:+.3f}"
 
 
-def table_markdown(params: Params, rows: list[dict]) -> str:
-    """Table 1 as the report printed it (seed `report.seed`), then over seeds, then against the report."""
-    seed, ref_epochs, k = params.report.seed, params.report.reference.epochs, params.evaluate.top_k
+def _result_tables(params: Params, rows: list[dict], title: str) -> list[str]:
+    """Markdown: `rows` for seed `report.seed` under `title`, then mean ± std over seeds."""
+    ref_epochs, k = params.report.reference.epochs, params.evaluate.top_k
     shown = (*METRICS, *TEST_METRICS, *evaluation_metrics(params)[:2])  # top-k and ECE; the CSV has all three
     headers = f"train acc | train loss | val acc | val loss | test acc | test loss | test top-{k} | test ECE"
     lines = [
-        f"### Table 1: seed {seed}, after the last epoch; test of the best-validation checkpoint",
+        f"### {title}: seed {params.report.seed}, after the last epoch; test of the best-validation checkpoint",
         "",
         f"| variant | parameters | epochs | {headers} |",
         "| --- | ---: | ---: |" + " ---: |" * len(shown),
@@ -119,7 +121,7 @@ def table_markdown(params: Params, rows: list[dict]) -> str:
         )
     lines += [
         "",
-        f"### Over {rows[0]['seeds']} seed(s): mean ± std",
+        f"### {title}, over {rows[0]['seeds']} seed(s): mean ± std",
         "",
         f"| variant | {headers} |",
         "| --- |" + " ---: |" * len(shown),
@@ -128,29 +130,41 @@ def table_markdown(params: Params, rows: list[dict]) -> str:
         lines.append(
             f"| {r['variant']} | " + " | ".join(f"{r[m + '_mean']:.3f} ± {r[m + '_std']:.3f}" for m in shown) + " |"
         )
-    lines += [
-        "",
-        f"### Against the report (ours seed {seed} / report / difference)",
-        "",
-        "| variant | train acc | train loss | val acc | val loss | test acc | test loss |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
-    ]
-    for r in rows:
+    return lines
+
+
+def table_markdown(params: Params, rows: list[dict]) -> str:
+    """Table 1 (the rows the report has) as the report printed it (seed `report.seed`), then over seeds, then
+    against the report; then the rows beyond the report (`in_paper` false) the same way, in a table of their own."""
+    seed, ref_epochs = params.report.seed, params.report.reference.epochs
+    table, beyond = [r for r in rows if r["in_paper"]], [r for r in rows if not r["in_paper"]]
+    lines = _result_tables(params, table, "Table 1") if table else []
+    if table:
+        lines += [
+            "",
+            f"### Against the report (ours seed {seed} / report / difference)",
+            "",
+            "| variant | train acc | train loss | val acc | val loss | test acc | test loss |",
+            "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+        ]
+    for r in table:
         cells = [
             f"{_cell(r[m])} / {_cell(r['paper_' + m]) or '-'} / {_signed(r['diff_' + m]) or '-'}"
             for m in (*METRICS, *TEST_METRICS)
         ]
         lines.append(f"| {r['variant']} | " + " | ".join(cells) + " |")
+    if beyond:
+        lines += ["", *_result_tables(params, beyond, "Beyond the report (rows the paper does not have)")]
     waiting = [v for v in params.variants if v not in {r["variant"] for r in rows}]
     if waiting:
-        lines += ["", f"Still training, so not in this table yet: {', '.join(waiting)}."]
+        lines += ["", f"Still training, so not in these tables yet: {', '.join(waiting)}."]
     if not all(r["comparable"] for r in rows):
         lines += [
             "",
             f"Runs shorter than the report's {ref_epochs} epochs are not comparable with its numbers: "
             "the differences above show how far a reduced run is from them, not a reproduction result.",
         ]
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines).lstrip("\n") + "\n"
 
 
 def summary_metrics(params: Params, rows: list[dict]) -> dict:
