@@ -89,7 +89,7 @@ def test_the_study_survives_a_stop_and_a_fresh_machine_and_comes_home(tmp_path, 
     assert not (results / "runs" / "VGG-38-s0").exists()  # unfinished: only its resume point comes home
     assert sorted(p.name for p in (results / "resume").iterdir()) == ["VGG-08-s0.pt", "VGG-38-s0.pt"]
     table = (results / "report" / "table1.md").read_text()  # rendered from the finished runs
-    assert "| VGG-08 |" in table and "Still training, so not in this table yet: VGG-38." in table
+    assert "| VGG-08 |" in table and "Still training, so not in these tables yet: VGG-38." in table
     assert json.loads((results / "runs" / "VGG-08-s0" / "train.json").read_text())["precision"] in (
         "bfloat16",
         "float32",

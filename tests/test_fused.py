@@ -279,6 +279,8 @@ def test_only_runs_of_one_shape_fuse(params, tiny_data, tmp_path):
         [("VGG-38", 0), ("VGG-38", 1)],
         [("BN-VGG-38", 0), ("HIGHLR-BN-38", 0), ("WR50-HIGHLR-BN-38", 0), ("BN-VGG-38", 1)],
         [("MBS50-BN-38", 0), ("MBS50-BN-38", 1)],
+        [("RC-VGG-38", 0), ("RC-VGG-38", 1)],  # a shortcut is part of the shape
+        [("BN-RC-VGG-38", 0), ("BN-RC-VGG-38", 1)],
         [("HIGHLR-BN-38", 1), ("WR50-HIGHLR-BN-38", 1)],
     ]
     assert sorted(run for g in groups for run in g) == sorted(order)

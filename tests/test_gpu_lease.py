@@ -192,7 +192,7 @@ def test_the_lease_end_to_end_on_the_cpu_and_its_results_rendered_here(archive_p
     table = (folder / "report" / "table1.md").read_text()
     for variant in VARIANTS:
         assert f"| {variant} |" in table
-    assert "Over 2 seed(s)" in table
+    assert "Table 1, over 2 seed(s)" in table
     assert list((folder / "report" / "figures").glob("*.png"))
     assert "| test top-5 | test ECE |" in table  # the evaluation came home with the runs
     assert not list(folder.rglob("*.pt"))

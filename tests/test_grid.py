@@ -215,12 +215,11 @@ def _kill_a_worker(root: Path, once: Path, run: str, kind: bytes = b"ray::") -> 
 
 
 def test_failed_runs_do_not_stop_the_others_and_are_named(project, grid_run, tmp_path):
-    """NaN loss (VGG-08 at lr 1e30), an exception inside training (a checkpoint of CUDA random states, on a
-    CPU), a worker killed with SIGKILL (VGG-38): VGG-08 still finishes; the stage exits 1 naming the three."""
+    """An exception inside training (a checkpoint of CUDA random states, on a CPU) and a worker killed with
+    SIGKILL (VGG-38): VGG-08 still finishes; the stage exits 1 naming the two. (A NaN loss can no longer be asked
+    for through params.yaml, whose learning rates are bounded: the NaN guard's own tests poison the loss in
+    process, tests/test_engine.py and tests/test_fused.py.)"""
     root = copy(project, tmp_path / "p")
-    raw = read_params(root)
-    raw["variants"]["NAN"] = {**raw["variants"]["VGG-08"], "lr": 1.0e30}
-    write_params(root, raw)
     state = load_checkpoint(RunFiles.of(grid_run[0] / "runs", "BN-VGG-38", 0).previous)  # after epoch 1 of 2
     state["trained_on"] = "cuda:0"
     save_checkpoint(RunFiles.of(root / "runs", "BN-VGG-38", 0).last, state)
@@ -229,10 +228,9 @@ def test_failed_runs_do_not_stop_the_others_and_are_named(project, grid_run, tmp
     assert process.returncode == 1, stderr[-3000:]
     error = [line for line in stderr.splitlines() if line.startswith("error:")]
     assert error == [
-        "error: 3 of 4 runs failed: BN-VGG-38-s0, NAN-s0, VGG-38-s0; 1 other run(s) finished and are kept. "
+        "error: 2 of 3 runs failed: BN-VGG-38-s0, VGG-38-s0; 1 other run(s) finished and are kept. "
         "Re-running trains only what is unfinished, resuming from each run's last epoch"
     ], stderr[-3000:]
-    assert "grid: NAN-s0 FAILED: NAN seed 0: the training loss became NaN or infinite" in stderr
     assert "grid: BN-VGG-38-s0 FAILED: " in stderr and "random states cannot continue on cpu" in stderr
     assert "grid: VGG-38-s0 FAILED: its worker process died" in stderr
     assert "Traceback" not in stderr
@@ -244,7 +242,6 @@ def test_failed_runs_do_not_stop_the_others_and_are_named(project, grid_run, tmp
     assert {n: r["status"] for n, r in runs.items()} == {
         "VGG-08-s0": "FINISHED",
         "VGG-38-s0": "FAILED",
-        "NAN-s0": "FAILED",
     }
     assert runs["VGG-38-s0"]["steps"] == [0]
 
@@ -252,7 +249,7 @@ def test_failed_runs_do_not_stop_the_others_and_are_named(project, grid_run, tmp
     again = run_grid(root)
     assert again.returncode == 1
     assert "VGG-38-s0                1 epochs, resumes after epoch 1" in again.stderr
-    assert "error: 2 of 3 runs failed: BN-VGG-38-s0, NAN-s0" in again.stderr
+    assert "error: 1 of 2 runs failed: BN-VGG-38-s0" in again.stderr
     same_run(RunFiles.of(root / "runs", "VGG-38", 0), RunFiles.of(grid_run[0] / "runs", "VGG-38", 0), NOT_COMPARED)
     runs = tracked(embedded(root))
     assert runs["VGG-38-s0"]["steps"] == [0, 1] and runs["VGG-38-s0"]["status"] == "FINISHED"

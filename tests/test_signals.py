@@ -66,6 +66,12 @@ def _stage(root: Path, stage: str, *args: str) -> list[str]:
     return [sys.executable, str(ROOT / "pipeline" / f"{stage}.py"), *args, "--params", str(root / "params.yaml")]
 
 
+def _sighup_as_usual() -> None:
+    """In a child: SIGHUP's default action, whatever this test run inherited (a suite started under `nohup` ignores
+    it, and an ignored SIGHUP is kept ignored and turns the parent watch off, as it should)."""
+    signal.signal(signal.SIGHUP, signal.SIG_DFL)
+
+
 def _start(root: Path, stage: str, *args: str, **env: str) -> subprocess.Popen:
     return subprocess.Popen(
         _stage(root, stage, *args),
@@ -74,6 +80,7 @@ def _start(root: Path, stage: str, *args: str, **env: str) -> subprocess.Popen:
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         text=True,
+        preexec_fn=_sighup_as_usual,
     )
 
 
@@ -252,7 +259,7 @@ typer.run(main)
 """
 
 
-def _command(tmp_path: Path, *args: str, preexec_fn=None) -> subprocess.Popen:
+def _command(tmp_path: Path, *args: str, preexec_fn=_sighup_as_usual) -> subprocess.Popen:
     script = tmp_path / "command.py"
     script.write_text(COMMAND)
     process = subprocess.Popen(
@@ -305,7 +312,7 @@ def test_a_command_ends_when_what_started_it_is_killed_even_through_a_shell(tmp_
         f"subprocess.Popen(['sh', '-c', {f'{sys.executable} {script} 2>{out} && true'!r}], stdout=subprocess.PIPE)\n"
         "time.sleep(120)\n"
     )
-    process = subprocess.Popen([sys.executable, "-c", starter])
+    process = subprocess.Popen([sys.executable, "-c", starter], preexec_fn=_sighup_as_usual)
     try:
         deadline = time.monotonic() + 60
         while not (

@@ -7,6 +7,7 @@ import logging
 import math
 import sys
 import time
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -115,20 +116,43 @@ def run_grid(
     starts with less than `start_margin_s` left, and a run stops after its last epoch that ends before it
     (`GridResult.stopped`).
     `after_group(result)` is called whenever a group ends.
-    The grid is the one writer of every run folder of the study while it runs (vggdepth.locks: a train stage or a
-    second grid on them is refused). Interrupted (SIGTERM, or the stage's parent gone: vggdepth.signals), it stops
-    its workers, closes their MLflow runs as KILLED and says that every run keeps its last finished epoch."""
+    The grid is the one writer of every run folder of the study until that run has finished (vggdepth.locks: a
+    train stage or a second grid on them is refused; a finished run's folder is let go at the end of its group, so
+    its evaluation can start while the grid trains the others). Interrupted (SIGTERM, or the stage's parent gone:
+    vggdepth.signals), it stops its workers, closes their MLflow runs as KILLED and says that every run keeps its
+    last finished epoch."""
     runs = runs.resolve()
     folders = [RunFiles.of(runs, variant, seed).root for variant in params.variants for seed in params.seeds]
     kept = f"every run in {runs} keeps its last finished epoch; run the grid again (dvc repro) to resume them"
-    with writing(*folders), keeping(lambda: kept):
-        return _run_grid(params, data, data_dir, runs, probe, deadline, start_margin_s, after_group)
+    held: dict[str, ExitStack] = {}  # run name -> its folder's lock
+    try:
+        for folder in folders:  # all or none: a busy folder refuses the grid before any work
+            lock = ExitStack()
+            lock.enter_context(writing(folder))
+            held[folder.name] = lock
+
+        def let_go(names) -> None:  # finished runs: their folders are the evaluate stage's now
+            for name in names:
+                if name in held:
+                    held.pop(name).close()
+
+        def group_ended(result: GridResult) -> None:
+            let_go(result.trained)
+            if after_group is not None:
+                after_group(result)
+
+        with keeping(lambda: kept):
+            return _run_grid(params, data, data_dir, runs, probe, deadline, start_margin_s, group_ended, let_go)
+    finally:
+        for lock in held.values():
+            lock.close()
 
 
-def _run_grid(params, data, data_dir, runs, probe, deadline, start_margin_s, after_group):
-    """`run_grid`, its locks held."""
+def _run_grid(params, data, data_dir, runs, probe, deadline, start_margin_s, after_group, let_go):
+    """`run_grid`, its locks held; `let_go(names)` releases those of runs already finished."""
     planned = plan_runs(params, runs, data.stats)
     stale = [r for r in planned if r.stale]
+    let_go([r.files.root.name for r in planned if not r.stale])
     result = GridResult()
     if not stale:
         say = "grid: every run is trained to train.epochs; nothing to do"

@@ -243,7 +243,9 @@ class MlflowCallback(Callback):
 
     def on_run_error(self, run: RunInfo, error: BaseException) -> None:
         deadline = self._stop()
-        _ENDS.end(self, run.name, lambda: self._abandon(run, error, deadline))
+        # Stopped before its MLflow run was opened, there is nothing to close or report (but other runs' ends wait).
+        work = (lambda: self._abandon(run, error, deadline)) if self.run_id else (lambda: None)
+        _ENDS.end(self, run.name, work)
 
     # -- ending -------------------------------------------------------------------------------------------------
 
