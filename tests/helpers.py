@@ -135,3 +135,21 @@ def tiny_clone(
     run_ok("git", "-c", "user.name=t", "-c", "user.email=t@t", "add", "-A", ".", cwd=repo)
     run_ok("git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "--quiet", "-m", "tiny", cwd=repo)
     return repo
+
+
+def cpu_trainer(params, data, train, out: Path, callbacks: list, variant: str = "VGG-08"):
+    """A Trainer of `variant`, seed 0, on the CPU with progress every step: the tracking tests' run."""
+    from vggdepth.engine import Trainer
+    from vggdepth.runs import RunFiles
+
+    return Trainer(
+        model=params.model,
+        train=train,
+        runtime=params.runtime.model_copy(update={"device": "cpu", "progress_every": 1}),
+        variant_name=variant,
+        variant=params.variant(variant),
+        seed=0,
+        data=data,
+        files=RunFiles(out),
+        callbacks=callbacks,
+    )

@@ -23,12 +23,11 @@ import pytest
 from mlflow import MlflowClient
 
 from tests.conftest import ROOT, KillAfter, write_yaml
-from tests.helpers import project_env
+from tests.helpers import cpu_trainer, project_env
 from vggdepth import download
 from vggdepth.download import DownloadError, fetch_archive
-from vggdepth.engine import Trainer
 from vggdepth.fused import train_fused
-from vggdepth.runs import Callback, RunFiles
+from vggdepth.runs import Callback
 from vggdepth.tracking.callback import MlflowCallback
 from vggdepth.tracking.report import log_table1
 from vggdepth.tracking.store import DeadlineError, PipelineContext, Store, TrackingError
@@ -422,17 +421,7 @@ def _fit(params, data, quick_train, out: Path, callbacks: list[Callback], epochs
     """Train VGG-08 on the tiny data; the seconds from the run's start (after every callback's own start, the
     tracker's opening of its MLflow run included) to the end of `fit`."""
     clock = Clock()
-    trainer = Trainer(
-        model=params.model,
-        train=quick_train(epochs=epochs),
-        runtime=params.runtime.model_copy(update={"device": "cpu", "progress_every": 1}),
-        variant_name=VARIANT,
-        variant=params.variant(VARIANT),
-        seed=0,
-        data=data,
-        files=RunFiles(out),
-        callbacks=[*callbacks, clock],
-    )
+    trainer = cpu_trainer(params, data, quick_train(epochs=epochs), out, [*callbacks, clock], VARIANT)
     try:
         trainer.fit()
     finally:

@@ -17,6 +17,7 @@ import torch
 from mlflow import MlflowClient
 
 from tests.conftest import ROOT, KillAfter, MlflowServer, free_port, run_stage, write_yaml
+from tests.helpers import cpu_trainer
 from vggdepth.batches import DeviceDataset
 from vggdepth.checkpoints import load_checkpoint, load_network
 from vggdepth.engine import Trainer
@@ -55,17 +56,7 @@ def _fit(
     params, data, quick_train, store, out: Path, *, epochs=2, before=(), data_dir=Path("data/prepared")
 ) -> Trainer:
     tracker = MlflowCallback(store, _context(params, out), "train@VGG-08-0", data_dir)
-    trainer = Trainer(
-        model=params.model,
-        train=quick_train(epochs=epochs),
-        runtime=params.runtime.model_copy(update={"device": "cpu", "progress_every": 1}),
-        variant_name=VARIANT,
-        variant=params.variant(VARIANT),
-        seed=0,
-        data=data,
-        files=RunFiles(out),
-        callbacks=[*before, tracker],
-    )
+    trainer = cpu_trainer(params, data, quick_train(epochs=epochs), out, [*before, tracker], VARIANT)
     trainer.fit()
     return trainer
 
