@@ -10,7 +10,8 @@ from vggdepth.config import load_params
 from vggdepth.errors import VggdepthError
 from vggdepth.report import check_guard, collect, read_paper_table, table1, table_markdown
 from vggdepth.runs import RunFiles
-from vggdepth.schemas import SummaryRecord, read_record
+from vggdepth.schemas import SummaryRecord, SweepRecord, read_record
+from vggdepth.sweep import check_sweep
 from vggdepth.tracking.sync import sync_run
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
@@ -61,16 +62,24 @@ def report(
 @entry_point
 def guard(
     summary: Annotated[Path, typer.Option(help="the report stage's summary")] = Path("report/summary.json"),
+    sweep: Annotated[
+        Path | None, typer.Option(help="the depth sweep's record (sweep/report/sweep.json): check its claim too")
+    ] = None,
     params: Annotated[Path, typer.Option(help="parameters file")] = Path("params.yaml"),
 ) -> None:
     """Check the study's claim on a pipeline run (`report.guard`): entry-layer gradients vanish in VGG-38 and not in
-    VGG-08 or BN-VGG-38; VGG-38 stays at chance and both beat it by `accuracy_margin`. Exit 1 when a check fails."""
+    VGG-08 or BN-VGG-38; VGG-38 stays at chance and both beat it by `accuracy_margin`. With --sweep, the depth
+    sweep's too: the plain networks' entry-layer gradient falls with depth, the batch-norm and residual networks'
+    does not. Exit 1 when a check fails."""
     p = load_params(params)
-    rows = read_record(summary, SummaryRecord, "run the pipeline (`dvc repro`) to make it").root
+    remedy = "run the pipeline (`dvc repro`) to make it"
+    rows = read_record(summary, SummaryRecord, remedy).root
     absent = [name for name in (p.report.guard.vanishing, *p.report.guard.learning) if name not in rows]
     if absent:
         raise VggdepthError(f"{summary} has no row of {', '.join(absent)} (report.guard names them); run the pipeline")
     lines = check_guard(p, {name: row.model_dump() for name, row in rows.items()})
+    if sweep is not None:
+        lines += check_sweep(p, read_record(sweep, SweepRecord, remedy).model_dump())
     typer.echo("\n".join(lines))
     if any(line.startswith("FAIL") for line in lines):
         raise typer.Exit(1)

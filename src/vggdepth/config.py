@@ -87,6 +87,10 @@ class ModelConfig(_Section):
             )
         return self
 
+    def layers(self, blocks_per_stage: int) -> int:
+        """Weight layers of a network: entry, two convolutions per block (processing and reduction), head."""
+        return 2 + self.stages * (2 * blocks_per_stage + 2)
+
 
 class AugmentConfig(_Section):
     crop_padding: Annotated[int, Field(ge=0, le=IMAGE_SIZE)]  # beyond the image, a crop can be all padding
@@ -156,6 +160,52 @@ class Variant(_Section):
     schedule: Literal["cosine", "warm_restarts"]
     period: Epochs  # cosine: annealing period; warm_restarts: epochs between restarts
     batch_size: Annotated[int, Field(gt=0, le=50_000)]
+
+
+# The sweep's network families: (batch norm, residual) of each, the two settings of a variant that decide whether a
+# deep network's gradients reach its entry layer.
+FAMILIES: dict[str, tuple[bool, bool]] = {
+    "plain": (False, False),
+    "bn": (True, False),
+    "residual": (False, True),
+    "bn-residual": (True, True),
+}
+Family = Literal["plain", "bn", "residual", "bn-residual"]
+
+
+class SweepSubset(_Section):
+    """Images per class of the prepared training and validation splits that the sweep trains and validates on."""
+
+    train: Annotated[int, Field(gt=0, le=500)]
+    val: Annotated[int, Field(gt=0, le=500)]
+
+
+class SweepConfig(_Section):
+    """The depth sweep, beyond the report (README "The depth sweep"): each family at each depth, trained briefly on
+    a reduced split with one protocol, to find the depth at which it stops learning. It changes no Table-1 run."""
+
+    families: Annotated[list[Family], Field(min_length=1, max_length=len(FAMILIES))]
+    blocks_per_stage: Annotated[list[Annotated[int, Field(ge=0, le=256)]], Field(min_length=1, max_length=64)]
+    epochs: Epochs
+    subset: SweepSubset
+    seed: Seed
+    lr: Rate
+    batch_size: Annotated[int, Field(gt=0, le=50_000)]
+    vanishing_below: Annotated[float, Field(gt=0, le=1e6)]  # entry-layer mean |gradient| under this: vanished
+    learning_above: Annotated[float, Field(gt=0, le=1e6)]  # the claim: BN and residual families stay above it
+    chance_sigmas: Annotated[float, Field(gt=0, le=100)]  # accuracy within this many standard errors of chance
+
+    @model_validator(mode="after")
+    def _distinct(self) -> SweepConfig:
+        for name in ("families", "blocks_per_stage"):
+            values = getattr(self, name)
+            if len(set(values)) != len(values):
+                raise ValueError(f"sweep.{name}: each value must appear once, got {values}")
+        if self.vanishing_below >= self.learning_above:
+            raise ValueError(
+                f"sweep: vanishing_below ({self.vanishing_below}) must be below learning_above ({self.learning_above})"
+            )
+        return self
 
 
 class EvaluateConfig(_Section):
@@ -253,6 +303,7 @@ class Params(_Section):
     seeds: Annotated[list[Seed], Field(min_length=1, max_length=1000)]
     tracking: TrackingConfig
     report: ReportConfig
+    sweep: SweepConfig
 
     @model_validator(mode="after")
     def _cross_checks(self) -> Params:
@@ -260,6 +311,8 @@ class Params(_Section):
             raise ValueError(f"seeds: each seed must appear once, got {self.seeds}")
         if self.train.lr_min >= min(v.lr for v in self.variants.values()):
             raise ValueError(f"train.lr_min: the floor {self.train.lr_min} must be below every variant's lr")
+        if self.train.lr_min >= self.sweep.lr:
+            raise ValueError(f"sweep.lr: {self.sweep.lr} must be above train.lr_min ({self.train.lr_min})")
         if self.evaluate.top_k > self.model.num_classes:
             raise ValueError(f"evaluate.top_k: {self.evaluate.top_k} is more than the {self.model.num_classes} classes")
         self.variant(self.report.final_variant, field="report.final_variant")
@@ -304,8 +357,9 @@ def load_params(path: str | Path = "params.yaml") -> Params:
         raise ConfigError(f"{path}: invalid parameters:\n  {exc}") from None
 
 
-# The sections that change no result (README "Parameters"): how a run is spread, shown and tracked.
-NOT_A_RESULT = ("runtime", "grid", "tracking")
+# The sections that change no Table-1 result (README "Parameters"): how a run is spread, shown and tracked, and the
+# depth sweep beside the study.
+NOT_A_RESULT = ("runtime", "grid", "tracking", "sweep")
 
 
 def recorded_params(raw: Any, current: Params, source: str) -> Params:

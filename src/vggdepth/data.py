@@ -180,6 +180,11 @@ def prepare(archive: str | Path, out_dir: str | Path, cfg: PrepareConfig) -> dic
     return stats
 
 
+def write_prepared(out_dir: Path, data: PreparedData) -> None:
+    """`data` into `out_dir` in the prepare stage's form (what `load_prepared` reads), atomically."""
+    _write(out_dir, {name: getattr(data, name) for name in SPLITS}, data.stats)
+
+
 def _write(out_dir: Path, splits: dict[str, Split], stats: dict) -> None:
     with atomic_dir(out_dir) as staging:
         try:

@@ -234,10 +234,9 @@ def comparison(params, variants: Sequence[str]) -> str:
     if len(variants) != 2:
         return ", ".join(variants)
     a, b = (params.variants[v] for v in variants)
-    stages = params.model.stages
 
     def layers(v) -> str:
-        return f"{2 + stages * (2 * v.blocks_per_stage + 2)} layers"
+        return f"{params.model.layers(v.blocks_per_stage)} layers"
 
     def schedule(v) -> str:
         if v.schedule == "warm_restarts":

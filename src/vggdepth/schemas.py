@@ -1,5 +1,6 @@
 """The shape of every JSON file the project reads, one typed schema each: `train.json` and `test.json` (a run's
-summary and test scores), `summary.json` (the report's, read by the guard), `stats.json` (the prepared data's),
+summary and test scores), `summary.json` (the report's, read by the guard), `sweep.json` (the depth sweep's, read
+by `guard --sweep`), `stats.json` (the prepared data's),
 `labels.json` (the superclasses), and the records of runs trained elsewhere (`lease.json`, `study.json`).
 
 A file is read through `read_record`: it must be a regular file of bounded size, JSON, and of its schema (strict
@@ -16,7 +17,7 @@ from typing import Annotated, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, RootModel, ValidationError, field_validator, model_validator
 
-from vggdepth.config import CLASSES, Seed, VariantName
+from vggdepth.config import CLASSES, Family, Seed, VariantName
 from vggdepth.errors import VggdepthError, excerpt
 
 MAX_RECORD_BYTES = 16 << 20  # the largest record the project writes (a study's lease.json) is a few kB
@@ -158,6 +159,23 @@ class SummaryRecord(RootModel[dict[VariantName, VariantSummary]]):
     """`report/summary.json`: each variant's row."""
 
     model_config = ConfigDict(strict=True)
+
+
+class SweepRow(Record):
+    """One network of the depth sweep in `sweep.json`."""
+
+    family: Family
+    layers: Annotated[int, Field(ge=1, le=10_000)]
+    entry_grad: Annotated[float, Field(ge=0, le=1e30)]
+    val_acc: Share
+    val_loss: Loss
+    learns: bool
+
+
+class SweepRecord(Record):
+    """`sweep/report/sweep.json`, the depth sweep's record, read by `guard --sweep`: its rows are what it checks."""
+
+    rows: Annotated[list[SweepRow], Field(min_length=1, max_length=10_000)]
 
 
 # ---- the data ---------------------------------------------------------------------------------------------------

@@ -7,6 +7,7 @@ import logging
 import math
 import sys
 import time
+from collections.abc import Collection
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -110,19 +111,24 @@ def run_grid(
     deadline: float | None = None,
     start_margin_s: float = 0.0,
     after_group=None,
+    only: Collection[str] | None = None,
+    context=None,
 ) -> tuple[GridResult, list[PlannedRun], Packing]:
     """Train every stale run of the grid, its groups concurrently (on Ray, or in plain processes with
     `grid.backend: processes`); returns what trained, what failed and the plan. `deadline` (epoch time): no group
     starts with less than `start_margin_s` left, and a run stops after its last epoch that ends before it
     (`GridResult.stopped`).
-    `after_group(result)` is called whenever a group ends.
+    `after_group(result)` is called whenever a group ends. `only`: the runs of these variants, not every one (the
+    depth sweep's). `context` (vggdepth.tracking.store.PipelineContext): the MLflow parent run the runs go under;
+    by default this pipeline run's.
     The grid is the one writer of every run folder of the study until that run has finished (vggdepth.locks: a
     train stage or a second grid on them is refused; a finished run's folder is let go at the end of its group, so
     its evaluation can start while the grid trains the others). Interrupted (SIGTERM, or the stage's parent gone:
     vggdepth.signals), it stops its workers, closes their MLflow runs as KILLED and says that every run keeps its
     last finished epoch."""
     runs = runs.resolve()
-    folders = [RunFiles.of(runs, variant, seed).root for variant in params.variants for seed in params.seeds]
+    variants = [v for v in params.variants if only is None or v in only]
+    folders = [RunFiles.of(runs, variant, seed).root for variant in variants for seed in params.seeds]
     kept = f"every run in {runs} keeps its last finished epoch; run the grid again (dvc repro) to resume them"
     held: dict[str, ExitStack] = {}  # run name -> its folder's lock
     try:
@@ -142,15 +148,17 @@ def run_grid(
                 after_group(result)
 
         with keeping(lambda: kept):
-            return _run_grid(params, data, data_dir, runs, probe, deadline, start_margin_s, group_ended, let_go)
+            return _run_grid(
+                params, data, data_dir, runs, probe, deadline, start_margin_s, group_ended, let_go, only, context
+            )
     finally:
         for lock in held.values():
             lock.close()
 
 
-def _run_grid(params, data, data_dir, runs, probe, deadline, start_margin_s, after_group, let_go):
+def _run_grid(params, data, data_dir, runs, probe, deadline, start_margin_s, after_group, let_go, only, context):
     """`run_grid`, its locks held; `let_go(names)` releases those of runs already finished."""
-    planned = plan_runs(params, runs, data.stats)
+    planned = plan_runs(params, runs, data.stats, only=only)
     stale = [r for r in planned if r.stale]
     let_go([r.files.root.name for r in planned if not r.stale])
     result = GridResult()
@@ -159,12 +167,12 @@ def _run_grid(params, data, data_dir, runs, probe, deadline, start_margin_s, aft
         print(say, file=sys.stderr, flush=True)
         return result, planned, Packing("cpu", 0, 0, 0, 0)
 
-    store = context = None
+    store = None
     if params.tracking.enabled:  # before any worker: an unusable store stops the grid at once; experiment and
         from vggdepth.tracking.store import PipelineContext, open_store  # parent run exist before writers start
 
         store = open_store(params)
-        context = PipelineContext.detect(params)
+        context = context or PipelineContext.detect(params)
         store.parent_run(context)
     recorder_args = (
         params,

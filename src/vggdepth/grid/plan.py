@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -54,12 +55,17 @@ class PlannedRun:
         return self.done != self.epochs or bool(self.problem)
 
 
-def plan_runs(params: Params, runs: Path, data_stats: dict, *, arrange: bool = True) -> list[PlannedRun]:
+def plan_runs(
+    params: Params, runs: Path, data_stats: dict, *, arrange: bool = True, only: Collection[str] | None = None
+) -> list[PlannedRun]:
     """Every (variant, seed), in params order, with the epochs its checkpoints hold under the current settings.
     `arrange`: set checkpoints of other settings aside and bring earlier ones of these settings back, as training
-    would (checkpoints.arrange_checkpoints), so the folders are ready for the runs to continue; else only look."""
+    would (checkpoints.arrange_checkpoints), so the folders are ready for the runs to continue; else only look.
+    `only`: these variants (the depth sweep's), not every one."""
     planned = []
     for variant, cfg in params.variants.items():
+        if only is not None and variant not in only:
+            continue
         for seed in params.seeds:
             files = RunFiles.of(runs, variant, seed)
             fingerprint = run_fingerprint(params.model, params.train, cfg, seed, data_stats)

@@ -186,7 +186,7 @@ class Recorder:
             callback = MlflowCallback(
                 self.store,
                 self.context,
-                f"train@{run.variant}-{run.seed}",
+                self.context.stage or f"train@{run.variant}-{run.seed}",
                 self.data_dir,
                 system_metrics=node_id == self.node_id,  # it samples this machine: right only for runs on it
             )

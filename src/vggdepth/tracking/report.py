@@ -77,24 +77,57 @@ def _log_report(store: Store, params: Params, out: Path, runs: Path, context: Pi
 def log_table1(store: Store, parent: str, table1_csv: Path) -> None:
     """Table 1 as an MLflow table on the parent run (the UI shows it as one, and `mlflow.load_table` reads it back):
     one row per variant, not one metric per cell, which would fill the chart view with single-bar charts before
-    the runs' curves. `table1.json` is written here, in the form `mlflow.log_table` writes (pandas' "split"
-    orient, no index), and uploaded over any earlier one, with the tag that marks it a table. Not
-    `mlflow.log_table`: it downloads a table that is already there and appends to it, so every re-run of the
-    report on the same parent run would add Table 1's rows again (and wait on a download no deadline sees)."""
+    the runs' curves."""
+    log_table(store, parent, table1_csv, TABLE1_ARTIFACT)
+
+
+def log_table(store: Store, run_id: str, table_csv: Path, artifact: str) -> None:
+    """A CSV table as the MLflow table `artifact` of a run. The JSON is written here, in the form
+    `mlflow.log_table` writes (pandas' "split" orient, no index), and uploaded over any earlier one, with the tag
+    that marks it a table. Not `mlflow.log_table`: it downloads a table that is already there and appends to it, so
+    every re-run of a stage on the same parent run would add its rows again (and wait on a download no deadline
+    sees)."""
     from mlflow.utils.mlflow_tags import MLFLOW_LOGGED_ARTIFACTS
 
-    with table1_csv.open(newline="") as f:
+    with table_csv.open(newline="") as f:
         reader = csv.DictReader(f)
         rows = list(reader)
         columns = list(reader.fieldnames or [])
     with tempfile.TemporaryDirectory() as tmp:
-        table = Path(tmp) / TABLE1_ARTIFACT
+        table = Path(tmp) / artifact
         table.write_text(json.dumps({"columns": columns, "data": [[row[c] for c in columns] for row in rows]}))
-        store.client.log_artifact(parent, str(table))
-    logged = json.loads(store.client.get_run(parent).data.tags.get(MLFLOW_LOGGED_ARTIFACTS, "[]"))
-    entry = {"path": TABLE1_ARTIFACT, "type": "table"}
+        store.client.log_artifact(run_id, str(table))
+    logged = json.loads(store.client.get_run(run_id).data.tags.get(MLFLOW_LOGGED_ARTIFACTS, "[]"))
+    entry = {"path": artifact, "type": "table"}
     if entry not in logged:
-        store.client.set_tag(parent, MLFLOW_LOGGED_ARTIFACTS, json.dumps([*logged, entry]))
+        store.client.set_tag(run_id, MLFLOW_LOGGED_ARTIFACTS, json.dumps([*logged, entry]))
+
+
+SWEEP_TABLE_ARTIFACT = "sweep_table.json"  # the sweep's table on its parent run, as an MLflow table
+
+
+def log_sweep(store: Store, params: Params, out: Path, context: PipelineContext) -> None:
+    """The depth sweep's table, record and figures into its parent run, its settings as the run's params and where
+    each family stops learning as a tag each (`vggdepth.sweep.stops.<family>`), so the UI compares sweeps.
+    `out` may be the sweep's staging folder: the stage publishes before it puts the report in place."""
+    from mlflow.entities import Param
+
+    from vggdepth.sweep import RECORD
+    from vggdepth.tracking.store import flatten
+
+    with store_errors(store.uri, "take the depth sweep"):
+        client = store.client
+        parent = store.parent_run(context)
+        for name in ("table.md", "table.csv", RECORD):
+            client.log_artifact(parent, str(out / name))
+        client.log_artifacts(parent, str(out / "figures"), "figures")
+        log_table(store, parent, out / "table.csv", SWEEP_TABLE_ARTIFACT)
+        settings = flatten({"sweep": params.sweep.model_dump(mode="json")})
+        client.log_batch(parent, params=[Param(k, v) for k, v in settings.items()])
+        record = json.loads((out / RECORD).read_text())
+        for family, layers in record["stops"].items():
+            client.set_tag(parent, f"vggdepth.sweep.stops.{family}", "never" if layers is None else f"{layers} layers")
+        store.stage_done(parent)
 
 
 GRADIENT_FLOW = "gradient_flow.png"

@@ -339,6 +339,7 @@ class PipelineContext:
     key: str
     name: str
     tags: dict[str, str]
+    stage: str = ""  # the DVC stage of every run under it, when one stage trains them all (the depth sweep)
 
     @classmethod
     def detect(cls, params: Params, cwd: Path | None = None) -> PipelineContext:
