@@ -26,7 +26,9 @@ def main(
     ready_to_write(out / REPORT)
     prepared = load_prepared(data)
     store = open_store(p)  # before any work: an unreachable tracking server stops the stage here
-    publish = None if store is None else (lambda staging: log_sweep(store, p, staging, sweep_context(p)))
+    publish = (
+        None if store is None else (lambda staging, record: log_sweep(store, p, staging, sweep_context(p), record))
+    )
     run_sweep(p, prepared, out, publish=publish)
 
 

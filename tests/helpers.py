@@ -127,6 +127,8 @@ def tiny_clone(
     params["runtime"]["device"] = "cpu"
     params["seeds"] = [0]
     params["tracking"].update(enabled=tracking, system_metrics=False)
+    # the depth sweep at its smallest: one plain VGG-08 on the same 200 images (tests/test_sweep.py sweeps more)
+    params["sweep"].update(families=["plain"], blocks_per_stage=[0], epochs=1, subset={"train": 2, "val": 1})
     if variants:
         narrow(params, {v: params["variants"][v] for v in variants})
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
@@ -152,4 +154,27 @@ def cpu_trainer(params, data, train, out: Path, callbacks: list, variant: str = 
         data=data,
         files=RunFiles(out),
         callbacks=callbacks,
+    )
+
+
+def run_guard(params, tmp_path: Path, sweep: Path | None = None, **changes: dict) -> subprocess.CompletedProcess:
+    """`python -m vggdepth guard` on a summary like a reduced run's (entry-layer gradients as measured), with
+    `changes` per variant; with `sweep`, on that depth sweep's record too."""
+    summary = {
+        "VGG-38": {"val_acc": 0.01, "val_loss": 4.61, "entry_grad_min": 1e-19, "entry_grad_max": 3e-18},
+        "VGG-08": {"val_acc": 0.2, "val_loss": 4.2, "entry_grad_min": 4e-4, "entry_grad_max": 3e-3},
+        "BN-VGG-38": {"val_acc": 0.2, "val_loss": 4.3, "entry_grad_min": 2e-5, "entry_grad_max": 1e-4},
+    }
+    for variant, values in changes.items():
+        summary[variant.replace("_", "-")].update(values)
+    path = tmp_path / "summary.json"
+    path.write_text(json.dumps(summary))
+    params_file = tmp_path / "params.yaml"
+    params_file.write_text(yaml.safe_dump(json.loads(params.model_dump_json()), sort_keys=False))
+    extra = ["--sweep", str(sweep)] if sweep is not None else []
+    return subprocess.run(
+        [sys.executable, "-m", "vggdepth", "guard", "--summary", str(path), "--params", str(params_file), *extra],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
     )

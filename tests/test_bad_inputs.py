@@ -307,6 +307,62 @@ def _download(ws: Workspace, url: str, md5: str | None = None) -> list[str]:
     return ws.stage("download", "--out", str(ws.root / "raw" / "archive.tar.gz"))
 
 
+SWEEP_ABSENT = ("sweep-out/report", "sweep-out/runs")
+
+
+def _sweep(ws: Workspace) -> list[str]:
+    return ws.stage("sweep", "--out", str(ws.root / "sweep-out"), "--data", str(ws.prepared))
+
+
+@case(
+    "sweep-more-images-than-prepared",
+    "sweep.subset.train: 50 images per class asked, but the prepared train split has",
+    absent=SWEEP_ABSENT,
+)
+def _(ws):
+    return _sweep(ws)
+
+
+@case("sweep-family-twice", "sweep.families: each value must appear once", absent=SWEEP_ABSENT)
+def _(ws):
+    return _sweep(ws.set("sweep.families", ["plain", "plain"]))
+
+
+@case(
+    "sweep-unknown-family",
+    "sweep.families.0: input should be 'plain', 'bn', 'residual' or 'bn-residual'",
+    absent=SWEEP_ABSENT,
+)
+def _(ws):
+    return _sweep(ws.set("sweep.families", ["wide"]))
+
+
+@case(
+    "sweep-network-named-like-a-variant", "variants: plain-008 is also the name of a sweep network", absent=SWEEP_ABSENT
+)
+def _(ws):
+    return _sweep(ws.set("variants.plain-008", ws.raw["variants"]["VGG-08"]))
+
+
+def _sweep_guard(ws: Workspace, content: str) -> list[str]:
+    summary = ws.root / "summary.json"
+    row = {"val_acc": 0.5, "val_loss": 4.6, "entry_grad_min": 1e-3, "entry_grad_max": 1e-3}
+    summary.write_text(json.dumps({v: row for v in ("VGG-08", "VGG-38", "BN-VGG-38")}))
+    (ws.root / "sweep.json").write_text(content)
+    return ws.cli("guard", "--summary", str(summary), "--sweep", str(ws.root / "sweep.json"))
+
+
+@case("guard-sweep-record-empty", "sweep.json: rows: list should have at least 1 item", ())
+def _(ws):
+    return _sweep_guard(ws, json.dumps({"rows": []}))
+
+
+@case("guard-sweep-record-inf-gradient", "sweep.json: rows.0.entry_grad: input should be a finite number", ())
+def _(ws):
+    row = {"family": "plain", "layers": 8, "entry_grad": 1e999, "val_acc": 0.1, "val_loss": 4.0, "learns": True}
+    return _sweep_guard(ws, json.dumps({"rows": [row]}).replace("Infinity", "1e999"))
+
+
 @case("archive-wrong-md5", "md5 mismatch", absent=("raw/archive.tar.gz",))
 def _(ws):
     return _download(ws, str(ws.archive), "0" * 32)

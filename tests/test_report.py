@@ -20,6 +20,7 @@ import torch
 from matplotlib.collections import PolyCollection
 
 from tests.conftest import ROOT, write_yaml
+from tests.helpers import run_guard
 from vggdepth.batches import DeviceDataset
 from vggdepth.checkpoints import load_checkpoint, load_network
 from vggdepth.engine import Trainer
@@ -477,28 +478,8 @@ def test_a_partial_report_covers_the_finished_variants_and_names_the_rest(study,
         build_report(study["params"], runs, tmp_path / "none", project=ROOT, partial=True)
 
 
-def _guard(params, tmp_path: Path, **changes: dict) -> subprocess.CompletedProcess:
-    """The guard on a summary like a reduced run's (entry-layer gradients as measured), with `changes` per variant."""
-    summary = {
-        "VGG-38": {"val_acc": 0.01, "val_loss": 4.61, "entry_grad_min": 1e-19, "entry_grad_max": 3e-18},
-        "VGG-08": {"val_acc": 0.2, "val_loss": 4.2, "entry_grad_min": 4e-4, "entry_grad_max": 3e-3},
-        "BN-VGG-38": {"val_acc": 0.2, "val_loss": 4.3, "entry_grad_min": 2e-5, "entry_grad_max": 1e-4},
-    }
-    for variant, values in changes.items():
-        summary[variant.replace("_", "-")].update(values)
-    path = tmp_path / "summary.json"
-    path.write_text(json.dumps(summary))
-    params_file = write_yaml(tmp_path / "params.yaml", json.loads(params.model_dump_json()))
-    return subprocess.run(
-        [sys.executable, "-m", "vggdepth", "guard", "--summary", str(path), "--params", str(params_file)],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-    )
-
-
 def test_guard_passes_when_the_mechanism_and_the_accuracy_claim_hold(params, tmp_path):
-    result = _guard(params, tmp_path)
+    result = run_guard(params, tmp_path)
     assert result.returncode == 0, result.stdout + result.stderr
     margin = params.report.guard.accuracy_margin
     assert result.stdout.splitlines() == [
@@ -524,7 +505,7 @@ def test_guard_passes_when_the_mechanism_and_the_accuracy_claim_hold(params, tmp
     ],
 )
 def test_guard_fails_when_the_claim_breaks(params, tmp_path, changes, failed):
-    result = _guard(params, tmp_path, **changes)
+    result = run_guard(params, tmp_path, **changes)
     assert result.returncode == 1
     assert failed in result.stdout
     assert sum(line.startswith("FAIL") for line in result.stdout.splitlines()) == 1

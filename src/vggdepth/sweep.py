@@ -131,10 +131,12 @@ def sweep_context(params: Params):
     return dataclasses.replace(context, key=f"sweep:{context.key}", name=f"depth sweep, {context.name}", stage="sweep")
 
 
-def run_sweep(params: Params, prepared: PreparedData, out: Path, publish: Callable[[Path], object] | None = None):
+def run_sweep(
+    params: Params, prepared: PreparedData, out: Path, publish: Callable[[Path, dict], object] | None = None
+) -> dict:
     """Train every network of the sweep (the grid: resumed where a run stopped, skipped where finished), then
-    write `out/report` atomically; `publish(staging)` (MLflow) gets it before it is put in place. Returns the
-    record (`sweep.json`)."""
+    write `out/report` atomically; `publish(staging, record)` (MLflow) gets it before it is put in place. Returns
+    the record (`sweep.json`)."""
     from vggdepth.grid import run_grid
 
     derived = sweep_params(params)
@@ -157,7 +159,7 @@ def run_sweep(params: Params, prepared: PreparedData, out: Path, publish: Callab
         (staging / "table.md").write_text(table_markdown(params, record))
         sweep_figures(params, record, staging / "figures")
         if publish is not None:
-            publish(staging)
+            publish(staging, record)
     return record
 
 

@@ -106,25 +106,24 @@ def log_table(store: Store, run_id: str, table_csv: Path, artifact: str) -> None
 SWEEP_TABLE_ARTIFACT = "sweep_table.json"  # the sweep's table on its parent run, as an MLflow table
 
 
-def log_sweep(store: Store, params: Params, out: Path, context: PipelineContext) -> None:
-    """The depth sweep's table, record and figures into its parent run, its settings as the run's params and where
-    each family stops learning as a tag each (`vggdepth.sweep.stops.<family>`), so the UI compares sweeps.
-    `out` may be the sweep's staging folder: the stage publishes before it puts the report in place."""
+def log_sweep(store: Store, params: Params, out: Path, context: PipelineContext, record: dict) -> None:
+    """The depth sweep (`out`: its report folder, perhaps still staged; `record`: its `sweep.json`) into its parent
+    run: every file, the figures, the table as an MLflow table, the `sweep.*` settings as the run's params and where
+    each family stops learning as a tag each (`vggdepth.sweep.stops.<family>`), so the UI compares sweeps."""
     from mlflow.entities import Param
 
-    from vggdepth.sweep import RECORD
     from vggdepth.tracking.store import flatten
 
     with store_errors(store.uri, "take the depth sweep"):
         client = store.client
         parent = store.parent_run(context)
-        for name in ("table.md", "table.csv", RECORD):
-            client.log_artifact(parent, str(out / name))
+        for path in sorted(out.iterdir()):
+            if path.is_file():
+                client.log_artifact(parent, str(path))
         client.log_artifacts(parent, str(out / "figures"), "figures")
         log_table(store, parent, out / "table.csv", SWEEP_TABLE_ARTIFACT)
         settings = flatten({"sweep": params.sweep.model_dump(mode="json")})
         client.log_batch(parent, params=[Param(k, v) for k, v in settings.items()])
-        record = json.loads((out / RECORD).read_text())
         for family, layers in record["stops"].items():
             client.set_tag(parent, f"vggdepth.sweep.stops.{family}", "never" if layers is None else f"{layers} layers")
         store.stage_done(parent)

@@ -1,0 +1,208 @@
+"""The depth sweep on real images, through the grid on real Ray, tracked by a real MLflow server on 127.0.0.1: its
+table, figures and record; the claim `guard --sweep` checks; its own parent run; a re-run that trains nothing."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from mlflow import MlflowClient
+
+from tests.conftest import ROOT, prepare_subset
+from tests.helpers import project_env, run_guard
+from vggdepth.config import ConfigError, Params, load_params
+from vggdepth.data import load_prepared
+from vggdepth.schemas import RecordError, SweepRecord, read_record
+from vggdepth.sweep import SweepError, chance_limit, check_sweep, points, sweep_data, sweep_params
+
+pytestmark = pytest.mark.slow
+
+EXPERIMENT = "sweep-test"
+FAMILIES, BLOCKS = ["plain", "residual"], [0, 1, 4]  # 8, 14 and 32 layers
+
+
+@pytest.fixture(scope="module")
+def project(archive_path, archive_md5, params, tmp_path_factory) -> Path:
+    """The sweep of two families at three depths, one epoch on 20 real images a class, validated on 10 a class."""
+    root = tmp_path_factory.mktemp("sweep") / "p"
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    raw["data"].update(url=str(archive_path), md5=archive_md5)
+    raw["prepare"]["subset"] = {"train": 20, "val": 10, "test": 1}
+    raw["runtime"].update(device="cpu")
+    raw["tracking"].update(enabled=True, system_metrics=False, experiment=EXPERIMENT)
+    raw["sweep"].update(families=FAMILIES, blocks_per_stage=BLOCKS, epochs=1, subset={"train": 20, "val": 10})
+    root.mkdir(parents=True)
+    (root / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    prepare_subset(archive_path, root / "data" / "prepared", params, train=20, val=10, test=1)
+    return root
+
+
+def sweep_stage(root: Path, uri: str) -> subprocess.CompletedProcess:
+    command = [sys.executable, str(ROOT / "pipeline" / "sweep.py"), "--params", str(root / "params.yaml")]
+    return subprocess.run(
+        command, cwd=root, env=project_env(root, MLFLOW_TRACKING_URI=uri), capture_output=True, text=True
+    )
+
+
+@pytest.fixture(scope="module")
+def swept(project, mlflow_server) -> tuple[Path, subprocess.CompletedProcess]:
+    result = sweep_stage(project, mlflow_server.uri)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return project, result
+
+
+def record(root: Path) -> dict:
+    return json.loads((root / "sweep" / "report" / "sweep.json").read_text())
+
+
+def test_the_sweep_writes_its_table_figures_and_record(swept):
+    root, _ = swept
+    report = root / "sweep" / "report"
+    assert sorted(p.name for p in (report / "figures").iterdir()) == [
+        "entry-gradient-vs-depth.png",
+        "val-accuracy-vs-depth.png",
+    ]
+    rows = record(root)["rows"]
+    assert [(r["family"], r["layers"]) for r in rows] == [(f, n) for f in FAMILIES for n in (8, 14, 32)]
+    # What each network measured is what its run folder holds
+    for row in rows:
+        run = root / "sweep" / "runs" / f"{row['family']}-{row['layers']:03d}-s0"
+        assert json.loads((run / "train.json").read_text())["val_acc"] == row["val_acc"]
+    # With no processing block, a residual network is the plain one: the same seed trains the same numbers
+    plain, residual = rows[0], rows[3]
+    assert {k: v for k, v in plain.items() if k != "family"} == {k: v for k, v in residual.items() if k != "family"}
+    table = (report / "table.md").read_text()
+    assert "| plain | 32 | " in table and "| residual | 32 | " in table
+    assert read_record(report / "sweep.json", SweepRecord).rows[0].family == "plain"
+
+
+def test_the_claim_holds_plain_gradients_fall_with_depth_residual_ones_do_not(swept, params):
+    root, _ = swept
+    p = load_params(root / "params.yaml")
+    rows = record(root)["rows"]
+    plain = [r["entry_grad"] for r in rows if r["family"] == "plain"]
+    residual = [r["entry_grad"] for r in rows if r["family"] == "residual"]
+    assert plain[0] > plain[1] > plain[2] and plain[2] < p.sweep.vanishing_below
+    assert min(residual) > p.sweep.learning_above
+    assert [line.split(":")[0] for line in check_sweep(p, record(root))] == ["PASS", "PASS"]
+    # The deep plain network stops learning because its gradient vanished, and the table says so
+    deep = rows[2]
+    assert not deep["learns"] and f"entry gradient {deep['entry_grad']:.1e} < 1e-10" in deep["why"]
+    assert record(root)["stops"]["plain"] <= 32
+
+
+def test_at_chance_means_within_the_standard_error_of_one_in_a_hundred(swept):
+    root, _ = swept
+    data = record(root)
+    assert data["val_images"] == 1000
+    assert data["chance_limit"] == pytest.approx(0.01 + 3 * math.sqrt(0.01 * 0.99 / 1000))
+    assert chance_limit(100, 1000, 3) == pytest.approx(0.019439, abs=1e-6)
+    for row in data["rows"]:
+        at_chance = row["val_acc"] <= data["chance_limit"]
+        assert at_chance == ("val acc" in row["why"])
+
+
+def test_the_sweep_is_its_own_parent_run_in_mlflow(swept, mlflow_server):
+    client = MlflowClient(mlflow_server.uri)
+    experiment = client.get_experiment_by_name(EXPERIMENT)
+    runs = client.search_runs([experiment.experiment_id])
+    parents = [r for r in runs if r.data.tags.get("vggdepth.kind") == "pipeline"]
+    assert len(parents) == 1 and parents[0].info.run_name.startswith("depth sweep, ")
+    parent = parents[0]
+    training = {r.info.run_name: r for r in runs if r.data.tags.get("vggdepth.kind") == "training"}
+    assert sorted(training) == sorted(f"{f}-{n:03d}-s0" for f in FAMILIES for n in (8, 14, 32))
+    for run in training.values():
+        assert run.data.tags["mlflow.parentRunId"] == parent.info.run_id
+        assert run.data.tags["dvc_stage"] == "sweep"
+        assert [m.step for m in client.get_metric_history(run.info.run_id, "grad_mean_abs/entry.conv")] == [0]
+    stops = record(swept[0])["stops"]
+    assert parent.data.tags["vggdepth.sweep.stops.plain"] == f"{stops['plain']} layers"
+    assert parent.data.params["sweep.families"] == json.dumps(FAMILIES)
+    artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
+    assert {"table.md", "table.csv", "sweep.json", "sweep_table.json", "figures"} <= artifacts
+
+
+def test_a_second_sweep_trains_nothing_and_tracks_nothing_twice(swept, mlflow_server):
+    root, _ = swept
+    before = record(root)
+    result = sweep_stage(root, mlflow_server.uri)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "every run is trained to train.epochs; nothing to do" in result.stderr
+    assert record(root) == before
+    client = MlflowClient(mlflow_server.uri)
+    experiment = client.get_experiment_by_name(EXPERIMENT)
+    assert len(client.search_runs([experiment.experiment_id])) == 1 + len(FAMILIES) * len(BLOCKS)
+
+
+def test_guard_checks_the_sweep_and_fails_when_its_claim_breaks(swept, params, tmp_path):
+    root, _ = swept
+    path = root / "sweep" / "report" / "sweep.json"
+    result = run_guard(params, tmp_path, sweep=path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[-2].startswith("PASS: plain networks' entry-layer gradient falls with depth, below 1e-10")
+    assert lines[-1].startswith("PASS: residual networks' entry-layer gradient stays above 1e-06 at every depth")
+
+    broken = record(root)
+    broken["rows"][5]["entry_grad"] = 1e-12  # a residual network whose gradient vanished after all
+    (tmp_path / "broken.json").write_text(json.dumps(broken))
+    result = run_guard(params, tmp_path, sweep=tmp_path / "broken.json")
+    assert result.returncode == 1
+    assert "FAIL: residual networks' entry-layer gradient stays above 1e-06 at every depth" in result.stdout
+
+    (tmp_path / "bad.json").write_text(json.dumps({"rows": [{**broken["rows"][0], "entry_grad": "small"}]}))
+    result = run_guard(params, tmp_path, sweep=tmp_path / "bad.json")
+    assert result.returncode == 1
+    assert "bad.json: rows.0.entry_grad: input should be a valid number (found 'small')" in result.stderr
+
+
+def test_a_plain_family_at_one_depth_is_no_evidence(swept):
+    root, _ = swept
+    p = load_params(root / "params.yaml")
+    one = {"rows": [r for r in record(root)["rows"] if r["family"] == "plain"][-1:]}
+    assert check_sweep(p, one)[0].startswith("FAIL") and "(one depth: nothing to compare)" in check_sweep(p, one)[0]
+    without_plain = {"rows": [r for r in record(root)["rows"] if r["family"] == "residual"]}
+    assert check_sweep(p, without_plain)[0] == (
+        "FAIL: the sweep has no plain networks: nothing shows where gradients vanish with depth"
+    )
+
+
+def test_the_sweep_asks_for_no_more_images_than_were_prepared(project):
+    p = load_params(project / "params.yaml")
+    prepared = load_prepared(project / "data" / "prepared")
+    too_many = p.model_copy(
+        update={"sweep": p.sweep.model_copy(update={"subset": p.sweep.subset.model_copy(update={"train": 21})})}
+    )
+    with pytest.raises(ConfigError, match=r"sweep.subset.train: 21 images per class asked, but the prepared train "):
+        sweep_data(prepared, too_many)
+    data = sweep_data(prepared, p)
+    assert data.stats["sizes"] == {"train": 2000, "val": 1000, "test": 100}
+
+
+def test_sweep_networks_are_variants_beside_the_studys_and_may_not_share_a_name(params):
+    derived = sweep_params(params)
+    assert set(params.variants) < set(derived.variants)
+    deepest = derived.variants[points(params)[-1].variant]
+    assert (deepest.blocks_per_stage, deepest.batch_norm, deepest.residual) == (16, True, True)
+    assert derived.train.epochs == params.sweep.epochs and derived.seeds == [params.sweep.seed]
+    assert not derived.tracking.log_model
+    raw = json.loads(params.model_dump_json())
+    raw["variants"]["plain-008"] = raw["variants"]["VGG-08"]
+    with pytest.raises(SweepError, match="variants: plain-008 is also the name of a sweep network"):
+        sweep_params(Params.model_validate(raw))
+    raw = json.loads(params.model_dump_json())
+    raw["sweep"]["families"] = ["plain", "plain"]
+    with pytest.raises(ValueError, match=r"sweep.families: each value must appear once"):
+        Params.model_validate(raw)
+
+
+def test_a_damaged_sweep_record_is_refused_by_name(tmp_path):
+    path = tmp_path / "sweep.json"
+    path.write_text(json.dumps({"rows": [{"family": "wide", "layers": 8}]}))
+    with pytest.raises(RecordError, match=r"sweep.json: rows.0.family: input should be 'plain', 'bn', 'residual'"):
+        read_record(path, SweepRecord)
