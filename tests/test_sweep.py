@@ -93,7 +93,9 @@ def test_the_claim_holds_plain_gradients_fall_with_depth_residual_ones_do_not(sw
     # The deep plain network stops learning because its gradient vanished, and the table says so
     deep = rows[2]
     assert not deep["learns"] and f"entry gradient {deep['entry_grad']:.1e} < 1e-10" in deep["why"]
-    assert record(root)["stops"]["plain"] <= 32
+    assert record(root)["stops"]["plain"] <= record(root)["vanished"]["plain"] <= 32
+    assert record(root)["vanished"]["residual"] is None
+    assert "| residual | " in (root / "sweep" / "report" / "table.md").read_text()
 
 
 def test_at_chance_means_within_the_standard_error_of_one_in_a_hundred(swept):

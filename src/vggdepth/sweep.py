@@ -4,8 +4,9 @@ learning (README "The depth sweep").
 
 A network "stops learning" when, after the sweep's epochs, its entry layer's mean |gradient| (the last epoch's)
 is below `sweep.vanishing_below` (the gradient has vanished), or its validation accuracy is within
-`sweep.chance_sigmas` standard errors of chance, 1/classes (it has learnt nothing measurable). The family's
-depth is the shallowest at which that holds.
+`sweep.chance_sigmas` standard errors of chance, 1/classes (it has learnt nothing measurable). A family stops
+learning at the shallowest depth from which on that holds for every deeper network too: one network near the
+chance line between two that learn does not decide it.
 
 Its folder (`sweep/` in dvc.yaml): `data/` (the reduced split, prepared data's format), `runs/<family>-<layers>-s
 <seed>/` (run folders, as the study's), and `report/` (table.md, table.csv, sweep.json, figures/).
@@ -202,10 +203,16 @@ def sweep_record(params: Params, runs: Path, val_images: int) -> dict:
                 "why": "; ".join(why),
             }
         )
-    stops = {
-        family: min((r["layers"] for r in rows if r["family"] == family and not r["learns"]), default=None)
-        for family in cfg.families
-    }
+
+    def from_on(family: str, stopped) -> int | None:
+        """The shallowest depth from which every network of `family`, it and all deeper, has `stopped`."""
+        depth = None
+        for row in sorted((r for r in rows if r["family"] == family), key=lambda r: -r["layers"]):
+            if not stopped(row):
+                break
+            depth = row["layers"]
+        return depth
+
     return {
         "epochs": cfg.epochs,
         "train_images": cfg.subset.train * params.model.num_classes,
@@ -213,7 +220,10 @@ def sweep_record(params: Params, runs: Path, val_images: int) -> dict:
         "chance_acc": 1 / params.model.num_classes,
         "chance_limit": limit,
         "vanishing_below": cfg.vanishing_below,
-        "stops": stops,
+        # per family, the depth from which on it stops learning, and from which on for each of the two reasons
+        "stops": {f: from_on(f, lambda r: not r["learns"]) for f in cfg.families},
+        "vanished": {f: from_on(f, lambda r: r["entry_grad"] < cfg.vanishing_below) for f in cfg.families},
+        "at_chance": {f: from_on(f, lambda r: r["val_acc"] <= limit) for f in cfg.families},
         "rows": rows,
     }
 
@@ -228,18 +238,20 @@ def table_markdown(params: Params, record: dict) -> str:
         f"{cfg.seed}, Adam lr {cfg.lr:g}, batch {cfg.batch_size}), validated on {record['val_images']:,}. A network "
         f"stops learning when its entry layer's mean |gradient| in the last epoch is below "
         f"{cfg.vanishing_below:.0e}, or its validation accuracy is within {cfg.chance_sigmas:g} standard errors of "
-        f"chance ({record['chance_acc']:.0%}): at most {record['chance_limit']:.4f}.",
+        f"chance ({record['chance_acc']:.0%}): at most {record['chance_limit']:.4f}. A family stops learning from "
+        "the depth on which it and every deeper network do.",
         "",
-        "| family | stops learning at | deepest that learns |",
-        "|---|---|---|",
+        "| family | stops learning from | its entry gradient has vanished from | at chance from | deepest that learns |",
+        "|---|---|---|---|---|",
     ]
+
+    def depth(layers: int | None) -> str:
+        return f"{layers} layers" if layers is not None else f"none up to {max(r['layers'] for r in record['rows'])}"
+
     for family in cfg.families:
-        stop = record["stops"][family]
         learning = [r["layers"] for r in record["rows"] if r["family"] == family and r["learns"]]
-        deepest = f"{max(learning)} layers" if learning else "none"
-        lines.append(
-            f"| {family} | {f'{stop} layers' if stop is not None else 'never, up to the deepest'} | {deepest} |"
-        )
+        cells = [depth(record[key][family]) for key in ("stops", "vanished", "at_chance")]
+        lines.append(f"| {family} | {' | '.join(cells)} | {f'{max(learning)} layers' if learning else 'none'} |")
     lines += [
         "",
         "| family | layers | parameters | entry-layer mean \\|grad\\| | val acc | val loss | train acc | learns |",
