@@ -241,7 +241,7 @@ def table_markdown(params: Params, record: dict) -> str:
         f"chance ({record['chance_acc']:.0%}): at most {record['chance_limit']:.4f}. A family stops learning from "
         "the depth on which it and every deeper network do.",
         "",
-        "| family | stops learning from | its entry gradient has vanished from | at chance from | deepest that learns |",
+        "| family | stops learning from | entry gradient vanished from | at chance from | deepest that learns |",
         "|---|---|---|---|---|",
     ]
 
