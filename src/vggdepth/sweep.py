@@ -78,8 +78,7 @@ def sweep_params(params: Params) -> Params:
     cross-check still holds where a worker validates them again), its one seed, its epochs, gradient statistics
     on (they are what it measures), no model logged (its runs are measurements, not models to use)."""
     cfg = params.sweep
-    batch_norm_and_residual = {p.variant: FAMILIES[p.family] for p in points(params)}
-    clash = sorted(set(batch_norm_and_residual) & set(params.variants))
+    clash = sorted({p.variant for p in points(params)} & set(params.variants))
     if clash:
         raise SweepError(f"variants: {', '.join(clash)} is also the name of a sweep network; rename the variant")
     variants = dict(params.variants)
@@ -145,8 +144,8 @@ def run_sweep(
     data_dir, runs = out / DATA, out / RUNS
     write_prepared(data_dir, data)
     context = sweep_context(params) if params.tracking.enabled else None
-    wanted = [p.variant for p in points(params)]
-    result, _, _ = run_grid(derived, data, data_dir, runs, only=set(wanted), context=context)
+    wanted = {p.variant for p in points(params)}
+    result, _, _ = run_grid(derived, data, data_dir, runs, only=wanted, context=context)
     if result.failed:
         names = ", ".join(sorted(result.failed))
         raise SweepError(
