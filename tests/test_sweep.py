@@ -125,6 +125,7 @@ def test_the_sweep_is_its_own_parent_run_in_mlflow(swept, mlflow_server):
     stops = record(swept[0])["stops"]
     assert parent.data.tags["vggdepth.sweep.stops.plain"] == f"{stops['plain']} layers"
     assert parent.data.params["sweep.families"] == json.dumps(FAMILIES)
+    assert parent.data.tags["mlflow.note.content"].startswith(f"The depth sweep {parent.info.run_name}: the parent ")
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
     assert {"table.md", "table.csv", "sweep.json", "sweep_table.json", "figures"} <= artifacts
 

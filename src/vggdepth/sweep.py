@@ -128,7 +128,15 @@ def sweep_context(params: Params):
     from vggdepth.tracking.store import PipelineContext
 
     context = PipelineContext.detect(params)
-    return dataclasses.replace(context, key=f"sweep:{context.key}", name=f"depth sweep, {context.name}", stage="sweep")
+    name = f"depth sweep, {context.name}"
+    description = (
+        f"The depth sweep {name}: the parent of one training run per network (family and depth) of params.yaml's "
+        "`sweep` section, trained briefly on a reduced split to find where each family stops learning. The sweep "
+        "stage logs its table here (sweep_table.json as an MLflow table, table.md, table.csv, sweep.json), the "
+        "figures of entry-layer gradient and validation accuracy against depth, the `sweep.*` settings as params "
+        "and a vggdepth.sweep.stops.<family> tag per family."
+    )
+    return dataclasses.replace(context, key=f"sweep:{context.key}", name=name, stage="sweep", description=description)
 
 
 def run_sweep(

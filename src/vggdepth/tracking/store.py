@@ -340,6 +340,7 @@ class PipelineContext:
     name: str
     tags: dict[str, str]
     stage: str = ""  # the DVC stage of every run under it, when one stage trains them all (the depth sweep)
+    description: str = ""  # of the parent run in the UI; PARENT_DESCRIPTION when empty
 
     @classmethod
     def detect(cls, params: Params, cwd: Path | None = None) -> PipelineContext:
@@ -545,7 +546,7 @@ class Store:
             tags={
                 PARENT_KEY_TAG: context.key,
                 KIND_TAG: "pipeline",
-                DESCRIPTION_TAG: PARENT_DESCRIPTION.format(name=context.name),
+                DESCRIPTION_TAG: context.description or PARENT_DESCRIPTION.format(name=context.name),
                 **context.tags,
             },
         )
