@@ -34,13 +34,13 @@ lint: install
 # (100 per class), 1,000 validation images, 2 epochs: the smallest profile measured in which the guard's accuracy
 # claim holds over three seeds (benchmarks/guard_margins.py, README "The report"). `dvc exp run -S` records it as a
 # DVC experiment and writes these values into params.yaml; `git checkout params.yaml` returns to the full study.
-REDUCED := -S prepare.subset.train=100 -S prepare.subset.val=10 -S prepare.subset.test=10 -S train.epochs=2 \
-	-S 'seeds=[0]' $(SWEEP_REDUCED)
-# The depth sweep's: three depths (8, 20 and 56 layers), plain and residual networks, one epoch on 2,000 images;
-# `guard --sweep` checks its claim (the plain networks' entry-layer gradient falls with depth, the residual ones'
-# does not; README "The depth sweep").
+# With it, the depth sweep's (defined first: `:=` expands at once): three depths (8, 20 and 56 layers), plain and
+# residual networks, one epoch on 2,000 images; `guard --sweep` checks its claim (the plain networks' entry-layer
+# gradient falls with depth, the residual ones' does not; README "A depth sweep").
 SWEEP_REDUCED := -S 'sweep.families=[plain,residual]' -S 'sweep.blocks_per_stage=[0,2,8]' -S sweep.epochs=1 \
 	-S sweep.subset.train=20
+REDUCED := -S prepare.subset.train=100 -S prepare.subset.val=10 -S prepare.subset.test=10 -S train.epochs=2 \
+	-S 'seeds=[0]' $(SWEEP_REDUCED)
 # Offline: make reduced DATA=/abs/path/cifar-100-python.tar.gz (its md5 is computed and set with it).
 DATA ?=
 DATA_OVERRIDES = $(if $(DATA),-S data.url=$(abspath $(DATA)) -S data.md5=$$(md5sum $(DATA) | cut -d' ' -f1))

@@ -11,7 +11,7 @@ from vggdepth.cli import entry_point
 from vggdepth.config import load_params
 from vggdepth.data import load_prepared
 from vggdepth.files import ready_to_write
-from vggdepth.sweep import REPORT, run_sweep, sweep_context
+from vggdepth.sweep import DATA, REPORT, run_sweep, sweep_context
 from vggdepth.tracking.report import log_sweep
 from vggdepth.tracking.store import open_store
 
@@ -23,7 +23,8 @@ def main(
     params: Annotated[Path, typer.Option(help="parameters file")] = Path("params.yaml"),
 ) -> None:
     p = load_params(params)
-    ready_to_write(out / REPORT)
+    for folder in (DATA, REPORT):  # writable, and clear of what a killed write left beside it
+        ready_to_write(out / folder)
     prepared = load_prepared(data)
     store = open_store(p)  # before any work: an unreachable tracking server stops the stage here
     publish = (

@@ -78,9 +78,11 @@ def guard(
     if absent:
         raise VggdepthError(f"{summary} has no row of {', '.join(absent)} (report.guard names them); run the pipeline")
     lines = check_guard(p, {name: row.model_dump() for name, row in rows.items()})
+    typer.echo("\n".join(lines))  # before the sweep's record is read: a bad one does not hide these
     if sweep is not None:
-        lines += check_sweep(p, read_record(sweep, SweepRecord, remedy).model_dump())
-    typer.echo("\n".join(lines))
+        more = check_sweep(p, read_record(sweep, SweepRecord, remedy).model_dump())
+        typer.echo("\n".join(more))
+        lines += more
     if any(line.startswith("FAIL") for line in lines):
         raise typer.Exit(1)
 

@@ -130,7 +130,7 @@ def sweep_context(params: Params):
     context = PipelineContext.detect(params)
     name = f"depth sweep, {context.name}"
     description = (
-        f"The depth sweep {name}: the parent of one training run per network (family and depth) of params.yaml's "
+        f"The {name}: the parent of one training run per network (family and depth) of params.yaml's "
         "`sweep` section, trained briefly on a reduced split to find where each family stops learning. The sweep "
         "stage logs its table here (sweep_table.json as an MLflow table, table.md, table.csv, sweep.json), the "
         "figures of entry-layer gradient and validation accuracy against depth, the `sweep.*` settings as params "
@@ -155,10 +155,12 @@ def run_sweep(
     wanted = {p.variant for p in points(params)}
     result, _, _ = run_grid(derived, data, data_dir, runs, only=wanted, context=context)
     if result.failed:
-        names = ", ".join(sorted(result.failed))
+        names = "; ".join(f"{name}: {why}" for name, why in sorted(result.failed.items()))
         raise SweepError(
-            f"{len(result.failed)} of the sweep's runs failed: {names}; re-running trains only what is unfinished"
+            f"{len(result.failed)} of the sweep's runs failed ({names}). Re-running trains only what is unfinished; "
+            "a network that diverges (a NaN loss) does so again: lower sweep.lr, or leave its depth out"
         )
+    restore_tables(derived, data, runs)
     record = sweep_record(params, runs, len(data.val))
     with atomic_dir(out / REPORT) as staging:
         write_json(staging / RECORD, record)
@@ -169,6 +171,20 @@ def run_sweep(
         if publish is not None:
             publish(staging, record)
     return record
+
+
+def restore_tables(derived: Params, data: PreparedData, runs: Path) -> None:
+    """Every network's tables (epochs.csv, gradients.csv, train.json) written again from its checkpoint, as a train
+    stage does for a finished run: the grid skips a run finished under these settings, and when settings change and
+    change back, its checkpoints return from `superseded/` while its tables are still the other settings'."""
+    from vggdepth.engine import train_run
+    from vggdepth.locks import writing
+
+    seed = derived.sweep.seed
+    for point in points(derived):
+        folder = RunFiles.of(runs, point.variant, seed).root
+        with writing(folder):
+            train_run(derived, point.variant, seed, data, folder)
 
 
 def chance_limit(classes: int, images: int, sigmas: float) -> float:
@@ -190,7 +206,12 @@ def sweep_record(params: Params, runs: Path, val_images: int) -> dict:
         last = read_epochs(files.epochs_csv)[-1]
         gradients = read_gradients(files.gradients_csv)
         final = max(g.epoch for g in gradients)
-        entry = next(g.mean_abs for g in gradients if g.index == 0 and g.epoch == final)
+        entry = next((g.mean_abs for g in gradients if g.index == 0 and g.epoch == final), None)
+        if entry is None:
+            raise SweepError(
+                f"{files.gradients_csv} has no entry-layer row for its last epoch ({final}); delete {files.root} "
+                "and run the sweep again"
+            )
         why = []
         if entry < cfg.vanishing_below:
             why.append(f"entry gradient {entry:.1e} < {cfg.vanishing_below:.0e}")
@@ -211,8 +232,24 @@ def sweep_record(params: Params, runs: Path, val_images: int) -> dict:
             }
         )
 
+    return {
+        "epochs": cfg.epochs,
+        "train_images": cfg.subset.train * params.model.num_classes,
+        "val_images": val_images,
+        "chance_acc": 1 / params.model.num_classes,
+        "chance_limit": limit,
+        "vanishing_below": cfg.vanishing_below,
+        **family_depths(rows, cfg.families, cfg.vanishing_below, limit),
+        "rows": rows,
+    }
+
+
+def family_depths(rows: list[dict], families: list[str], vanishing_below: float, limit: float) -> dict:
+    """Per family, the depth from which on it stops learning (`stops`), and from which on for each of the two
+    reasons (`vanished`, `at_chance`): the shallowest depth at which that network and every deeper one have
+    stopped; None when the deepest has not."""
+
     def from_on(family: str, stopped) -> int | None:
-        """The shallowest depth from which every network of `family`, it and all deeper, has `stopped`."""
         depth = None
         for row in sorted((r for r in rows if r["family"] == family), key=lambda r: -r["layers"]):
             if not stopped(row):
@@ -221,17 +258,9 @@ def sweep_record(params: Params, runs: Path, val_images: int) -> dict:
         return depth
 
     return {
-        "epochs": cfg.epochs,
-        "train_images": cfg.subset.train * params.model.num_classes,
-        "val_images": val_images,
-        "chance_acc": 1 / params.model.num_classes,
-        "chance_limit": limit,
-        "vanishing_below": cfg.vanishing_below,
-        # per family, the depth from which on it stops learning, and from which on for each of the two reasons
-        "stops": {f: from_on(f, lambda r: not r["learns"]) for f in cfg.families},
-        "vanished": {f: from_on(f, lambda r: r["entry_grad"] < cfg.vanishing_below) for f in cfg.families},
-        "at_chance": {f: from_on(f, lambda r: r["val_acc"] <= limit) for f in cfg.families},
-        "rows": rows,
+        "stops": {f: from_on(f, lambda r: not r["learns"]) for f in families},
+        "vanished": {f: from_on(f, lambda r: r["entry_grad"] < vanishing_below) for f in families},
+        "at_chance": {f: from_on(f, lambda r: r["val_acc"] <= limit) for f in families},
     }
 
 
@@ -340,7 +369,9 @@ def check_sweep(params: Params, record: dict) -> list[str]:
         shown = ", ".join(f"{r['entry_grad']:.1e} at {r['layers']}" for r in rows)
         if family == "plain":
             pairs = list(itertools.pairwise(rows))
-            falls = bool(pairs) and all(b["entry_grad"] < a["entry_grad"] or a["entry_grad"] == 0 for a, b in pairs)
+            falls = bool(pairs) and all(
+                b["entry_grad"] < a["entry_grad"] or a["entry_grad"] == b["entry_grad"] == 0 for a, b in pairs
+            )
             vanished = rows[-1]["entry_grad"] < cfg.vanishing_below
             lines.append(
                 _verdict(

@@ -124,8 +124,10 @@ def log_sweep(store: Store, params: Params, out: Path, context: PipelineContext,
         log_table(store, parent, out / "table.csv", SWEEP_TABLE_ARTIFACT)
         settings = flatten({"sweep": params.sweep.model_dump(mode="json")})
         client.log_batch(parent, params=[Param(k, v) for k, v in settings.items()])
+        deepest = max(row["layers"] for row in record["rows"])
         for family, layers in record["stops"].items():
-            client.set_tag(parent, f"vggdepth.sweep.stops.{family}", "never" if layers is None else f"{layers} layers")
+            stops = f"none up to {deepest} layers" if layers is None else f"{layers} layers"
+            client.set_tag(parent, f"vggdepth.sweep.stops.{family}", stops)
         store.stage_done(parent)
 
 
