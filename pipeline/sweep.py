@@ -27,10 +27,9 @@ def main(
         ready_to_write(out / folder)
     prepared = load_prepared(data)
     store = open_store(p)  # before any work: an unreachable tracking server stops the stage here
-    publish = (
-        None if store is None else (lambda staging, record: log_sweep(store, p, staging, sweep_context(p), record))
-    )
-    run_sweep(p, prepared, out, publish=publish)
+    context = None if store is None else sweep_context(p)
+    publish = None if store is None else (lambda staging, record: log_sweep(store, p, staging, context, record))
+    run_sweep(p, prepared, out, context, publish)
 
 
 if __name__ == "__main__":

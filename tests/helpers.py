@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from tests.conftest import ROOT
+from tests.conftest import ROOT, write_yaml
 from vggdepth.checkpoints import load_checkpoint
 from vggdepth.runs import RunFiles
 
@@ -169,8 +169,7 @@ def run_guard(params, tmp_path: Path, sweep: Path | None = None, **changes: dict
         summary[variant.replace("_", "-")].update(values)
     path = tmp_path / "summary.json"
     path.write_text(json.dumps(summary))
-    params_file = tmp_path / "params.yaml"
-    params_file.write_text(yaml.safe_dump(json.loads(params.model_dump_json()), sort_keys=False))
+    params_file = write_yaml(tmp_path / "params.yaml", json.loads(params.model_dump_json()))
     extra = ["--sweep", str(sweep)] if sweep is not None else []
     return subprocess.run(
         [sys.executable, "-m", "vggdepth", "guard", "--summary", str(path), "--params", str(params_file), *extra],

@@ -140,27 +140,30 @@ def sweep_context(params: Params):
 
 
 def run_sweep(
-    params: Params, prepared: PreparedData, out: Path, publish: Callable[[Path, dict], object] | None = None
+    params: Params,
+    prepared: PreparedData,
+    out: Path,
+    context=None,
+    publish: Callable[[Path, dict], object] | None = None,
 ) -> dict:
-    """Train every network of the sweep (the grid: resumed where a run stopped, skipped where finished), then
-    write `out/report` atomically; `publish(staging, record)` (MLflow) gets it before it is put in place. Returns
-    the record (`sweep.json`)."""
+    """Train every network of the sweep (the grid: resumed where a run stopped, skipped where finished), under the
+    MLflow parent run `context` (`sweep_context`; None when tracking is off), then write `out/report` atomically;
+    `publish(staging, record)` (MLflow) gets it before it is put in place. Returns the record (`sweep.json`)."""
     from vggdepth.grid import run_grid
 
     derived = sweep_params(params)
     data = sweep_data(prepared, params)
     data_dir, runs = out / DATA, out / RUNS
     write_prepared(data_dir, data)
-    context = sweep_context(params) if params.tracking.enabled else None
     wanted = {p.variant for p in points(params)}
-    result, _, _ = run_grid(derived, data, data_dir, runs, only=wanted, context=context)
+    result, planned, _ = run_grid(derived, data, data_dir, runs, only=wanted, context=context)
     if result.failed:
         names = "; ".join(f"{name}: {why}" for name, why in sorted(result.failed.items()))
         raise SweepError(
             f"{len(result.failed)} of the sweep's runs failed ({names}). Re-running trains only what is unfinished; "
             "a network that diverges (a NaN loss) does so again: lower sweep.lr, or leave its depth out"
         )
-    restore_tables(derived, data, runs)
+    restore_tables(derived, data, [r for r in planned if not r.stale])
     record = sweep_record(params, runs, len(data.val))
     with atomic_dir(out / REPORT) as staging:
         write_json(staging / RECORD, record)
@@ -173,18 +176,17 @@ def run_sweep(
     return record
 
 
-def restore_tables(derived: Params, data: PreparedData, runs: Path) -> None:
-    """Every network's tables (epochs.csv, gradients.csv, train.json) written again from its checkpoint, as a train
-    stage does for a finished run: the grid skips a run finished under these settings, and when settings change and
-    change back, its checkpoints return from `superseded/` while its tables are still the other settings'."""
+def restore_tables(derived: Params, data: PreparedData, skipped: list) -> None:
+    """The tables (epochs.csv, gradients.csv, train.json) of the runs the grid `skipped` as finished, written again
+    from their checkpoints, as a train stage does for a finished run: when settings change and change back, a run's
+    checkpoints return from `superseded/` while its tables are still the other settings'. (The runs the grid
+    trained wrote theirs as they trained.)"""
     from vggdepth.engine import train_run
     from vggdepth.locks import writing
 
-    seed = derived.sweep.seed
-    for point in points(derived):
-        folder = RunFiles.of(runs, point.variant, seed).root
-        with writing(folder):
-            train_run(derived, point.variant, seed, data, folder)
+    for run in skipped:
+        with writing(run.files.root):
+            train_run(derived, run.variant, run.seed, data, run.files.root)
 
 
 def chance_limit(classes: int, images: int, sigmas: float) -> float:
