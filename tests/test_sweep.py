@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 import subprocess
 import sys
@@ -141,10 +142,20 @@ def test_a_gradient_that_rises_again_after_an_exact_zero_does_not_fall_with_dept
 
 
 def test_make_reduced_runs_the_small_sweep_ci_guards():
+    # CI runs this suite under `make test`: a parent make's MAKELEVEL and MAKEFLAGS would make this one print
+    # "Leaving directory" lines, so it runs as if called from a shell, and the command is found by what it runs.
+    env = {k: v for k, v in os.environ.items() if k not in ("MAKELEVEL", "MAKEFLAGS", "MFLAGS")}
     dry = subprocess.run(
-        ["make", "-n", "reduced", "DATA=/tmp/archive.tar.gz"], cwd=ROOT, capture_output=True, text=True, check=True
+        ["make", "-n", "--no-print-directory", "reduced", "DATA=/tmp/archive.tar.gz"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
     ).stdout
-    command = dry.strip().splitlines()[-1]
+    commands = [line for line in dry.splitlines() if "dvc exp run" in line]
+    assert len(commands) == 1, dry
+    command = commands[0]
     for override in ("'sweep.families=[plain,residual]'", "'sweep.blocks_per_stage=[0,2,8]'", "sweep.epochs=1"):
         assert override in command, command
 
