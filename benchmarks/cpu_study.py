@@ -1,9 +1,12 @@
 """The real-size study on this machine's CPU: a background job of many hours, a working session at a time.
 
-    python benchmarks/cpu_study.py start [--commit REV]   # (re)start it in the background, lowest CPU priority
-    python benchmarks/cpu_study.py status                  # each run's epochs, and whether the job runs
-    python benchmarks/cpu_study.py collect                 # finished runs and resume points into results/
-    python benchmarks/cpu_study.py stop                    # end it (it resumes from its checkpoints at `start`)
+    python benchmarks/cpu_study.py start --commit REV     # begin (or restart) the study of REV, in the background
+    python benchmarks/cpu_study.py start                  # (re)start every study not complete, lowest CPU priority
+    python benchmarks/cpu_study.py status                 # each run's epochs, and whether the jobs run
+    python benchmarks/cpu_study.py collect                # finished runs and resume points into results/
+    python benchmarks/cpu_study.py stop                   # end them (they resume from their checkpoints at `start`)
+
+Without --commit, a command applies to every study under results/, oldest first.
 
 The study trains in `.study/<commit>/`, a git-ignored clone of one fixed commit, so later changes to the code
 neither disturb its runs nor make them stale; its params.yaml is the commit's with the study's overrides (the
@@ -13,6 +16,11 @@ the fidelity check, minutes), then the whole pipeline, whose grid stage trains t
 grid trains, every run it finishes is evaluated at once (pipeline/evaluate.py), so its row can be committed without
 waiting for the others. Tests get the CPU first (nice 19); a session's end stops the job, and `start` resumes it
 from its checkpoints, on a fresh machine from the resume points committed under results/.
+
+A study can be narrowed to some rows (`--variants V`, repeated), for rows a later commit adds: its job trains
+only their runs (`pipeline/grid.py --only`), then has DVC evaluate them, and its report says the other rows are
+another study's. Begun `--after REV`, its job first waits until REV's study has at most one run left: from then on
+that study's grid (two runs at once, a thread each) leaves a core of this 2-core machine free.
 
 results/<date>-cpu-<commit>/ is what comes home (committed):
   study.json         the commit, the overrides, the machine, each run's epochs and state
@@ -63,6 +71,8 @@ OVERRIDES = {
     "grid.backend": "processes",
 }
 FIRST = "evaluate@VGG-08-0"  # the fidelity check: against reference/pipeline-cpu-vgg08-s0 (float32)
+AFTER_LEFT = 1  # a study begun --after another begins when that one has at most this many runs left (docstring)
+STUDY_GRID = "runs/study-grid.json"  # a narrowed study's grid record (runs/grid.json is the DVC stage's)
 
 
 class Study:
@@ -81,9 +91,32 @@ class Study:
         raw = yaml.safe_load((self.checkout / "params.yaml").read_text())
         return recorded_params(raw, load_params(ROOT / "params.yaml"), str(self.checkout / "params.yaml"))
 
+    @property
+    def only(self) -> list[str] | None:
+        """The variants of a narrowed study; None: every variant."""
+        return self.record.get("variants")
+
     def run_names(self) -> list[str]:
         p = self.params
-        return [f"{v}-s{s}" for s in p.seeds for v in p.variants]
+        return [f"{v}-s{s}" for s in p.seeds for v in p.variants if self.only is None or v in self.only]
+
+    def states(self) -> dict[str, dict]:
+        """Each run's epochs and state (finished: every epoch trained and the run tested): from the checkout where
+        there is one, else as last collected (on a fresh machine)."""
+        if not (self.checkout / "params.yaml").exists():
+            return dict(self.record.get("runs") or {})
+        epochs, states = self.params.train.epochs, {}
+        for name in self.run_names():
+            files = RunFiles(self.checkout / "runs" / name)
+            done = len(read_epochs(files.epochs_csv)) if files.epochs_csv.exists() else 0
+            finished = done == epochs and files.test_json.exists()
+            states[name] = {"epochs": done, "state": "finished" if finished else "training" if done else "waiting"}
+        return states
+
+    def runs_left(self) -> int | None:
+        """How many runs are not finished; None when not known (never collected, no checkout)."""
+        states = self.states()
+        return sum(state["state"] != "finished" for state in states.values()) if states else None
 
     # ---- the checkout ------------------------------------------------------------------------------------------
 
@@ -163,18 +196,44 @@ class Study:
         return True
 
     def run(self, poll_s: float) -> None:
-        """The job itself (started by `start`): the first targets, then the whole pipeline."""
+        """The job itself (started by `start`): the first targets, then the whole pipeline; a narrowed study: its
+        runs through the grid, then their evaluate stages."""
+        if self.record.get("after"):
+            self._wait_for(self.record["after"], poll_s)
         for target in self.record["first"]:
             subprocess.run(["dvc", "repro", target], cwd=self.checkout, env=self.env(), check=True)
-        pipeline = subprocess.Popen(["dvc", "repro"], cwd=self.checkout, env=self.env())
-        grid_done = self.checkout / "runs" / "grid.json"
-        while pipeline.poll() is None:
+        if self.only is None:
+            self._train(["dvc", "repro"], self.checkout / "runs" / "grid.json", poll_s)
+        else:
+            subprocess.run(["dvc", "repro", "prepare"], cwd=self.checkout, env=self.env(), check=True)
+            grid = [sys.executable, "pipeline/grid.py", "--runs", "runs", "--out", STUDY_GRID]
+            self._train([*grid, *(a for v in self.only for a in ("--only", v))], self.checkout / STUDY_GRID, poll_s)
+            p = self.params
+            stages = [f"evaluate@{v}-{seed}" for seed in p.seeds for v in p.variants if v in self.only]
+            subprocess.run(["dvc", "repro", *stages], cwd=self.checkout, env=self.env(), check=True)
+        print("the study is complete: `python benchmarks/cpu_study.py collect`, then commit results/", flush=True)
+
+    def _train(self, command: list[str], grid_done: Path, poll_s: float) -> None:
+        """Run `command` (whose grid writes `grid_done` when every run has trained), evaluating each run the
+        moment it finishes, so that its row can come home while the others train."""
+        job = subprocess.Popen(command, cwd=self.checkout, env=self.env())
+        while job.poll() is None:
             time.sleep(poll_s)
             if not grid_done.exists():  # after the grid, the evaluate stages test every run themselves
                 self._evaluate_finished()
-        if pipeline.returncode:
-            raise SystemExit(f"dvc repro failed with status {pipeline.returncode}")
-        print("the study is complete: `python benchmarks/cpu_study.py collect`, then commit results/", flush=True)
+        if job.returncode:
+            raise SystemExit(f"{' '.join(command[:2])} failed with status {job.returncode}")
+
+    def _wait_for(self, commit: str, poll_s: float) -> None:
+        """Until the study of `commit` has at most AFTER_LEFT runs left (see the module's docstring)."""
+        other, said = _current(commit, None), None
+        while (left := other.runs_left()) is None or left > AFTER_LEFT:
+            if left != said:
+                known = "not known yet" if left is None else f"{left} run(s) left"
+                print(f"waiting for the study of {commit[:7]} ({known}): this one begins at {AFTER_LEFT}", flush=True)
+                said = left
+            time.sleep(poll_s)
+        print(f"the study of {commit[:7]} has {left} run(s) left: this one begins", flush=True)
 
     def _evaluate_finished(self) -> None:
         epochs = self.params.train.epochs
@@ -191,13 +250,10 @@ class Study:
     def collect(self) -> None:
         """Finished runs' tables and every run's last checkpoint into results/, the record, and the report of the
         variants finished so far."""
-        params, states = self.params, {}
-        for name in self.run_names():
+        params, states = self.params, self.states()
+        for name, state in states.items():
             files = RunFiles(self.checkout / "runs" / name)
-            done = len(read_epochs(files.epochs_csv)) if files.epochs_csv.exists() else 0
-            finished = done == params.train.epochs and files.test_json.exists()
-            states[name] = {"epochs": done, "state": "finished" if finished else "training" if done else "waiting"}
-            if finished:
+            if state["state"] == "finished":
                 for table in RUN_TABLES:
                     _copy_if_changed(files.root / table, self.results / "runs" / name / table)
             if files.last.exists():
@@ -206,11 +262,12 @@ class Study:
         self.record["runs"] = states
         self.record["collected_at"] = _now()
         write_json(self.results / "study.json", self.record)
+        print(f"{self.results.name}:")
         for name, state in states.items():
             print(f"  {name}: {state['epochs']}/{params.train.epochs} epochs, {state['state']}")
         if any(state["state"] == "finished" for state in states.values()):
             report = self.results / "report"
-            build_report(params, self.results / "runs", report, ROOT, partial=True)
+            build_report(params, self.results / "runs", report, ROOT, partial=True, only=self.only)
             print((report / "table1.md").read_text())
 
 
@@ -245,66 +302,117 @@ def _now() -> str:
     return datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
 
 
-def _current(commit: str | None, begin: dict | None) -> Study:
-    """The study of `commit` (begun with `begin`'s settings when there is none yet), else the newest one."""
-    if commit:
-        found = subprocess.run(["git", "-C", str(ROOT), "rev-parse", commit], capture_output=True, text=True)
-        if found.returncode:
-            raise SystemExit(f"error: {commit} is not a commit of {ROOT}")
-        full = found.stdout.strip()
-        existing = [p for p in RESULTS.glob(f"*-cpu-{full[:7]}") if (p / "study.json").exists()]
-        if existing:
-            return Study(existing[0])
-        if begin is None:
-            raise SystemExit(f"error: no CPU study of {full[:7]} under results/; `start --commit {full[:7]}` begins it")
-        archive = begin["archive"].resolve()
-        if not archive.is_file():
-            raise SystemExit(f"error: no archive at {archive}; pass --archive PATH")
-        overrides = {"data.url": str(archive), "data.md5": md5sum(archive), **OVERRIDES}
-        results = RESULTS / f"{datetime.date.today():%Y-%m-%d}-cpu-{full[:7]}"
-        results.mkdir(parents=True, exist_ok=True)
-        record = {
-            "commit": full,
-            "overrides": overrides,
-            "first": [t for t in begin["first"] if t],
-            "command": "dvc repro (in a clone of the commit, params.yaml with the overrides), nice -n 19",
-            "device": _this_cpu(),
-            "torch": torch.__version__,
-            "started_at": _now(),
-        }
-        write_json(results / "study.json", record)
-        return Study(results)
-    studies = sorted(RESULTS.glob("*-cpu-*/study.json"), key=lambda p: p.stat().st_mtime)
+def _commit(rev: str) -> str:
+    found = subprocess.run(
+        ["git", "-C", str(ROOT), "rev-parse", "--verify", f"{rev}^{{commit}}"], capture_output=True, text=True
+    )
+    if found.returncode:
+        raise SystemExit(f"error: {rev} is not a commit of {ROOT}")
+    return found.stdout.strip()
+
+
+def _current(commit: str, begin: dict | None) -> Study:
+    """The study of `commit`; begun with `begin`'s settings when there is none yet (else `begin` must agree)."""
+    full = _commit(commit)
+    existing = [p for p in RESULTS.glob(f"*-cpu-{full[:7]}") if (p / "study.json").exists()]
+    if existing:
+        study = Study(existing[0])
+        for key in ("variants", "after"):
+            if begin and begin[key] is not None and begin[key] != study.record.get(key):
+                raise SystemExit(
+                    f"error: the study of {full[:7]} was begun with {key} {study.record.get(key)}, not {begin[key]}: "
+                    "a study's runs are fixed when it begins"
+                )
+        return study
+    if begin is None:
+        raise SystemExit(f"error: no CPU study of {full[:7]} under results/; `start --commit {full[:7]}` begins it")
+    archive = begin["archive"].resolve()
+    if not archive.is_file():
+        raise SystemExit(f"error: no archive at {archive}; pass --archive PATH")
+    shown = subprocess.run(["git", "-C", str(ROOT), "show", f"{full}:params.yaml"], capture_output=True, text=True)
+    known = list((yaml.safe_load(shown.stdout) or {}).get("variants") or {}) if not shown.returncode else []
+    unknown = [v for v in begin["variants"] or () if v not in known]
+    if unknown:
+        raise SystemExit(
+            f"error: --variants: {', '.join(unknown)} not in {full[:7]}'s params.yaml "
+            f"(its variants: {', '.join(known) or 'none'})"
+        )
+    if begin["after"] is not None:
+        _current(begin["after"], None)  # that study must exist
+    overrides = {"data.url": str(archive), "data.md5": md5sum(archive), **OVERRIDES}
+    results = RESULTS / f"{datetime.date.today():%Y-%m-%d}-cpu-{full[:7]}"
+    results.mkdir(parents=True, exist_ok=True)
+    narrowed = begin["variants"] is not None
+    record = {
+        "commit": full,
+        "overrides": overrides,
+        "first": [t for t in begin["first"] if t] if begin["first"] is not None else [] if narrowed else [FIRST],
+        "command": (
+            "pipeline/grid.py --only each of the variants, then dvc repro of their evaluate stages"
+            if narrowed
+            else "dvc repro"
+        )
+        + " (in a clone of the commit, params.yaml with the overrides), nice -n 19",
+        "device": _this_cpu(),
+        "torch": torch.__version__,
+        "started_at": _now(),
+        **({"variants": begin["variants"]} if narrowed else {}),
+        **({"after": begin["after"]} if begin["after"] is not None else {}),
+    }
+    write_json(results / "study.json", record)
+    return Study(results)
+
+
+def _every_study() -> list[Study]:
+    """Every study under results/, oldest first."""
+    studies = [Study(p.parent) for p in RESULTS.glob("*-cpu-*/study.json")]
     if not studies:
         raise SystemExit("error: no CPU study under results/ yet: `start --commit REV` begins one")
-    return Study(studies[-1].parent)
+    return sorted(studies, key=lambda s: (s.record.get("started_at", ""), "after" in s.record, s.results.name))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("command", choices=("start", "status", "collect", "stop", "run"))
-    parser.add_argument("--commit", help="the study of this commit (start: begun when new; default: the newest)")
+    parser.add_argument("--commit", help="the study of this commit (start: begun when new); default: every study")
     parser.add_argument("--archive", type=Path, default=ARCHIVE, help="a new study's CIFAR-100 archive")
     parser.add_argument("--first", action="append", help=f"a new study's targets before the rest ({FIRST}; '' none)")
+    parser.add_argument("--variants", action="append", help="a new study narrowed to these rows (repeat)")
+    parser.add_argument("--after", help="a new study begins when this commit's study has at most one run left")
     parser.add_argument("--poll-s", type=float, default=60, help="how often the job looks for finished runs")
     parser.add_argument("--results", type=Path, help=argparse.SUPPRESS)  # `run`: the study `start` chose
     args = parser.parse_args()
-    begin = {"archive": args.archive, "first": args.first or [FIRST]} if args.command == "start" else None
-    study = Study(args.results) if args.results else _current(args.commit, begin)
-    if args.command == "start":
-        study.start(args.poll_s)
-    elif args.command == "run":
-        study.run(args.poll_s)
-    elif args.command == "collect":
-        study.collect()
-    elif args.command == "stop":
-        print("stopped" if study.stop() else "the study is not running")
+    if args.command != "start" and (args.variants or args.after or args.first):
+        parser.error("--variants, --after and --first begin a study: they go with `start --commit REV`")
+    if not args.commit and (args.variants or args.after or args.first):
+        parser.error("--variants, --after and --first begin a study: name its commit (--commit REV)")
+    if args.results:
+        studies = [Study(args.results)]
+    elif args.commit:
+        after = _commit(args.after) if args.after else None
+        begin = {"archive": args.archive, "first": args.first, "variants": args.variants, "after": after}
+        studies = [_current(args.commit, begin if args.command == "start" else None)]
     else:
-        pid = study.running()
-        print(f"{study.results.name}: {'running, process group ' + str(pid) if pid else 'not running'}")
-        for name in study.run_names():
-            csv = RunFiles(study.checkout / "runs" / name).epochs_csv
-            print(f"  {name}: {len(read_epochs(csv)) if csv.exists() else 0} epochs")
+        studies = _every_study()
+    for study in studies:
+        if args.command == "start":
+            if not args.commit and study.runs_left() == 0:
+                print(f"{study.results.name}: complete, nothing to train")
+            elif not args.commit and (pid := study.running()):
+                print(f"{study.results.name}: already running (process group {pid})")
+            else:
+                study.start(args.poll_s)
+        elif args.command == "run":
+            study.run(args.poll_s)
+        elif args.command == "collect":
+            study.collect()
+        elif args.command == "stop":
+            print(f"{study.results.name}: {'stopped' if study.stop() else 'not running'}")
+        else:
+            pid = study.running()
+            print(f"{study.results.name}: {'running, process group ' + str(pid) if pid else 'not running'}")
+            for name, state in study.states().items():
+                print(f"  {name}: {state['epochs']} epochs, {state['state']}")
 
 
 if __name__ == "__main__":

@@ -23,12 +23,18 @@ def main(
     ),
     data: Annotated[Path, typer.Option(help="prepared data folder")] = Path("data/prepared"),
     params: Annotated[Path, typer.Option(help="parameters file")] = Path("params.yaml"),
+    only: Annotated[
+        list[str] | None,
+        typer.Option(help="train only this variant's runs (repeatable; a study narrowed to some rows); default: all"),
+    ] = None,
 ) -> None:
     p = load_params(params)
+    for name in only or ():
+        p.variant(name, field="--only")
     with writing(out):  # and run_grid holds every run folder's lock: a second grid is refused at once
         ready_to_write(out)
         prepared = load_prepared(data)
-        result, planned, packing = run_grid(p, prepared, data, runs)
+        result, planned, packing = run_grid(p, prepared, data, runs, only=only)
         finish(result, planned, packing, out, len(prepared.train))
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -138,3 +139,73 @@ def test_the_study_survives_a_stop_and_a_fresh_machine_and_comes_home(tmp_path, 
         == json.loads((results / "runs" / "VGG-38-s0" / "train.json").read_text())["precision"]
     )
     assert len(client.get_metric_history(child.info.run_id, "curves/val_acc")) == EPOCHS
+
+
+def git_head(repo: Path) -> str:
+    return subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True).stdout.strip()
+
+
+def study_fails(repo: Path, *args: str) -> str:
+    done = subprocess.run(
+        [sys.executable, "benchmarks/cpu_study.py", *args], cwd=repo, capture_output=True, text=True, env=dvc_env()
+    )
+    assert done.returncode != 0, done.stdout
+    return done.stderr
+
+
+@pytest.mark.slow
+def test_a_study_narrowed_to_some_rows_waits_for_the_other_and_trains_only_its_rows(
+    tmp_path, archive_path, archive_md5
+):
+    repo = tiny_clone(tmp_path, archive_path, archive_md5, epochs=10, tracking=False, variants=("VGG-08", "VGG-38"))
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t"]
+    # no study but this test's: without --commit, the commands apply to every study under results/
+    subprocess.run([*git, "rm", "-r", "--quiet", "results"], cwd=repo, check=True)
+    subprocess.run([*git, "commit", "--quiet", "-m", "no results"], cwd=repo, check=True)
+    first = git_head(repo)
+    subprocess.run([*git, "commit", "--quiet", "--allow-empty", "-m", "later"], cwd=repo, check=True)
+    later = git_head(repo)
+    archive = ["--archive", str(archive_path), "--poll-s", "1"]
+
+    # What cannot begin says why, and begins nothing.
+    assert "NOPE not in" in study_fails(repo, "start", "--commit", later, "--variants", "NOPE", *archive)
+    assert "no CPU study of" in study_fails(
+        repo, "start", "--commit", later, "--variants", "VGG-08", "--after", first, *archive
+    )
+    assert "name its commit" in study_fails(repo, "start", "--variants", "VGG-08")
+    assert not (repo / "results").exists()
+
+    study(repo, "start", "--commit", first, "--first", "", *archive)
+    study(repo, "start", "--commit", later, "--variants", "VGG-08", "--after", first, *archive)
+    assert study(repo, "start").count("already running") == 2  # every session's one command: both run already
+    other = repo / ".study" / later[:7]
+    log = repo / ".study" / f"{next((repo / 'results').glob(f'*-cpu-{later[:7]}')).name}.log"
+    wait_for(lambda: log.exists() and "the study is complete" in log.read_text(), 600, "the narrowed study to end")
+    text = log.read_text()
+    assert f"waiting for the study of {first[:7]} (2 run(s) left): this one begins at 1" in text, text[-3000:]
+    begins = re.search(rf"the study of {first[:7]} has (\d) run\(s\) left: this one begins\n", text)
+    assert begins and int(begins[1]) <= 1, text[-3000:]
+    assert begins.end() < text.index("Running stage 'prepare'")  # its first stage ran after the wait
+    assert (other / "runs" / "VGG-08-s0" / "test.json").exists()
+    assert not (other / "runs" / "VGG-38-s0").exists()  # not its row: never trained
+    assert "evaluate@VGG-08-0" in (other / "dvc.lock").read_text()  # its row is DVC's, as in a whole study
+    assert "evaluate@VGG-38-0" not in (other / "dvc.lock").read_text()
+
+    stopped = study(repo, "stop")
+    assert f"-cpu-{later[:7]}: not running" in stopped and f"-cpu-{first[:7]}: " in stopped
+    assert "fixed when it begins" in study_fails(repo, "start", "--commit", later, "--variants", "VGG-38")
+    collected = study(repo, "collect")
+    assert collected.index(f"-cpu-{first[:7]}:") < collected.index(f"-cpu-{later[:7]}:")  # oldest first
+    results = next((repo / "results").glob(f"*-cpu-{later[:7]}"))
+    record = json.loads((results / "study.json").read_text())
+    assert record["variants"] == ["VGG-08"] and record["after"] == first and record["first"] == []
+    assert record["runs"] == {"VGG-08-s0": {"epochs": 10, "state": "finished"}}
+    assert sorted(p.name for p in (results / "runs").iterdir()) == ["VGG-08-s0"]
+    table = (results / "report" / "table1.md").read_text()
+    assert "| VGG-08 |" in table and "Still training" not in table
+    assert "This study trains only VGG-08: the other rows are another study's." in table
+    status = study(repo, "status")
+    assert f"-cpu-{later[:7]}: not running\n  VGG-08-s0: 10 epochs, finished\n" in status
+    started = study(repo, "start")  # the narrowed study is complete: nothing of it starts again
+    assert f"-cpu-{later[:7]}: complete, nothing to train" in started
+    study(repo, "stop")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import math
 import statistics
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from pathlib import Path
 
 from vggdepth.config import Params
@@ -133,9 +133,10 @@ def _result_tables(params: Params, rows: list[dict], title: str) -> list[str]:
     return lines
 
 
-def table_markdown(params: Params, rows: list[dict]) -> str:
+def table_markdown(params: Params, rows: list[dict], only: Collection[str] | None = None) -> str:
     """Table 1 (the rows the report has) as the report printed it (seed `report.seed`), then over seeds, then
-    against the report; then the rows beyond the report (`in_paper` false) the same way, in a table of their own."""
+    against the report; then the rows beyond the report (`in_paper` false) the same way, in a table of their own.
+    `only`: the variants of a study narrowed to some rows (the others are named as another study's)."""
     seed, ref_epochs = params.report.seed, params.report.reference.epochs
     table, beyond = [r for r in rows if r["in_paper"]], [r for r in rows if not r["in_paper"]]
     lines = _result_tables(params, table, "Table 1") if table else []
@@ -155,9 +156,15 @@ def table_markdown(params: Params, rows: list[dict]) -> str:
         lines.append(f"| {r['variant']} | " + " | ".join(cells) + " |")
     if beyond:
         lines += ["", *_result_tables(params, beyond, "Beyond the report (rows the paper does not have)")]
-    waiting = [v for v in params.variants if v not in {r["variant"] for r in rows}]
+    waiting = [v for v in params.variants if v not in {r["variant"] for r in rows} and (only is None or v in only)]
     if waiting:
         lines += ["", f"Still training, so not in these tables yet: {', '.join(waiting)}."]
+    if only is not None:
+        lines += [
+            "",
+            f"This study trains only {', '.join(v for v in params.variants if v in only)}: the other rows "
+            "are another study's.",
+        ]
     if not all(r["comparable"] for r in rows):
         lines += [
             "",
@@ -204,18 +211,20 @@ def build_report(
     project: Path,
     publish: Callable[[Path], object] | None = None,
     partial: bool = False,
+    only: Collection[str] | None = None,
 ) -> dict:
     """Write Table 1 (Markdown, CSV), the summary metrics, the curves and the figures into `out`, atomically.
     `publish` (MLflow) gets the finished report before it is put in place: when it fails, `out` is unchanged.
     `partial`: over the variants whose every run has finished (a study still training), the others named as
-    still to come and the figures that need them left out."""
+    still to come and the figures that need them left out; `only` (with `partial`): a study narrowed to these
+    variants, the others named as another study's."""
     from vggdepth.report_figures import report_figures
 
     results = collect(params, runs, partial)
     paper = read_paper_table(project / params.report.reference.table)
     rows = table1(params, results, paper)
     with atomic_dir(out) as staging:
-        (staging / "table1.md").write_text(table_markdown(params, rows))
+        (staging / "table1.md").write_text(table_markdown(params, rows, only))
         columns = table_columns(params)
         write_csv(staging / "table1.csv", columns, [[r[c] for c in columns] for r in rows])
         summary = summary_metrics(params, rows)

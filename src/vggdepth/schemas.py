@@ -248,3 +248,7 @@ class StudyRecord(Record):
     command: Annotated[str, Field(max_length=5000)] = ""
     params: dict | None = None
     runs: Annotated[dict[Annotated[str, Field(pattern=RUN_NAME)], StudyRun], Field(max_length=2000)] = {}
+    variants: Annotated[list[VariantName], Field(min_length=1, max_length=100)] | None = None  # narrowed to these
+    after: Annotated[str, Field(pattern=r"^[0-9a-f]{40}$")] | None = (
+        None  # begins when this commit's study nears its end
+    )
