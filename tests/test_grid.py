@@ -416,3 +416,18 @@ def test_runs_of_one_shape_train_as_one_fused_group_and_equal_the_fused_trainer(
     assert {n: (r["status"], r["steps"]) for n, r in runs.items()} == {
         f"{v}-s{s}": ("FINISHED", [0, 1]) for v in ("VGG-08", "VGG-38") for s in (0, 1)
     }
+
+
+def test_a_failure_wrapped_twice_by_ray_is_named_by_its_own_error():
+    """A worker whose call to the recorder failed (the driver's disk full) fails itself: the driver gets Ray's
+    wrapper of Ray's wrapper; the grid names the error under them, as for a failure in the worker itself."""
+    import ray
+
+    from vggdepth.grid.on_ray import ray_reason
+
+    full = OSError(28, "No space left on device")
+    inner = ray.exceptions.RayTaskError("Recorder.run_epoch", "Traceback (recorder)", full).as_instanceof_cause()
+    outer = ray.exceptions.RayTaskError("GridWorker.train", "Traceback (worker)", inner).as_instanceof_cause()
+    assert ray_reason(ray, outer) == ray_reason(ray, inner) == "OSError: [Errno 28] No space left on device"
+    crashed = ray.exceptions.WorkerCrashedError()
+    assert "worker process died" in ray_reason(ray, crashed)

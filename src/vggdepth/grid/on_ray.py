@@ -191,9 +191,10 @@ class RayPool:
 
 
 def ray_reason(ray, exc: BaseException) -> str:
-    if isinstance(exc, ray.exceptions.RayTaskError):
-        cause = exc.cause if getattr(exc, "cause", None) is not None else exc
-        return reason(cause)
+    """A failed task's one line: the error under Ray's wrappers. A worker's call to the recorder that failed (a
+    full disk on the driver's node) reaches the driver wrapped twice, and Ray's type name is no help to a user."""
+    while isinstance(exc, ray.exceptions.RayTaskError) and getattr(exc, "cause", None) not in (None, exc):
+        exc = exc.cause
     if isinstance(exc, ray.exceptions.WorkerCrashedError | ray.exceptions.NodeDiedError):
         return WORKER_DIED
     return reason(exc)
