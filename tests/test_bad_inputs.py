@@ -1139,12 +1139,15 @@ def test_every_json_the_stages_write_passes_its_own_schema(fixtures):
     assert len(stats.classes) == 100 and stats.sizes == {"train": 200, "val": 100, "test": 100}
     labels = schemas.read_record(fixtures["labels"], schemas.LabelsRecord)
     assert labels.classes == stats.classes and len(labels.superclasses) == 20
-    studies = sorted((ROOT / "results").glob("*-cpu-*/study.json"))
-    assert studies
-    for study in studies:
-        assert schemas.read_record(study, schemas.StudyRecord).runs
-        summary = schemas.read_record(study.parent / "report" / "summary.json", schemas.SummaryRecord)
-        assert "VGG-08" in summary.root
+    studies = [(p, schemas.read_record(p, schemas.StudyRecord)) for p in (ROOT / "results").glob("*-cpu-*/study.json")]
+    reported = 0
+    for study, record in studies:  # a study just begun has no runs collected yet, nor a report
+        finished = {name.rsplit("-s", 1)[0] for name, run in record.runs.items() if run.state == "finished"}
+        if finished:
+            summary = schemas.read_record(study.parent / "report" / "summary.json", schemas.SummaryRecord)
+            assert finished <= set(summary.root), study
+            reported += 1
+    assert reported  # VGG-08's study at least
 
 
 def test_there_are_at_least_forty_cases():
