@@ -250,6 +250,9 @@ class Study:
     def collect(self) -> None:
         """Finished runs' tables and every run's last checkpoint into results/, the record, and the report of the
         variants finished so far."""
+        if not (self.checkout / "params.yaml").exists():  # e.g. a complete study, not started on this machine
+            print(f"{self.results.name}: not started on this machine, nothing to collect")
+            return
         params, states = self.params, self.states()
         for name, state in states.items():
             files = RunFiles(self.checkout / "runs" / name)

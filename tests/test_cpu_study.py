@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -209,3 +210,6 @@ def test_a_study_narrowed_to_some_rows_waits_for_the_other_and_trains_only_its_r
     started = study(repo, "start")  # the narrowed study is complete: nothing of it starts again
     assert f"-cpu-{later[:7]}: complete, nothing to train" in started
     study(repo, "stop")
+    shutil.rmtree(other)  # a fresh machine, where the complete study never started: nothing of it to collect
+    assert f"-cpu-{later[:7]}: not started on this machine, nothing to collect" in study(repo, "collect")
+    assert json.loads((results / "study.json").read_text())["runs"] == record["runs"]
