@@ -16,9 +16,10 @@ import yaml
 from mlflow import MlflowClient
 
 from tests.conftest import ROOT, prepare_subset
-from tests.helpers import project_env, run_guard
+from tests.helpers import project_env, run_guard, write_yaml
 from vggdepth.config import ConfigError, Params, load_params
 from vggdepth.data import load_prepared
+from vggdepth.outputs import read_epochs
 from vggdepth.schemas import RecordError, SweepRecord, read_record
 from vggdepth.sweep import (
     SweepError,
@@ -114,6 +115,24 @@ def test_at_chance_means_within_the_standard_error_of_one_in_a_hundred(swept):
     assert data["chance_limit"] == pytest.approx(0.01 + 3 * math.sqrt(0.01 * 0.99 / 1000))
     assert chance_limit(100, 1000, 3) == pytest.approx(0.019439, abs=1e-6)
     assert chance_limit(100, 5000, 2) == pytest.approx(0.012814, abs=1e-6)
+
+
+def test_a_finite_loss_however_large_is_a_measurement_the_sweep_records(project, tmp_path):
+    """A 104-layer batch-norm network at a high learning rate ends its epoch with a validation loss far above a million
+    (eval mode's running statistics are far from its batches'): finite, so a result, not a damaged file."""
+    raw = yaml.safe_load((project / "params.yaml").read_text())
+    raw["tracking"]["enabled"] = False
+    raw["sweep"].update(families=["bn"], blocks_per_stage=[16], lr=5e-2)
+    root = tmp_path / "p"
+    root.mkdir()
+    write_yaml(root / "params.yaml", raw)
+    (root / "data").symlink_to(project / "data")
+    result = sweep_stage(root, f"sqlite:///{tmp_path / 'unused.db'}")
+    last = read_epochs(root / "sweep" / "runs" / "bn-104-s0" / "epochs.csv")[-1]
+    assert last["val_loss"] > 1e6  # the case this test is about (measured: 2.6e11)
+    assert result.returncode == 0, result.stderr[-3000:]
+    row = record(root)["rows"][0]
+    assert row["val_loss"] == pytest.approx(last["val_loss"], rel=1e-9) and not row["learns"]
 
 
 # The default profile's record, measured on this machine (README "A depth sweep"): residual networks learn at 20 and

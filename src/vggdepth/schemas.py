@@ -25,7 +25,7 @@ MAX_RECORD_BYTES = 16 << 20  # the largest record the project writes (a study's 
 Count = Annotated[int, Field(ge=0, le=10**9)]
 Finite = Annotated[float, Field(ge=-1e30, le=1e30)]  # with `allow_inf_nan=False`: any finite number
 Share = Annotated[float, Field(ge=0, le=1)]  # an accuracy, a calibration error
-Loss = Annotated[float, Field(ge=0, le=1e6)]
+Loss = Annotated[float, Field(ge=0)]  # any finite one: a diverging network's validation loss reaches millions
 Text = Annotated[str, Field(max_length=2000)]
 Md5 = Annotated[str, Field(pattern=r"^[0-9a-f]{32}$")]
 ClassName = Annotated[str, Field(min_length=1, max_length=100)]
