@@ -259,8 +259,10 @@ class Study:
             if state["state"] == "finished":
                 for table in RUN_TABLES:
                     _copy_if_changed(files.root / table, self.results / "runs" / name / table)
-            if files.last.exists():
-                _copy_if_changed(files.last, self.results / "resume" / f"{name}.pt")
+            # what the run resumes from: last.pt, else previous.pt (a stop between the two writes of a checkpoint)
+            resume = files.last if files.last.exists() else files.previous
+            if resume.exists():
+                _copy_if_changed(resume, self.results / "resume" / f"{name}.pt")
         self.record["params"] = params.model_dump(mode="json")  # as the runs train, whatever params.yaml says now
         self.record["runs"] = states
         self.record["collected_at"] = _now()

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import mlflow
 import pytest
+import torch
 
 from tests.helpers import dvc_env, tiny_clone
 
@@ -69,14 +70,22 @@ def test_the_study_survives_a_stop_and_a_fresh_machine_and_comes_home(tmp_path, 
     assert ps.stdout == "", "a process of the study outlived `stop`"
     assert "threads_per_run: 1\n" in (checkout / "params.yaml").read_text()
 
+    # A stop between the two writes of a checkpoint (last.pt renamed previous.pt, the new last.pt not yet written)
+    # leaves previous.pt alone, and the run resumes from it: so does a fresh machine. Made certain here.
+    checkpoints = runs / "VGG-38-s0" / "checkpoints"
+    if (checkpoints / "last.pt").exists():
+        os.replace(checkpoints / "last.pt", checkpoints / "previous.pt")
     study(repo, "collect", "--commit", commit)
     results = next((repo / "results").glob(f"*{name}"))
+    assert (results / "resume" / "VGG-38-s0.pt").read_bytes() == (checkpoints / "previous.pt").read_bytes()
+    kept = torch.load(checkpoints / "previous.pt", map_location="cpu", weights_only=True)["epoch"]
     record = json.loads((results / "study.json").read_text())
     assert record["commit"] == commit and record["overrides"]["data.md5"] == archive_md5
     assert record["params"]["train"]["epochs"] == EPOCHS and record["params"]["seeds"] == [0]
     assert record["runs"]["VGG-08-s0"] == {"epochs": EPOCHS, "state": "finished"}
     stopped_at = record["runs"]["VGG-38-s0"]["epochs"]
     assert 0 < stopped_at < EPOCHS and record["runs"]["VGG-38-s0"]["state"] == "training"
+    assert 0 < kept <= stopped_at
     assert sorted(p.name for p in (results / "runs" / "VGG-08-s0").iterdir()) == sorted(
         [
             "epochs.csv",
@@ -97,7 +106,7 @@ def test_the_study_survives_a_stop_and_a_fresh_machine_and_comes_home(tmp_path, 
         "float32",
     )
     vgg08 = (results / "runs" / "VGG-08-s0" / "epochs.csv").read_text()
-    before = rows(runs / "VGG-38-s0" / "epochs.csv")[:stopped_at]
+    before = rows(runs / "VGG-38-s0" / "epochs.csv")[:kept]
 
     # A fresh machine: the checkout and its run folders are gone; results/ (committed) is all there is.
     subprocess.run(["rm", "-rf", str(repo / ".study")], check=True)
@@ -112,7 +121,7 @@ def test_the_study_survives_a_stop_and_a_fresh_machine_and_comes_home(tmp_path, 
     assert record["runs"] == {f"{v}-s0": {"epochs": EPOCHS, "state": "finished"} for v in variants}
     assert (results / "runs" / "VGG-08-s0" / "epochs.csv").read_text() == vgg08  # restored, not trained again
     after = rows(results / "runs" / "VGG-38-s0" / "epochs.csv")
-    assert len(after) == EPOCHS and after[:stopped_at] == before  # the epochs before the stop kept, seconds too
+    assert len(after) == EPOCHS and after[:kept] == before  # the epochs of the resume point kept, seconds too
     table = (results / "report" / "table1.md").read_text()
     assert "| VGG-08 |" in table and "| VGG-38 |" in table and "Still training" not in table
 
