@@ -20,7 +20,8 @@ from its checkpoints, on a fresh machine from the resume points committed under 
 A study can be narrowed to some rows (`--variants V`, repeated), for rows a later commit adds: its job trains
 only their runs (`pipeline/grid.py --only`), then has DVC evaluate them, and its report says the other rows are
 another study's. Begun `--after REV`, its job first waits until REV's study has at most one run left: from then on
-that study's grid (two runs at once, a thread each) leaves a core of this 2-core machine free.
+that study's grid (two runs at once, a thread each) leaves a core of this 2-core machine free, so none idles
+while its last run ends (the three runs share the two cores until it has).
 
 results/<date>-cpu-<commit>/ is what comes home (committed):
   study.json         the commit, the overrides, the machine, each run's epochs and state
