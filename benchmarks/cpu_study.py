@@ -93,6 +93,11 @@ class Study:
         return recorded_params(raw, load_params(ROOT / "params.yaml"), str(self.checkout / "params.yaml"))
 
     @property
+    def here(self) -> bool:
+        """Whether this machine has the study's clone (a fresh machine has only what results/ holds)."""
+        return (self.checkout / "params.yaml").exists()
+
+    @property
     def only(self) -> list[str] | None:
         """The variants of a narrowed study; None: every variant."""
         return self.record.get("variants")
@@ -104,7 +109,7 @@ class Study:
     def states(self) -> dict[str, dict]:
         """Each run's epochs and state (finished: every epoch trained and the run tested): from the checkout where
         there is one, else as last collected (on a fresh machine)."""
-        if not (self.checkout / "params.yaml").exists():
+        if not self.here:
             return dict(self.record.get("runs") or {})
         epochs, states = self.params.train.epochs, {}
         for name in self.run_names():
@@ -251,7 +256,7 @@ class Study:
     def collect(self) -> None:
         """Finished runs' tables and every run's last checkpoint into results/, the record, and the report of the
         variants finished so far."""
-        if not (self.checkout / "params.yaml").exists():  # e.g. a complete study, not started on this machine
+        if not self.here:  # e.g. a complete study, not started on this machine
             print(f"{self.results.name}: not started on this machine, nothing to collect")
             return
         params, states = self.params, self.states()

@@ -23,7 +23,8 @@ from tests.helpers import dvc_env, tiny_clone
 EPOCHS = 30  # VGG-38 still mid-run (a minute) when VGG-08, four times faster, has finished and been tested
 
 
-def study(repo: Path, *args: str) -> str:
+def study(repo: Path, *args: str, fails: bool = False) -> str:
+    """`cpu_study.py` with `args`: its output; with `fails`, it must fail, and its error is returned."""
     done = subprocess.run(
         [sys.executable, "benchmarks/cpu_study.py", *args],
         cwd=repo,
@@ -32,8 +33,12 @@ def study(repo: Path, *args: str) -> str:
         env=dvc_env(),
         timeout=300,
     )
-    assert done.returncode == 0, done.stdout + done.stderr
-    return done.stdout
+    assert (done.returncode != 0) == fails, done.stdout + done.stderr
+    return done.stderr if fails else done.stdout
+
+
+def git_head(repo: Path) -> str:
+    return subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True).stdout.strip()
 
 
 def wait_for(condition, timeout_s: float, what: str) -> None:
@@ -51,7 +56,7 @@ def rows(path: Path) -> list[str]:
 def test_the_study_survives_a_stop_and_a_fresh_machine_and_comes_home(tmp_path, archive_path, archive_md5):
     variants = ("VGG-08", "VGG-38")
     repo = tiny_clone(tmp_path, archive_path, archive_md5, epochs=EPOCHS, tracking=True, variants=variants)
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True).stdout.strip()
+    commit = git_head(repo)
     name = f"-cpu-{commit[:7]}"
 
     # Begun with no first target, so that the grid trains both runs and VGG-08 ends long before VGG-38.
@@ -151,18 +156,6 @@ def test_the_study_survives_a_stop_and_a_fresh_machine_and_comes_home(tmp_path, 
     assert len(client.get_metric_history(child.info.run_id, "curves/val_acc")) == EPOCHS
 
 
-def git_head(repo: Path) -> str:
-    return subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True).stdout.strip()
-
-
-def study_fails(repo: Path, *args: str) -> str:
-    done = subprocess.run(
-        [sys.executable, "benchmarks/cpu_study.py", *args], cwd=repo, capture_output=True, text=True, env=dvc_env()
-    )
-    assert done.returncode != 0, done.stdout
-    return done.stderr
-
-
 @pytest.mark.slow
 def test_a_study_narrowed_to_some_rows_waits_for_the_other_and_trains_only_its_rows(
     tmp_path, archive_path, archive_md5
@@ -178,11 +171,11 @@ def test_a_study_narrowed_to_some_rows_waits_for_the_other_and_trains_only_its_r
     archive = ["--archive", str(archive_path), "--poll-s", "1"]
 
     # What cannot begin says why, and begins nothing.
-    assert "NOPE not in" in study_fails(repo, "start", "--commit", later, "--variants", "NOPE", *archive)
-    assert "no CPU study of" in study_fails(
-        repo, "start", "--commit", later, "--variants", "VGG-08", "--after", first, *archive
+    assert "NOPE not in" in study(repo, "start", "--commit", later, "--variants", "NOPE", *archive, fails=True)
+    assert "no CPU study of" in study(
+        repo, "start", "--commit", later, "--variants", "VGG-08", "--after", first, *archive, fails=True
     )
-    assert "name its commit" in study_fails(repo, "start", "--variants", "VGG-08")
+    assert "name its commit" in study(repo, "start", "--variants", "VGG-08", fails=True)
     assert not (repo / "results").exists()
 
     study(repo, "start", "--commit", first, "--first", "", *archive)
@@ -203,7 +196,7 @@ def test_a_study_narrowed_to_some_rows_waits_for_the_other_and_trains_only_its_r
 
     stopped = study(repo, "stop")
     assert f"-cpu-{later[:7]}: not running" in stopped and f"-cpu-{first[:7]}: " in stopped
-    assert "fixed when it begins" in study_fails(repo, "start", "--commit", later, "--variants", "VGG-38")
+    assert "fixed when it begins" in study(repo, "start", "--commit", later, "--variants", "VGG-38", fails=True)
     collected = study(repo, "collect")
     assert collected.index(f"-cpu-{first[:7]}:") < collected.index(f"-cpu-{later[:7]}:")  # oldest first
     results = next((repo / "results").glob(f"*-cpu-{later[:7]}"))
