@@ -13,7 +13,7 @@ import vggdepth.engine as engine
 from tests.conftest import KillAfter
 from vggdepth.checkpoints import load_checkpoint
 from vggdepth.engine import NonFiniteLossError, Trainer, make_scheduler
-from vggdepth.runs import RunFiles
+from vggdepth.runs import Callback, RunFiles
 
 
 def _closed_form_lr(epoch: int, lr: float, lr_min: float, period: int, restarts: bool) -> float:
@@ -99,6 +99,35 @@ def test_checkpoint_of_other_settings_is_not_resumed(tiny_data, params, quick_tr
     assert trainer.run.start_epoch == 0
     _, longer = _train(tiny_data, params, quick_train, tmp_path, epochs=2, weight_decay=1e-4)
     assert longer.run.start_epoch == 1  # more epochs of the same run: it continues
+
+
+def test_a_callback_that_fails_to_start_stops_the_run_and_those_started_hear_why(
+    tiny_data, params, quick_train, tmp_path
+):
+    """As an MLflow callback whose store refuses the run: the callbacks already started (another tracker, the grid's
+    recorder) learn the run stopped, rather than being left open; the ones never started are not told."""
+
+    class Heard(Callback):
+        def __init__(self, fails: bool = False):
+            self.fails, self.events = fails, []
+
+        def on_run_start(self, run) -> None:
+            if self.fails:
+                raise OSError("the tracking store refused the run")
+            self.events.append("start")
+
+        def on_epoch_end(self, run, record, gradients) -> None:
+            self.events.append("epoch")
+
+        def on_run_error(self, run, error) -> None:
+            self.events.append(f"error: {error}")
+
+    first, failing, never = Heard(), Heard(fails=True), Heard()
+    with pytest.raises(OSError, match="the tracking store refused the run"):
+        _train(tiny_data, params, quick_train, tmp_path, callbacks=[first, failing, never], epochs=1)
+    assert first.events == ["start", "error: the tracking store refused the run"]
+    assert failing.events == [] and never.events == []
+    assert not (tmp_path / "checkpoints" / "last.pt").exists()  # stopped before it trained
 
 
 def test_nan_loss_stops_with_epoch_and_step_and_keeps_the_checkpoint(

@@ -369,12 +369,20 @@ class Trainer(StepLoop):
     # exactly as a run trained alone does.
 
     def begin(self) -> None:
-        """Restore the run from its checkpoint when there is one, rewrite its tables, tell the callbacks."""
+        """Restore the run from its checkpoint when there is one, rewrite its tables, tell the callbacks. A callback
+        that fails to start stops the run; those already started learn why (an MLflow run is not left running)."""
         checkpoints.restore(self)
         if self.history:
             self._write_tables()
-        for cb in self.callbacks:
-            cb.on_run_start(self.run)
+        started: list[Callback] = []
+        try:
+            for cb in self.callbacks:
+                cb.on_run_start(self.run)
+                started.append(cb)
+        except BaseException as error:
+            for cb in started:
+                cb.on_run_error(self.run, error)
+            raise
 
     def conclude(self) -> dict:
         """After the last epoch: the summary, written to train.json."""
