@@ -486,7 +486,7 @@ def _(ws):
     return ws.train(data=data)
 
 
-@case("prepared-npz-is-a-fifo", "train.npz is not a regular file")
+@case("prepared-npz-is-a-fifo", "train.npz is a FIFO, not a regular file")
 def _(ws):
     data = ws.data()
     (data / "train.npz").unlink()
@@ -494,7 +494,7 @@ def _(ws):
     return ws.train(data=data)
 
 
-@case("prepared-stats-is-a-folder", "stats.json is not a regular file")
+@case("prepared-stats-is-a-folder", "stats.json is a folder, not a regular file")
 def _(ws):
     data = ws.data()
     (data / "stats.json").unlink()
@@ -876,7 +876,7 @@ def _(ws):
     return _guard(ws, json.dumps({"VGG-08": row}))
 
 
-@case("guard-summary-a-fifo", "summary.json is not a regular file", ())
+@case("guard-summary-a-fifo", "summary.json is a FIFO, not a regular file", ())
 def _(ws):
     return _guard(ws, None)
 

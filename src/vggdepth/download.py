@@ -21,7 +21,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from vggdepth.errors import VggdepthError
-from vggdepth.files import atomic_path, ready_to_write
+from vggdepth.files import atomic_path, file_kind, ready_to_write
 
 log = logging.getLogger(__name__)
 
@@ -115,26 +115,16 @@ def _open_source(url: str, timeout_s: float, deadline: float) -> Iterator[tuple[
         yield _file_chunks(stream, url, timeout_s, deadline, size), size
 
 
-def file_kind(mode: int) -> str:
-    """What a file of `mode` (`os.stat`'s st_mode) is, in words: 'a regular file', 'a folder', 'a FIFO', ..."""
-    for test, name in (
-        (stat.S_ISREG, "a regular file"),
-        (stat.S_ISDIR, "a folder"),
-        (stat.S_ISFIFO, "a FIFO"),
-        (stat.S_ISSOCK, "a socket"),
-        (stat.S_ISCHR, "a character device"),
-        (stat.S_ISBLK, "a block device"),
-    ):
-        if test(mode):
-            return name
-    return "not a regular file"
-
-
 @contextmanager
 def _open_regular(path: Path, url: str) -> Iterator:
     """`path` opened for reading if it is a regular file (links followed). Anything else (a folder, a FIFO, a
     device) is refused from its metadata, without opening it: a FIFO would wait for a writer forever and a device
     never end. It is opened without blocking and checked again, in case it was swapped in between."""
+
+    def refuse(mode: int) -> DownloadError:
+        what = f"{path} (from data.url={url}) is {file_kind(mode)}"
+        return DownloadError(f"{what}, not a regular file: point data.url at the archive")
+
     try:
         mode = path.stat().st_mode
     except (FileNotFoundError, NotADirectoryError):
@@ -142,19 +132,14 @@ def _open_regular(path: Path, url: str) -> Iterator:
     except OSError as exc:
         raise DownloadError(f"cannot read {path} (from data.url={url}): {exc.strerror or exc}") from None
     if not stat.S_ISREG(mode):
-        raise DownloadError(
-            f"{path} (from data.url={url}) is {file_kind(mode)}, not a regular file: point data.url at the archive"
-        )
+        raise refuse(mode)
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError as exc:
         raise DownloadError(f"cannot read {path} (from data.url={url}): {exc.strerror or exc}") from None
-    mode = os.fstat(fd).st_mode
-    if not stat.S_ISREG(mode):
+    if not stat.S_ISREG(mode := os.fstat(fd).st_mode):
         os.close(fd)
-        raise DownloadError(
-            f"{path} (from data.url={url}) is {file_kind(mode)}, not a regular file: point data.url at the archive"
-        )
+        raise refuse(mode)
     os.set_blocking(fd, True)
     with os.fdopen(fd, "rb") as stream:
         yield stream

@@ -9,6 +9,7 @@ import logging
 import os
 import re
 import shutil
+import stat
 import tempfile
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
@@ -24,6 +25,32 @@ os.umask(_UMASK)  # read once: mkstemp creates 0600 files, outputs should get th
 
 class OutputError(VggdepthError):
     """An output cannot be written (no permission, no space left, not a folder)."""
+
+
+def file_kind(mode: int) -> str:
+    """What a file of `mode` (`os.stat`'s st_mode) is, in words: 'a regular file', 'a folder', 'a FIFO', ..."""
+    for test, name in (
+        (stat.S_ISREG, "a regular file"),
+        (stat.S_ISDIR, "a folder"),
+        (stat.S_ISFIFO, "a FIFO"),
+        (stat.S_ISSOCK, "a socket"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+    ):
+        if test(mode):
+            return name
+    return "not a regular file"
+
+
+def path_kind(path: Path) -> str | None:
+    """What `path` is (links followed), as `file_kind` says it; None when there is nothing."""
+    try:
+        mode = path.stat().st_mode
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    except OSError as exc:
+        return f"unreadable ({exc.strerror or exc})"
+    return file_kind(mode)
 
 
 def _cannot_write(dest: Path, exc: OSError) -> OutputError:

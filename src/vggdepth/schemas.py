@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, RootModel, ValidationError, f
 
 from vggdepth.config import CLASSES, Family, Seed, VariantName
 from vggdepth.errors import VggdepthError, excerpt
+from vggdepth.files import file_kind
 
 MAX_RECORD_BYTES = 16 << 20  # the largest record the project writes (a study's lease.json) is a few kB
 
@@ -77,7 +78,7 @@ def check_file(path: Path, remedy: str = "", limit: int = MAX_RECORD_BYTES) -> N
     except OSError as exc:
         raise RecordError(f"cannot read {path} ({exc.strerror or exc}){tail}") from None
     if not stat.S_ISREG(info.st_mode):
-        raise RecordError(f"{path} is not a regular file (a folder, a FIFO or a device): it was not opened{tail}")
+        raise RecordError(f"{path} is {file_kind(info.st_mode)}, not a regular file: it was not opened{tail}")
     if info.st_size > limit:
         raise RecordError(f"{path} is {info.st_size:,} bytes, more than it can be ({limit >> 20} MiB){tail}")
 

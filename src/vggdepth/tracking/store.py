@@ -32,8 +32,8 @@ from pathlib import Path
 
 from vggdepth.checkpoints import load_checkpoint
 from vggdepth.config import Params, TrackingConfig
-from vggdepth.download import file_kind
 from vggdepth.errors import VggdepthError
+from vggdepth.files import path_kind
 from vggdepth.gradients import GradientRow
 from vggdepth.runs import EpochRecord, RunFiles, RunInfo
 
@@ -246,12 +246,12 @@ def _local_store_problem(uri: str) -> str | None:
             return None
         database = Path(path)
         folder = database.parent
-        if _kind(folder) not in (None, "a folder"):
-            return f"cannot be used: {folder} is {_kind(folder)}, not a folder"
+        if path_kind(folder) not in (None, "a folder"):
+            return f"cannot be used: {folder} is {path_kind(folder)}, not a folder"
         for file in [database] + [database.with_name(database.name + end) for end in ("-journal", "-wal", "-shm")]:
-            if _kind(file) not in (None, "a regular file"):
+            if path_kind(file) not in (None, "a regular file"):
                 return (
-                    f"cannot be used: {file} is {_kind(file)}, where SQLite keeps a regular file. Move it away, "
+                    f"cannot be used: {file} is {path_kind(file)}, where SQLite keeps a regular file. Move it away, "
                     f"point {URI_ENV} at another store, or set tracking.enabled: false"
                 )
         if not folder.exists():
@@ -266,20 +266,9 @@ def _local_store_problem(uri: str) -> str | None:
         return None
     if scheme in ("file", "") or len(scheme) == 1:  # a folder store (a one-letter scheme is a Windows drive)
         folder = Path(urllib.request.url2pathname(urllib.parse.urlsplit(uri).path) if scheme == "file" else uri)
-        if _kind(folder) not in (None, "a folder"):
-            return f"cannot be used: {folder} is {_kind(folder)}, where MLflow keeps a folder"
+        if path_kind(folder) not in (None, "a folder"):
+            return f"cannot be used: {folder} is {path_kind(folder)}, where MLflow keeps a folder"
     return None
-
-
-def _kind(path: Path) -> str | None:
-    """What `path` is (links followed): 'a regular file', 'a folder', 'a FIFO', ...; None when there is nothing."""
-    try:
-        mode = path.stat().st_mode
-    except (FileNotFoundError, NotADirectoryError):
-        return None
-    except OSError as exc:
-        return f"unreadable ({exc.strerror or exc})"
-    return file_kind(mode)
 
 
 def check_reachable(uri: str, timeout_s: float) -> None:
@@ -409,9 +398,9 @@ class Store:
         self.remote = is_remote(self.uri)
         self.http = urllib.parse.urlsplit(self.uri).scheme.lower() in ("http", "https")
         check_reachable(self.uri, cfg.request_timeout_s)  # before importing MLflow: a store refused takes no time
-        if is_embedded(self.uri) and _kind(self.artifacts) not in (None, "a folder"):
+        if is_embedded(self.uri) and path_kind(self.artifacts) not in (None, "a folder"):
             raise TrackingError(
-                f"the tracking store at {self.uri} cannot be used: {self.artifacts} is {_kind(self.artifacts)}, "
+                f"the tracking store at {self.uri} cannot be used: {self.artifacts} is {path_kind(self.artifacts)}, "
                 "where MLflow keeps the runs' artefacts in a folder. Move it away, or set tracking.enabled: false"
             )
         import mlflow
