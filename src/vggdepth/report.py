@@ -249,7 +249,7 @@ def check_guard(params: Params, summary: dict) -> list[str]:
     chance = math.log(params.model.num_classes)
     vanishing = summary[guard.vanishing]
     lines = [
-        _verdict(
+        verdict(
             vanishing["entry_grad_max"] < guard.vanishing_below,
             f"{guard.vanishing}'s gradients vanish: entry-layer mean |gradient| at most "
             f"{vanishing['entry_grad_max']:.1e} in every epoch < {guard.vanishing_below:.0e}",
@@ -257,7 +257,7 @@ def check_guard(params: Params, summary: dict) -> list[str]:
     ]
     for name in guard.learning:
         lines.append(
-            _verdict(
+            verdict(
                 summary[name]["entry_grad_min"] > guard.learning_above,
                 f"{name}'s gradients reach the entry layer: mean |gradient| at least "
                 f"{summary[name]['entry_grad_min']:.1e} in every epoch > {guard.learning_above:.0e}",
@@ -265,7 +265,7 @@ def check_guard(params: Params, summary: dict) -> list[str]:
         )
     gap = abs(vanishing["val_loss"] - chance)
     lines.append(
-        _verdict(
+        verdict(
             gap <= guard.chance_tolerance,
             f"{guard.vanishing} stays at chance: validation loss {vanishing['val_loss']:.4f}, "
             f"ln({params.model.num_classes}) = {chance:.4f}, |difference| {gap:.4f} <= {guard.chance_tolerance}",
@@ -274,7 +274,7 @@ def check_guard(params: Params, summary: dict) -> list[str]:
     for name in guard.learning:
         lead = summary[name]["val_acc"] - vanishing["val_acc"]
         lines.append(
-            _verdict(
+            verdict(
                 lead > guard.accuracy_margin,
                 f"{name} beats {guard.vanishing}: validation accuracy {summary[name]['val_acc']:.4f} vs "
                 f"{vanishing['val_acc']:.4f}, lead {lead:+.4f} > {guard.accuracy_margin}",
@@ -283,5 +283,6 @@ def check_guard(params: Params, summary: dict) -> list[str]:
     return lines
 
 
-def _verdict(ok: bool, claim: str) -> str:
+def verdict(ok: bool, claim: str) -> str:
+    """One line of a guard: PASS or FAIL, then the claim with the numbers that decided it."""
     return f"{'PASS' if ok else 'FAIL'}: {claim}"

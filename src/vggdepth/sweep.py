@@ -27,6 +27,7 @@ from vggdepth.data import PreparedData, take_per_class, write_prepared
 from vggdepth.errors import VggdepthError
 from vggdepth.files import atomic_dir, write_csv, write_json
 from vggdepth.outputs import read_epochs, read_gradients, read_train
+from vggdepth.report import verdict
 from vggdepth.runs import RunFiles
 
 log = logging.getLogger(__name__)
@@ -376,7 +377,7 @@ def check_sweep(params: Params, record: dict) -> list[str]:
             )
             vanished = rows[-1]["entry_grad"] < cfg.vanishing_below
             lines.append(
-                _verdict(
+                verdict(
                     falls and vanished,
                     f"plain networks' entry-layer gradient falls with depth, below {cfg.vanishing_below:.0e} at the "
                     f"deepest: {shown}" + ("" if pairs else " (one depth: nothing to compare)"),
@@ -384,14 +385,10 @@ def check_sweep(params: Params, record: dict) -> list[str]:
             )
         else:
             lines.append(
-                _verdict(
+                verdict(
                     all(r["entry_grad"] > cfg.learning_above for r in rows),
                     f"{family} networks' entry-layer gradient stays above {cfg.learning_above:.0e} at every depth: "
                     f"{shown}",
                 )
             )
     return lines
-
-
-def _verdict(ok: bool, claim: str) -> str:
-    return f"{'PASS' if ok else 'FAIL'}: {claim}"  # the guard's form (vggdepth.report.check_guard)
