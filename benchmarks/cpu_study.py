@@ -115,6 +115,9 @@ class Study:
         for name in self.run_names():
             files = RunFiles(self.checkout / "runs" / name)
             done = len(read_epochs(files.epochs_csv)) if files.epochs_csv.exists() else 0
+            if not done and (resume := _resume_point(files)):  # put in place, not yet resumed: its table follows
+                states[name] = {"epochs": _epochs_in(resume), "state": "waiting"}
+                continue
             finished = done == epochs and files.test_json.exists()
             states[name] = {"epochs": done, "state": "finished" if finished else "training" if done else "waiting"}
         return states
@@ -265,9 +268,7 @@ class Study:
             if state["state"] == "finished":
                 for table in RUN_TABLES:
                     _copy_if_changed(files.root / table, self.results / "runs" / name / table)
-            # what the run resumes from: last.pt, else previous.pt (a stop between the two writes of a checkpoint)
-            resume = files.last if files.last.exists() else files.previous
-            if resume.exists():
+            if resume := _resume_point(files):
                 _copy_if_changed(resume, self.results / "resume" / f"{name}.pt")
         self.record["params"] = params.model_dump(mode="json")  # as the runs train, whatever params.yaml says now
         self.record["runs"] = states
@@ -295,6 +296,11 @@ def _this_cpu() -> str:
     names = [line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")]
     bf16 = "with" if cpu_computes_bf16() else "without"
     return f"cpu: {names[0] if names else platform.machine()}, {os.cpu_count()} cores, {bf16} bfloat16 arithmetic"
+
+
+def _resume_point(files: RunFiles) -> Path | None:
+    """What the run resumes from: last.pt, else previous.pt (a stop between the two writes of a checkpoint)."""
+    return next((path for path in (files.last, files.previous) if path.exists()), None)
 
 
 def _epochs_in(checkpoint: Path) -> int:

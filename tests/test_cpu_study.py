@@ -116,6 +116,9 @@ def test_the_study_survives_a_stop_and_a_fresh_machine_and_comes_home(tmp_path, 
     # A fresh machine: the checkout and its run folders are gone; results/ (committed) is all there is.
     subprocess.run(["rm", "-rf", str(repo / ".study")], check=True)
     study(repo, "start", "--commit", commit, "--poll-s", "1")
+    # Put in place, not resumed yet (the job probes first): status counts the resume point's epochs, not 0.
+    shown = re.search(r"VGG-38-s0: (\d+) epochs", study(repo, "status", "--commit", commit))
+    assert shown and int(shown[1]) >= kept
     wait_for(lambda: "not running" in study(repo, "status", "--commit", commit), 900, "the study to end")
     log = next((repo / ".study").glob("*.log")).read_text()
     assert "the study is complete" in log, log[-3000:]
