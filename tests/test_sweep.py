@@ -302,3 +302,57 @@ def test_a_damaged_sweep_record_is_refused_by_name(tmp_path):
     path.write_text(json.dumps({"rows": [{"family": "wide", "layers": 8}]}))
     with pytest.raises(RecordError, match=r"sweep.json: rows.0.family: input should be 'plain', 'bn', 'residual'"):
         read_record(path, SweepRecord)
+    measured = {"family": "plain", "layers": 8, "entry_grad": 1e-3, "val_acc": 0.2, "val_loss": 4.0, "learns": True}
+    blank = dict.fromkeys(("entry_grad", "val_acc", "val_loss"))
+    for row, message in (
+        ({**measured, "entry_grad": None}, "rows.0: entry_grad missing: only a diverged network has no measurement"),
+        ({**measured, "diverged": True, "learns": False}, "rows.0: a diverged network has no measurement"),
+        ({**measured, **blank, "diverged": True}, "rows.0: a diverged network has no measurement and does not learn"),
+    ):
+        path.write_text(json.dumps({"rows": [row]}))
+        with pytest.raises(RecordError, match=message):
+            read_record(path, SweepRecord)
+    path.write_text(json.dumps({"rows": [measured, {**measured, **blank, "diverged": True, "learns": False}]}))
+    assert [row.diverged for row in read_record(path, SweepRecord).rows] == [False, True]
+
+
+def test_a_network_that_diverges_is_a_row_of_the_sweep_not_its_failure(project, tmp_path):
+    """At Adam lr 10 the 14-layer residual network's loss becomes NaN in its first epoch (measured: step 2), while
+    the others end theirs with finite, if huge, numbers: the sweep records it as diverged, without numbers, and goes
+    on; the guard cannot judge its family and says so; a re-run trains it again and records the same."""
+    raw = yaml.safe_load((project / "params.yaml").read_text())
+    raw["tracking"]["enabled"] = False
+    raw["sweep"].update(families=["plain", "residual"], blocks_per_stage=[0, 1], lr=10.0)
+    root = tmp_path / "p"
+    root.mkdir()
+    write_yaml(root / "params.yaml", raw)
+    (root / "data").symlink_to(project / "data")
+    result = sweep_stage(root, f"sqlite:///{tmp_path / 'unused.db'}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "grid: residual-014-s0 FAILED: residual-014 seed 0: the training loss became NaN or infinite" in (
+        result.stdout + result.stderr
+    )
+    assert "sweep: residual-014-s0 diverged, recorded as not learning" in result.stderr
+    rows = {(r["family"], r["layers"]): r for r in record(root)["rows"]}
+    diverged = rows["residual", 14]
+    assert diverged["diverged"] and not diverged["learns"]
+    assert [diverged[k] for k in ("entry_grad", "val_acc", "val_loss", "train_acc")] == [None] * 4
+    assert diverged["why"].startswith("diverged: the training loss became NaN or infinite at epoch 0, step ")
+    assert diverged["parameters"] == rows["plain", 14]["parameters"]  # the same network without its shortcuts' use
+    for key, row in rows.items():  # every other one measured, from its run's own tables
+        if key != ("residual", 14):
+            run = root / "sweep" / "runs" / f"{key[0]}-{key[1]:03d}-s0"
+            assert not row["diverged"] and json.loads((run / "train.json").read_text())["val_acc"] == row["val_acc"]
+    assert record(root)["stops"]["residual"] == 8  # a diverged network has stopped learning too
+    table = (root / "sweep" / "report" / "table.md").read_text()
+    assert f"| residual | 14 | {diverged['parameters']:,} | — | — | — | — | no: {diverged['why']} |" in table
+    assert read_record(root / "sweep" / "report" / "sweep.json", SweepRecord).rows[3].diverged
+    lines = check_sweep(load_params(root / "params.yaml"), record(root))
+    assert lines[1] == (
+        "FAIL: residual networks diverged at 14 layers (a NaN or infinite loss): no gradient measured there, so "
+        "nothing to judge; lower sweep.lr or leave those depths out"
+    )
+    again = sweep_stage(root, f"sqlite:///{tmp_path / 'unused.db'}")
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "1 of 4 runs to train" in again.stdout + again.stderr  # only the diverged one: it diverges again
+    assert record(root)["rows"] == list(rows.values())

@@ -163,14 +163,25 @@ class SummaryRecord(RootModel[dict[VariantName, VariantSummary]]):
 
 
 class SweepRow(Record):
-    """One network of the depth sweep in `sweep.json`."""
+    """One network of the depth sweep in `sweep.json`: a diverged one (its loss became NaN or infinite) has no
+    measurement and does not learn; every other one has all of them."""
 
     family: Family
     layers: Annotated[int, Field(ge=1, le=10_000)]
-    entry_grad: Annotated[float, Field(ge=0, le=1e30)]
-    val_acc: Share
-    val_loss: Loss
+    entry_grad: Annotated[float, Field(ge=0, le=1e30)] | None
+    val_acc: Share | None
+    val_loss: Loss | None
     learns: bool
+    diverged: bool = False  # a record of an earlier version has no such key: none of its networks diverged
+
+    @model_validator(mode="after")
+    def _measured_unless_diverged(self) -> SweepRow:
+        missing = [name for name in ("entry_grad", "val_acc", "val_loss") if getattr(self, name) is None]
+        if self.diverged and (self.learns or len(missing) < 3):
+            raise ValueError("a diverged network has no measurement and does not learn")
+        if not self.diverged and missing:
+            raise ValueError(f"{', '.join(missing)} missing: only a diverged network has no measurement")
+        return self
 
 
 class SweepRecord(Record):

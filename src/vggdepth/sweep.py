@@ -6,7 +6,8 @@ A network "stops learning" when, after the sweep's epochs, its entry layer's mea
 is below `sweep.vanishing_below` (the gradient has vanished), or its validation accuracy is within
 `sweep.chance_sigmas` standard errors of chance, 1/classes (it has learnt nothing measurable). A family stops
 learning at the shallowest depth from which on that holds for every deeper network too: one network near the
-chance line between two that learn does not decide it.
+chance line between two that learn does not decide it. A network whose loss becomes NaN or infinite has diverged:
+it stops learning too, a result of its settings (it would diverge again), and its row says so without numbers.
 
 Its folder (`sweep/` in dvc.yaml): `data/` (the reduced split, prepared data's format), `runs/<family>-<layers>-s
 <seed>/` (run folders, as the study's), and `report/` (table.md, table.csv, sweep.json, figures/).
@@ -45,8 +46,10 @@ COLUMNS = (
     "val_loss",
     "train_acc",
     "learns",
+    "diverged",
     "why",
 )
+MEASURES = ("entry_grad", "val_acc", "val_loss", "train_acc")  # what a diverged network's row leaves empty
 
 
 class SweepError(VggdepthError):
@@ -158,14 +161,16 @@ def run_sweep(
     write_prepared(data_dir, data)
     wanted = {p.variant for p in points(params)}
     result, planned, _ = run_grid(derived, data, data_dir, runs, only=wanted, context=context)
-    if result.failed:
-        names = "; ".join(f"{name}: {why}" for name, why in sorted(result.failed.items()))
+    failed = {name: why for name, why in result.failed.items() if name not in result.diverged}
+    if failed:
+        names = "; ".join(f"{name}: {why}" for name, why in sorted(failed.items()))
         raise SweepError(
-            f"{len(result.failed)} of the sweep's runs failed ({names}). Re-running trains only what is unfinished; "
-            "a network that diverges (a NaN loss) does so again: lower sweep.lr, or leave its depth out"
+            f"{len(failed)} of the sweep's runs failed ({names}). Re-running trains only what is unfinished"
         )
+    for name in sorted(result.diverged):
+        log.warning("sweep: %s diverged, recorded as not learning: %s", name, result.failed[name])
     restore_tables(derived, data, [r for r in planned if not r.stale])
-    record = sweep_record(params, runs, len(data.val))
+    record = sweep_record(params, runs, len(data.val), {name: result.failed[name] for name in result.diverged})
     with atomic_dir(out / REPORT) as staging:
         write_json(staging / RECORD, record)
         rows = record["rows"]
@@ -197,14 +202,18 @@ def chance_limit(classes: int, images: int, sigmas: float) -> float:
     return p + sigmas * math.sqrt(p * (1 - p) / images)
 
 
-def sweep_record(params: Params, runs: Path, val_images: int) -> dict:
+def sweep_record(params: Params, runs: Path, val_images: int, diverged: dict[str, str] | None = None) -> dict:
     """Each network's last epoch (entry-layer gradient, accuracy, loss), whether it learns and why not, and the
-    depth at which each family stops learning."""
-    cfg = params.sweep
+    depth at which each family stops learning. `diverged`: the runs whose loss became NaN or infinite (run name ->
+    why), recorded without numbers."""
+    cfg, diverged = params.sweep, diverged or {}
     limit = chance_limit(params.model.num_classes, val_images, cfg.chance_sigmas)
     rows = []
     for point in points(params):
         files = RunFiles.of(runs, point.variant, cfg.seed)
+        if files.root.name in diverged:
+            rows.append(_diverged_row(params, point, diverged[files.root.name]))
+            continue
         train = read_train(files)
         last = read_epochs(files.epochs_csv)[-1]
         gradients = read_gradients(files.gradients_csv)
@@ -231,6 +240,7 @@ def sweep_record(params: Params, runs: Path, val_images: int) -> dict:
                 "val_loss": last["val_loss"],
                 "train_acc": last["train_acc"],
                 "learns": not why,
+                "diverged": False,
                 "why": "; ".join(why),
             }
         )
@@ -244,6 +254,23 @@ def sweep_record(params: Params, runs: Path, val_images: int) -> dict:
         "vanishing_below": cfg.vanishing_below,
         **family_depths(rows, cfg.families, cfg.vanishing_below, limit),
         "rows": rows,
+    }
+
+
+def _diverged_row(params: Params, point: Point, why: str) -> dict:
+    """The row of a network whose loss became NaN or infinite: no measurement, its size from the network itself."""
+    from vggdepth.models import VGG, count_parameters
+
+    net = VGG(params.model, sweep_params(params).variant(point.variant))
+    return {
+        "family": point.family,
+        "layers": point.layers,
+        "blocks_per_stage": point.blocks_per_stage,
+        "parameters": count_parameters(net),
+        **dict.fromkeys(MEASURES),
+        "learns": False,
+        "diverged": True,
+        "why": f"diverged: {why.split(';')[0].split(': ', 1)[-1]}",  # "the training loss became NaN ... step S"
     }
 
 
@@ -262,8 +289,8 @@ def family_depths(rows: list[dict], families: list[str], vanishing_below: float,
 
     return {
         "stops": {f: from_on(f, lambda r: not r["learns"]) for f in families},
-        "vanished": {f: from_on(f, lambda r: r["entry_grad"] < vanishing_below) for f in families},
-        "at_chance": {f: from_on(f, lambda r: r["val_acc"] <= limit) for f in families},
+        "vanished": {f: from_on(f, lambda r: _measured(r) and r["entry_grad"] < vanishing_below) for f in families},
+        "at_chance": {f: from_on(f, lambda r: _measured(r) and r["val_acc"] <= limit) for f in families},
     }
 
 
@@ -298,11 +325,17 @@ def table_markdown(params: Params, record: dict) -> str:
     ]
     for r in record["rows"]:
         learns = "yes" if r["learns"] else f"no: {r['why']}"
-        lines.append(
-            f"| {r['family']} | {r['layers']} | {r['parameters']:,} | {r['entry_grad']:.1e} | {r['val_acc']:.4f} | "
-            f"{r['val_loss']:.4f} | {r['train_acc']:.4f} | {learns} |"
-        )
+        shown = [f"{r[name]:{form}}" if _measured(r) else "—" for name, form in zip(MEASURES, FORMS, strict=True)]
+        lines.append(f"| {r['family']} | {r['layers']} | {r['parameters']:,} | {' | '.join(shown)} | {learns} |")
     return "\n".join(lines) + "\n"
+
+
+FORMS = (".1e", ".4f", ".4g", ".4f")  # how the table shows each of MEASURES
+
+
+def _measured(row: dict) -> bool:
+    """Whether the network has numbers: every one but a diverged one (a record of an earlier version has no key)."""
+    return not row.get("diverged", False)
 
 
 def sweep_figures(params: Params, record: dict, out: Path) -> None:
@@ -317,34 +350,41 @@ def sweep_figures(params: Params, record: dict, out: Path) -> None:
     def by_family(family: str) -> list[dict]:
         return [r for r in record["rows"] if r["family"] == family]
 
-    # An exact zero (a gradient that underflowed) is drawn as a cross, two decades under the smallest value.
-    positive = [r["entry_grad"] for r in record["rows"] if r["entry_grad"] > 0]
-    floor = min([*positive, record["vanishing_below"]]) / 100
+    # An exact zero (a gradient that underflowed) is drawn as a cross, two decades under the smallest value; a
+    # network that diverged (no measurement) as a triangle, two decades over the largest.
+    measured = [r["entry_grad"] for r in record["rows"] if _measured(r)]
+    floor = min([*(g for g in measured if g > 0), record["vanishing_below"]]) / 100
+    ceiling = max([*measured, record["vanishing_below"]]) * 100
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for family in families:
-        rows = by_family(family)
+        rows = [r for r in by_family(family) if _measured(r)]
         values = [r["entry_grad"] or floor for r in rows]
         ax.plot([r["layers"] for r in rows], values, marker="o", color=colors[family], label=family)
         zeros = [r["layers"] for r in rows if r["entry_grad"] == 0]
         ax.plot(zeros, [floor] * len(zeros), "x", color=colors[family], markersize=10)
+        diverged = [r["layers"] for r in by_family(family) if not _measured(r)]
+        ax.plot(diverged, [ceiling] * len(diverged), "^", color=colors[family], markersize=10)
     ax.axhline(
         record["vanishing_below"], color="grey", linestyle=":", label=f"vanished ({record['vanishing_below']:.0e})"
     )
     ax.set_yscale("log")
-    ax.set_ylabel(f"entry-layer mean |gradient|, epoch {record['epochs']} (x: exactly 0)")
+    ax.set_ylabel(f"entry-layer mean |gradient|, epoch {record['epochs']} (x: exactly 0, ^: diverged)")
     _depth_axis(ax, depths, "Entry-layer gradient against depth")
     save_figure(fig, out / FIGURES["gradient"])
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for family in families:
-        rows = by_family(family)
+        rows = [r for r in by_family(family) if _measured(r)]
         ax.plot(
             [r["layers"] for r in rows], [r["val_acc"] for r in rows], marker="o", color=colors[family], label=family
         )
+        diverged = [r["layers"] for r in by_family(family) if not _measured(r)]
+        ax.plot(diverged, [0] * len(diverged), "v", color=colors[family], markersize=10, clip_on=False)
     ax.axhline(record["chance_acc"], color="grey", linestyle=":", label=f"chance ({record['chance_acc']:.0%})")
     ax.axhspan(0, record["chance_limit"], color="grey", alpha=0.15, label="within noise of chance")
-    ax.set_ylim(0, max([*(r["val_acc"] for r in record["rows"]), record["chance_limit"]]) * 1.15)
-    ax.set_ylabel(f"validation accuracy after {record['epochs']} epoch(s)")
+    accuracies = [r["val_acc"] for r in record["rows"] if _measured(r)]
+    ax.set_ylim(0, max([*accuracies, record["chance_limit"]]) * 1.15)
+    ax.set_ylabel(f"validation accuracy after {record['epochs']} epoch(s) (v: diverged)")
     _depth_axis(ax, depths, "Validation accuracy against depth")
     save_figure(fig, out / FIGURES["accuracy"])
 
@@ -362,13 +402,23 @@ def _depth_axis(ax, depths: list[int], title: str) -> None:
 def check_sweep(params: Params, record: dict) -> list[str]:
     """The sweep's claim, one line per family starting with PASS or FAIL: the plain family's entry-layer gradient
     falls with every step in depth (or stays at an exact zero, underflowed) and is below `vanishing_below` at the
-    deepest; every other family's stays above `learning_above` at every depth."""
+    deepest; every other family's stays above `learning_above` at every depth. A family with a network that
+    diverged has a depth without a measurement: its line fails, naming it."""
     cfg = params.sweep
     lines = []
     if "plain" not in {r["family"] for r in record["rows"]}:
         lines.append("FAIL: the sweep has no plain networks: nothing shows where gradients vanish with depth")
     for family in dict.fromkeys(r["family"] for r in record["rows"]):
         rows = sorted((r for r in record["rows"] if r["family"] == family), key=lambda r: r["layers"])
+        if diverged := [str(r["layers"]) for r in rows if not _measured(r)]:
+            lines.append(
+                verdict(
+                    False,
+                    f"{family} networks diverged at {', '.join(diverged)} layers (a NaN or infinite loss): no "
+                    "gradient measured there, so nothing to judge; lower sweep.lr or leave those depths out",
+                )
+            )
+            continue
         shown = ", ".join(f"{r['entry_grad']:.1e} at {r['layers']}" for r in rows)
         if family == "plain":
             pairs = list(itertools.pairwise(rows))

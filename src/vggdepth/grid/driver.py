@@ -31,6 +31,7 @@ from vggdepth.grid.plan import (
     plan_runs,
 )
 from vggdepth.grid.processes import ProcessPool
+from vggdepth.grid.workers import DIVERGED, STOPPED
 from vggdepth.locks import writing
 from vggdepth.runs import TRAINING_FILES, RunFiles
 from vggdepth.signals import keeping
@@ -45,6 +46,7 @@ class GridResult:
     trained: dict[str, dict] = field(default_factory=dict)  # run name -> summary
     failed: dict[str, str] = field(default_factory=dict)  # run name -> why
     stopped: dict[str, str] = field(default_factory=dict)  # run name -> why (a deadline; resumes when re-run)
+    diverged: set[str] = field(default_factory=set)  # the failed runs whose loss became NaN or infinite
     seconds: float = 0.0
 
     def take(self, name: str, outcome: dict | str) -> str:
@@ -55,9 +57,12 @@ class GridResult:
                 f"grid: {name} done: val acc {outcome['val_acc']:.4f} (best {outcome['best_val_acc']:.4f} at epoch "
                 f"{outcome['best_epoch']}), {outcome['images_per_second']:.0f} img/s on {outcome['node']}"
             )
-        if outcome.startswith("stopped: "):
-            self.stopped[name] = outcome.removeprefix("stopped: ")
+        if outcome.startswith(STOPPED):
+            self.stopped[name] = outcome.removeprefix(STOPPED)
             return f"grid: {name} {outcome}"
+        if outcome.startswith(DIVERGED):
+            outcome = outcome.removeprefix(DIVERGED)
+            self.diverged.add(name)
         self.failed[name] = outcome
         return f"grid: {name} FAILED: {outcome}"
 
@@ -253,7 +258,7 @@ def _launch(
         group = groups.pop(0)
         if deadline is not None and time.time() >= deadline - start_margin_s:
             for run in group:
-                progress.say(result.take(run.name, "stopped: not started, the time was spent"))
+                progress.say(result.take(run.name, f"{STOPPED}not started, the time was spent"))
             return
         pool.submit(group, starts(group))
 

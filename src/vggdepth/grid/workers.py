@@ -13,7 +13,7 @@ from pathlib import Path
 
 from vggdepth.config import Params
 from vggdepth.data import PreparedData
-from vggdepth.engine import make_trainer
+from vggdepth.engine import NonFiniteLossError, make_trainer
 from vggdepth.errors import VggdepthError
 from vggdepth.files import atomic_path
 from vggdepth.fused import FusedTrainer
@@ -133,15 +133,19 @@ def train_group(
                     outcomes = [trainers[0].fit()]
                 except Exception as error:
                     outcomes = [error]
-    return [
-        (
-            name,
-            outcome
-            if isinstance(outcome, dict)
-            else ("stopped: " if isinstance(outcome, TimeUp) else "") + reason(outcome),
-        )
-        for name, outcome in zip(names, outcomes, strict=True)
-    ]
+    return [(name, told(outcome)) for name, outcome in zip(names, outcomes, strict=True)]
+
+
+STOPPED, DIVERGED = "stopped: ", "diverged: "  # how an outcome line says the run stopped for time, or diverged
+
+
+def told(outcome: dict | BaseException) -> dict | str:
+    """A run's outcome as the driver takes it: its summary, or why it ended in one line, marked when a deadline
+    stopped it (it resumes when re-run) or its loss diverged (it diverges again: a result of its settings)."""
+    if isinstance(outcome, dict):
+        return outcome
+    mark = STOPPED if isinstance(outcome, TimeUp) else DIVERGED if isinstance(outcome, NonFiniteLossError) else ""
+    return mark + reason(outcome)
 
 
 class Recorder:
