@@ -162,3 +162,8 @@ def collect(params: Params, runs: Path, partial: bool = False) -> dict[str, list
             f"the report needs every run's outputs; missing: {', '.join(missing)}. Run `dvc repro` to make them."
         )
     return found
+
+
+def verdict(ok: bool, claim: str) -> str:
+    """One line of a guard: PASS or FAIL, then the claim with the numbers that decided it."""
+    return f"{'PASS' if ok else 'FAIL'}: {claim}"

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from vggdepth.config import Params
 from vggdepth.files import atomic_dir, write_csv, write_json
-from vggdepth.outputs import CURVE_COLUMNS, ReportError, RunOutputs, collect, read_table, run_of
+from vggdepth.outputs import CURVE_COLUMNS, ReportError, RunOutputs, collect, read_table, run_of, verdict
 from vggdepth.runs import EPOCH_COLUMNS
 
 __all__ = ["ReportError", "build_report", "check_guard", "collect", "table1", "table_markdown"]
@@ -281,8 +281,3 @@ def check_guard(params: Params, summary: dict) -> list[str]:
             )
         )
     return lines
-
-
-def verdict(ok: bool, claim: str) -> str:
-    """One line of a guard: PASS or FAIL, then the claim with the numbers that decided it."""
-    return f"{'PASS' if ok else 'FAIL'}: {claim}"

@@ -27,8 +27,7 @@ from vggdepth.config import FAMILIES, ConfigError, Params, Variant
 from vggdepth.data import PreparedData, take_per_class, write_prepared
 from vggdepth.errors import VggdepthError
 from vggdepth.files import atomic_dir, write_csv, write_json
-from vggdepth.outputs import read_epochs, read_gradients, read_train
-from vggdepth.report import verdict
+from vggdepth.outputs import read_epochs, read_gradients, read_train, verdict
 from vggdepth.runs import RunFiles
 
 log = logging.getLogger(__name__)
