@@ -181,6 +181,32 @@ def test_resumed_run_continues_its_mlflow_run_with_one_value_per_epoch(store, pa
     assert store.client.get_run(run_id).info.status == "FINISHED"
 
 
+def test_a_run_the_store_refuses_to_start_is_closed_failed_not_left_running(
+    store, params, tiny_data, quick_train, tmp_path, monkeypatch
+):
+    """The store creates the run, then refuses its params: the stage fails naming the store, and the run it
+    created is FAILED with why, not RUNNING for ever in the UI (a retry takes it up again, as any unfinished one)."""
+    out = tmp_path / "run"
+
+    def refused(*args, **kwargs):
+        raise mlflow.exceptions.MlflowException("the store refused the params")
+
+    monkeypatch.setattr(store.client.unbounded, "log_batch", refused)
+    with pytest.raises(TrackingError, match=f"record the params and inputs of {VARIANT}-s0"):
+        _fit(params, tiny_data, quick_train, store, out, epochs=1)
+    assert not (out / "checkpoints" / "last.pt").exists()
+    parent = store.client.search_runs([store.experiment_id], f"attributes.run_name = 'test {out.parent.name}'")
+    query = f"attributes.run_name = '{VARIANT}-s0' and tags.`mlflow.parentRunId` = '{parent[0].info.run_id}'"
+    (run,) = store.client.search_runs([store.experiment_id], query)
+    assert run.info.status == "FAILED"
+    assert "the store refused the params" in run.data.tags["vggdepth.error"]
+
+    monkeypatch.undo()
+    _fit(params, tiny_data, quick_train, store, out, epochs=1)
+    assert _run_id(out) == run.info.run_id
+    assert store.client.get_run(run.info.run_id).info.status == "FINISHED"
+
+
 class _Outage(Callback):
     """Stops the tracking server after epoch `stop_after` and starts it again after epoch `restart_after`."""
 

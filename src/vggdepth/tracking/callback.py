@@ -207,6 +207,25 @@ class MlflowCallback(Callback):
     def on_run_start(self, run: RunInfo) -> None:
         self.run_id, created = self.store.training_run(self.context, run, self.stage)
         run.extra[RUN_ID_KEY] = self.run_id
+        try:
+            resumed = self._start(run, created)
+        except BaseException as error:  # the run stops before its epochs: its MLflow run is not left running
+            if not _finished(run):  # (a finished run's status stays what it was)
+                closed, why = self._close("FAILED", None, error=str(error)[:5000] or type(error).__name__)
+                if not closed:
+                    log.warning("MLflow run %s of %s could not be closed as FAILED: %s", self.run_id, run.name, why)
+            raise
+        self._enqueue(resumed)
+        self.sender = threading.Thread(target=self._send_loop, name=f"vggdepth-mlflow {run.name}", daemon=True)
+        self.sender.start()
+        if self.monitor is not None:
+            self.monitor.start()
+        _ENDS.opened(self)
+        log.info("tracking %s-s%d in MLflow run %s at %s", run.variant, run.seed, self.run_id, self.store.uri)
+
+    def _start(self, run: RunInfo, created: bool) -> list[tuple[int, list]]:
+        """A new run's params and inputs, the run's tags for this training, its system metrics' monitor; the
+        epochs restored from the checkpoint that MLflow has not seen."""
         with store_errors(self.store.uri, f"record the params and inputs of {run.variant}-s{run.seed}"):
             if created:
                 self.client.log_batch(self.run_id, params=config_params(run.config))
@@ -226,13 +245,7 @@ class MlflowCallback(Callback):
                     resume_logging=not created,
                     tracking_uri=self.store.uri,
                 )
-        self._enqueue(resumed)
-        self.sender = threading.Thread(target=self._send_loop, name=f"vggdepth-mlflow {run.name}", daemon=True)
-        self.sender.start()
-        if self.monitor is not None:
-            self.monitor.start()
-        _ENDS.opened(self)
-        log.info("tracking %s-s%d in MLflow run %s at %s", run.variant, run.seed, self.run_id, self.store.uri)
+        return resumed
 
     def on_epoch_end(self, run: RunInfo, record: EpochRecord, gradients: list[GradientRow]) -> None:
         self._enqueue([(record.epoch, epoch_metrics(record, gradients))])
