@@ -116,7 +116,7 @@ class Study:
             files = RunFiles(self.checkout / "runs" / name)
             done = len(read_epochs(files.epochs_csv)) if files.epochs_csv.exists() else 0
             if not done and (resume := _resume_point(files)):  # put in place, not yet resumed: its table follows
-                states[name] = {"epochs": _epochs_in(resume), "state": "waiting"}
+                states[name] = {"epochs": resume[1], "state": "waiting"}
                 continue
             finished = done == epochs and files.test_json.exists()
             states[name] = {"epochs": done, "state": "finished" if finished else "training" if done else "waiting"}
@@ -269,7 +269,7 @@ class Study:
                 for table in RUN_TABLES:
                     _copy_if_changed(files.root / table, self.results / "runs" / name / table)
             if resume := _resume_point(files):
-                _copy_if_changed(resume, self.results / "resume" / f"{name}.pt")
+                _copy_if_changed(resume[0], self.results / "resume" / f"{name}.pt")
         self.record["params"] = params.model_dump(mode="json")  # as the runs train, whatever params.yaml says now
         self.record["runs"] = states
         self.record["collected_at"] = _now()
@@ -298,9 +298,17 @@ def _this_cpu() -> str:
     return f"cpu: {names[0] if names else platform.machine()}, {os.cpu_count()} cores, {bf16} bfloat16 arithmetic"
 
 
-def _resume_point(files: RunFiles) -> Path | None:
-    """What the run resumes from: last.pt, else previous.pt (a stop between the two writes of a checkpoint)."""
-    return next((path for path in (files.last, files.previous) if path.exists()), None)
+def _resume_point(files: RunFiles) -> tuple[Path, int] | None:
+    """What the run resumes from, and its epochs: last.pt, else previous.pt (a stop between the two writes of a
+    checkpoint, or a last.pt that does not load: the trainer falls back the same way); None when neither loads."""
+    for path in (files.last, files.previous):
+        try:
+            return path, _epochs_in(path)
+        except FileNotFoundError:
+            continue
+        except Exception as exc:  # damaged: torch raises what its unpickler or zip reader met
+            print(f"{path}: not a checkpoint that loads ({type(exc).__name__}); trying the one before", flush=True)
+    return None
 
 
 def _epochs_in(checkpoint: Path) -> int:

@@ -5,6 +5,7 @@ renders Table 1 and imports into MLflow as a CPU study."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import re
@@ -18,7 +19,9 @@ import mlflow
 import pytest
 import torch
 
+from tests.conftest import ROOT
 from tests.helpers import dvc_env, tiny_clone
+from vggdepth.runs import RunFiles
 
 EPOCHS = 30  # VGG-38 still mid-run (a minute) when VGG-08, four times faster, has finished and been tested
 
@@ -50,6 +53,23 @@ def wait_for(condition, timeout_s: float, what: str) -> None:
 
 def rows(path: Path) -> list[str]:
     return path.read_text().splitlines()[1:]
+
+
+def test_a_run_resumes_from_the_newest_checkpoint_that_loads(tmp_path):
+    """As the trainer does: last.pt, else previous.pt (a stop between a checkpoint's two writes, or a damaged
+    last.pt); what `status` counts and `collect` brings home."""
+    spec = importlib.util.spec_from_file_location("cpu_study", ROOT / "benchmarks" / "cpu_study.py")
+    cpu_study = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cpu_study)
+    files = RunFiles(tmp_path / "VGG-38-s0")
+    files.checkpoints.mkdir(parents=True)
+    assert cpu_study._resume_point(files) is None  # never trained
+    torch.save({"epoch": 4}, files.previous)
+    assert cpu_study._resume_point(files) == (files.previous, 4)  # stopped between the two writes
+    files.last.write_bytes(b"PK\x03\x04 cut short")
+    assert cpu_study._resume_point(files) == (files.previous, 4)  # a damaged last.pt: the one before
+    torch.save({"epoch": 5}, files.last)
+    assert cpu_study._resume_point(files) == (files.last, 5)
 
 
 @pytest.mark.slow
@@ -117,7 +137,7 @@ def test_the_study_survives_a_stop_and_a_fresh_machine_and_comes_home(tmp_path, 
     subprocess.run(["rm", "-rf", str(repo / ".study")], check=True)
     study(repo, "start", "--commit", commit, "--poll-s", "1")
     # Put in place, not resumed yet (the job probes first): status counts the resume point's epochs, not 0.
-    shown = re.search(r"VGG-38-s0: (\d+) epochs", study(repo, "status", "--commit", commit))
+    shown = re.search(r"VGG-38-s0: (\d+) epochs, waiting", study(repo, "status", "--commit", commit))
     assert shown and int(shown[1]) >= kept
     wait_for(lambda: "not running" in study(repo, "status", "--commit", commit), 900, "the study to end")
     log = next((repo / ".study").glob("*.log")).read_text()

@@ -346,6 +346,8 @@ def test_a_network_that_diverges_is_a_row_of_the_sweep_not_its_failure(project, 
     assert record(root)["stops"]["residual"] == 8  # a diverged network has stopped learning too
     table = (root / "sweep" / "report" / "table.md").read_text()
     assert f"| residual | 14 | {diverged['parameters']:,} | — | — | — | — | no: {diverged['why']} |" in table
+    unmeasured = "none up to 14 (not measured at 14: diverged)"  # neither reason can be claimed where nothing was
+    assert f"| residual | 8 layers | {unmeasured} | {unmeasured} | none |" in table
     assert read_record(root / "sweep" / "report" / "sweep.json", SweepRecord).rows[3].diverged
     lines = check_sweep(load_params(root / "params.yaml"), record(root))
     assert lines[1] == (

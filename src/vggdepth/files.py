@@ -39,7 +39,7 @@ def file_kind(mode: int) -> str:
     ):
         if test(mode):
             return name
-    return "not a regular file"
+    return "another kind of file"
 
 
 def path_kind(path: Path) -> str | None:

@@ -276,7 +276,8 @@ def _diverged_row(params: Params, point: Point, why: str) -> dict:
 def family_depths(rows: list[dict], families: list[str], vanishing_below: float, limit: float) -> dict:
     """Per family, the depth from which on it stops learning (`stops`), and from which on for each of the two
     reasons (`vanished`, `at_chance`): the shallowest depth at which that network and every deeper one have
-    stopped; None when the deepest has not."""
+    stopped; None when the deepest has not. A diverged network has stopped learning, but was not measured: it
+    counts for neither reason (the table says so beside them)."""
 
     def from_on(family: str, stopped) -> int | None:
         depth = None
@@ -315,7 +316,11 @@ def table_markdown(params: Params, record: dict) -> str:
 
     for family in cfg.families:
         learning = [r["layers"] for r in record["rows"] if r["family"] == family and r["learns"]]
-        cells = [depth(record[key][family]) for key in ("stops", "vanished", "at_chance")]
+        diverged = [str(r["layers"]) for r in record["rows"] if r["family"] == family and not _measured(r)]
+        unmeasured = f" (not measured at {', '.join(diverged)}: diverged)" if diverged else ""
+        cells = [depth(record["stops"][family])] + [
+            depth(record[key][family]) + unmeasured for key in ("vanished", "at_chance")
+        ]
         lines.append(f"| {family} | {' | '.join(cells)} | {f'{max(learning)} layers' if learning else 'none'} |")
     lines += [
         "",

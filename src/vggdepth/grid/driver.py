@@ -50,7 +50,8 @@ class GridResult:
     seconds: float = 0.0
 
     def take(self, name: str, outcome: dict | str) -> str:
-        """A run's outcome into the books; the line that says it."""
+        """A run's outcome (a summary, or the line `workers.told` makes) into the books; the line that says it. A
+        diverged run is a failed one, also named in `diverged`."""
         if isinstance(outcome, dict):
             self.trained[name] = outcome
             return (

@@ -106,7 +106,7 @@ def train_group(
     """One group on a worker: each run's checkpoints (`starts`, by run name) into a temporary folder, then the
     runs trained as one group: fused when several, or one on CUDA with CUDA graphs (its step a graph); else the run
     alone (`throughput.training_loop`'s rule too). Every epoch is relayed through `call`. For each run, its
-    summary or why it stopped (a line starting "stopped" when `deadline` stopped it)."""
+    summary or why it stopped, as `told` says it (marked when `deadline` stopped it or its loss diverged)."""
     runtime = params.runtime.model_copy(update={"threads": packing.threads, "device": packing.device})
     params = params.model_copy(update={"runtime": runtime})
     names = [f"{v}-s{s}" for v, s in group]
