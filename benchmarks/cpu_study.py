@@ -265,9 +265,12 @@ class Study:
         params, states = self.params, self.states()
         for name, state in states.items():
             files = RunFiles(self.checkout / "runs" / name)
-            if state["state"] == "finished":
+            home = self.results / "runs" / name
+            # A finished run comes home once: on a fresh machine its evaluation runs again (DVC has no record of it
+            # there), and bfloat16 on other threads may move a few test images; the numbers first committed stay.
+            if state["state"] == "finished" and not (home / "test.json").exists():
                 for table in RUN_TABLES:
-                    _copy_if_changed(files.root / table, self.results / "runs" / name / table)
+                    _copy_if_changed(files.root / table, home / table)
             if resume := _resume_point(files):
                 _copy_if_changed(resume[0], self.results / "resume" / f"{name}.pt")
         self.record["params"] = params.model_dump(mode="json")  # as the runs train, whatever params.yaml says now

@@ -131,6 +131,7 @@ def test_the_study_survives_a_stop_and_a_fresh_machine_and_comes_home(tmp_path, 
         "float32",
     )
     vgg08 = (results / "runs" / "VGG-08-s0" / "epochs.csv").read_text()
+    tested = (results / "runs" / "VGG-08-s0" / "test.json").read_text()
     before = rows(runs / "VGG-38-s0" / "epochs.csv")[:kept]
 
     # A fresh machine: the checkout and its run folders are gone; results/ (committed) is all there is.
@@ -148,6 +149,7 @@ def test_the_study_survives_a_stop_and_a_fresh_machine_and_comes_home(tmp_path, 
     record = json.loads((results / "study.json").read_text())
     assert record["runs"] == {f"{v}-s0": {"epochs": EPOCHS, "state": "finished"} for v in variants}
     assert (results / "runs" / "VGG-08-s0" / "epochs.csv").read_text() == vgg08  # restored, not trained again
+    assert (results / "runs" / "VGG-08-s0" / "test.json").read_text() == tested  # evaluated again, kept as it came
     after = rows(results / "runs" / "VGG-38-s0" / "epochs.csv")
     assert len(after) == EPOCHS and after[:kept] == before  # the epochs of the resume point kept, seconds too
     table = (results / "report" / "table1.md").read_text()
