@@ -114,6 +114,12 @@ def log_tables(store: Store, run_id: str, files: RunFiles) -> None:
         store.client.log_artifact(run_id, str(path))
 
 
+def _ended_by(error: BaseException) -> tuple[str, str]:
+    """The MLflow status of a run that `error` stopped (a stop, SIGTERM or Ctrl-C: KILLED; else FAILED), and the
+    error as its `vggdepth.error` tag says it."""
+    return "KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED", str(error)[:5000] or type(error).__name__
+
+
 def _finished(run: RunInfo) -> bool:
     """Whether this process trains nothing: the run was complete in its checkpoint."""
     return run.start_epoch >= run.config["train"]["epochs"]
@@ -211,9 +217,10 @@ class MlflowCallback(Callback):
             resumed = self._start(run, created)
         except BaseException as error:  # the run stops before its epochs: its MLflow run is not left running
             if not _finished(run):  # (a finished run's status stays what it was)
-                closed, why = self._close("FAILED", None, error=str(error)[:5000] or type(error).__name__)
+                status, message = _ended_by(error)
+                closed, why = self._close(status, None, error=message)
                 if not closed:
-                    log.warning("MLflow run %s of %s could not be closed as FAILED: %s", self.run_id, run.name, why)
+                    log.warning("MLflow run %s of %s could not be closed as %s: %s", self.run_id, run.name, status, why)
             raise
         self._enqueue(resumed)
         self.sender = threading.Thread(target=self._send_loop, name=f"vggdepth-mlflow {run.name}", daemon=True)
@@ -301,8 +308,7 @@ class MlflowCallback(Callback):
     def _abandon(self, run: RunInfo, error: BaseException, deadline: float) -> None:
         """The end of a run stopped before its last epoch: its status first (a stopped stage, SIGTERM or Ctrl-C,
         gets it within the bound, queued epochs or not), then its epochs, both by `deadline`."""
-        status = "KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED"
-        message = str(error)[:5000] or type(error).__name__
+        status, message = _ended_by(error)
         closed, why = self._close(status, deadline, error=message)
         _, late = self._wait_sent(deadline)
         self._report(run, [], closed, status, why or late, finished=False)
