@@ -48,7 +48,8 @@ COLUMNS = (
     "diverged",
     "why",
 )
-MEASURES = ("entry_grad", "val_acc", "val_loss", "train_acc")  # what a diverged network's row leaves empty
+# What a diverged network's row leaves empty, and how the table shows each.
+MEASURES = {"entry_grad": ".1e", "val_acc": ".4f", "val_loss": ".4g", "train_acc": ".4f"}
 
 
 class SweepError(VggdepthError):
@@ -329,12 +330,9 @@ def table_markdown(params: Params, record: dict) -> str:
     ]
     for r in record["rows"]:
         learns = "yes" if r["learns"] else f"no: {r['why']}"
-        shown = [f"{r[name]:{form}}" if _measured(r) else "—" for name, form in zip(MEASURES, FORMS, strict=True)]
+        shown = [f"{r[name]:{form}}" if _measured(r) else "—" for name, form in MEASURES.items()]
         lines.append(f"| {r['family']} | {r['layers']} | {r['parameters']:,} | {' | '.join(shown)} | {learns} |")
     return "\n".join(lines) + "\n"
-
-
-FORMS = (".1e", ".4f", ".4g", ".4f")  # how the table shows each of MEASURES
 
 
 def _measured(row: dict) -> bool:
