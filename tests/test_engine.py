@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import math
+import pickle
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,8 @@ import vggdepth.engine as engine
 from tests.conftest import KillAfter
 from vggdepth.checkpoints import load_checkpoint
 from vggdepth.engine import NonFiniteLossError, Trainer, make_scheduler
+from vggdepth.grid import workers
+from vggdepth.grid.driver import GridResult
 from vggdepth.runs import Callback, RunFiles
 
 
@@ -157,6 +160,31 @@ def test_nan_loss_stops_with_epoch_and_step_and_keeps_the_checkpoint(
     state = load_checkpoint(last)
     assert state["epoch"] == 2
     assert all(torch.isfinite(t).all() for t in state["model"].values() if t.is_floating_point())
+    # the grid hears what happened in a few words beside the whole line (the sweep's reason is the few words)
+    again = pickle.loads(pickle.dumps(err.value))  # noqa: S301 (our own bytes: as a process would send the error)
+    assert (str(again), again.what) == (str(err.value), err.value.what)
+    told = pickle.loads(pickle.dumps(workers.told(err.value)))  # noqa: S301 (as a worker process sends its outcome)
+    assert told == workers.Diverged("the training loss became NaN or infinite at epoch 2, step 1", str(err.value))
+    books = GridResult()
+    assert books.take("VGG-08-s0", told) == f"grid: VGG-08-s0 FAILED: {err.value}"
+    assert books.diverged == {"VGG-08-s0": told.what} and books.failed == {"VGG-08-s0": str(err.value)}
+
+
+def test_nan_validation_loss_stops_the_run_and_says_so_in_a_few_words(
+    tiny_data, params, quick_train, tmp_path, monkeypatch
+):
+    real = engine.F.cross_entropy
+
+    def poisoned(logits, target, **kwargs):
+        loss = real(logits, target, **kwargs)
+        return loss * float("nan") if torch.is_inference_mode_enabled() else loss  # validation only
+
+    monkeypatch.setattr(engine.F, "cross_entropy", poisoned)
+    with pytest.raises(NonFiniteLossError) as err:
+        _train(tiny_data, params, quick_train, tmp_path, epochs=2)
+    assert err.value.what == "the validation loss is nan after epoch 0"
+    assert str(err.value).startswith(f"VGG-08 seed 0: {err.value.what}. ") and "variants.VGG-08.lr" in str(err.value)
+    assert not (tmp_path / "checkpoints" / "last.pt").exists()  # nothing of the diverged epoch is kept
 
 
 @pytest.mark.parametrize(("variant", "tensors"), [("VGG-08", 9), ("VGG-38", 39), ("BN-VGG-38", 75)])

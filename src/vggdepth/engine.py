@@ -43,7 +43,15 @@ log = logging.getLogger(__name__)
 
 
 class NonFiniteLossError(TrainingError):
-    """The loss became NaN or infinite."""
+    """The loss became NaN or infinite. `what` says which loss and when, in a few words (a record's reason); the
+    message adds the run, the checkpoint kept and the settings to suspect."""
+
+    def __init__(self, message: str, what: str):
+        super().__init__(message)
+        self.what = what
+
+    def __reduce__(self):  # pickled with both arguments (a worker process sends it whole)
+        return type(self), (str(self), self.what)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -322,10 +330,8 @@ class Trainer(StepLoop):
             if self.files.last.exists()
             else "no checkpoint was written yet"
         )
-        raise NonFiniteLossError(
-            f"{self.run.variant} seed {self.seed}: the training loss became NaN or infinite at epoch {epoch}, "
-            f"step {step}; {kept}. {self.suspects()}"
-        )
+        what = f"the training loss became NaN or infinite at epoch {epoch}, step {step}"
+        raise NonFiniteLossError(f"{self.run.variant} seed {self.seed}: {what}; {kept}. {self.suspects()}", what)
 
     def suspects(self) -> str:
         """The settings a non-finite loss can come from, with their values, for the NaN guard's message."""
@@ -426,10 +432,8 @@ class Trainer(StepLoop):
         """Keep the books of a trained epoch: the schedule's step, history, log line, checkpoints, tables and
         callbacks. A non-finite validation loss stops the run here, its last good checkpoint kept."""
         if not math.isfinite(record.val_loss):
-            raise NonFiniteLossError(
-                f"{self.run.variant} seed {self.seed}: the validation loss is {record.val_loss} after epoch "
-                f"{record.epoch}. {self.suspects()}"
-            )
+            what = f"the validation loss is {record.val_loss} after epoch {record.epoch}"
+            raise NonFiniteLossError(f"{self.run.variant} seed {self.seed}: {what}. {self.suspects()}", what)
         self.scheduler.step()
         self.history.append(record)
         self.gradients.extend(rows)

@@ -170,7 +170,7 @@ def run_sweep(
     for name in sorted(result.diverged):
         log.warning("sweep: %s diverged, recorded as not learning: %s", name, result.failed[name])
     restore_tables(derived, data, [r for r in planned if not r.stale])
-    record = sweep_record(params, runs, len(data.val), {name: result.failed[name] for name in result.diverged})
+    record = sweep_record(params, runs, len(data.val), result.diverged)
     with atomic_dir(out / REPORT) as staging:
         write_json(staging / RECORD, record)
         rows = record["rows"]
@@ -205,7 +205,7 @@ def chance_limit(classes: int, images: int, sigmas: float) -> float:
 def sweep_record(params: Params, runs: Path, val_images: int, diverged: dict[str, str] | None = None) -> dict:
     """Each network's last epoch (entry-layer gradient, accuracy, loss), whether it learns and why not, and the
     depth at which each family stops learning. `diverged`: the runs whose loss became NaN or infinite (run name ->
-    why), recorded without numbers."""
+    what happened, `GridResult.diverged`), recorded without numbers."""
     cfg, diverged = params.sweep, diverged or {}
     limit = chance_limit(params.model.num_classes, val_images, cfg.chance_sigmas)
     rows = []
@@ -257,7 +257,7 @@ def sweep_record(params: Params, runs: Path, val_images: int, diverged: dict[str
     }
 
 
-def _diverged_row(params: Params, point: Point, why: str) -> dict:
+def _diverged_row(params: Params, point: Point, what: str) -> dict:
     """The row of a network whose loss became NaN or infinite: no measurement, its size from the network itself."""
     from vggdepth.models import VGG, count_parameters
 
@@ -270,7 +270,7 @@ def _diverged_row(params: Params, point: Point, why: str) -> dict:
         **dict.fromkeys(MEASURES),
         "learns": False,
         "diverged": True,
-        "why": f"diverged: {why.split(';')[0].split(': ', 1)[-1]}",  # "the training loss became NaN ... step S"
+        "why": f"diverged: {what}",
     }
 
 

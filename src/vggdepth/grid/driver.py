@@ -31,7 +31,7 @@ from vggdepth.grid.plan import (
     plan_runs,
 )
 from vggdepth.grid.processes import ProcessPool
-from vggdepth.grid.workers import DIVERGED, STOPPED
+from vggdepth.grid.workers import STOPPED, Diverged
 from vggdepth.locks import writing
 from vggdepth.runs import TRAINING_FILES, RunFiles
 from vggdepth.signals import keeping
@@ -46,24 +46,24 @@ class GridResult:
     trained: dict[str, dict] = field(default_factory=dict)  # run name -> summary
     failed: dict[str, str] = field(default_factory=dict)  # run name -> why
     stopped: dict[str, str] = field(default_factory=dict)  # run name -> why (a deadline; resumes when re-run)
-    diverged: set[str] = field(default_factory=set)  # the failed runs whose loss became NaN or infinite
+    diverged: dict[str, str] = field(default_factory=dict)  # the failed runs whose loss became NaN or infinite -> what
     seconds: float = 0.0
 
-    def take(self, name: str, outcome: dict | str) -> str:
-        """A run's outcome (a summary, or the line `workers.told` makes) into the books; the line that says it. A
-        diverged run is a failed one, also named in `diverged`."""
+    def take(self, name: str, outcome: dict | str | Diverged) -> str:
+        """A run's outcome (as `workers.told` makes it) into the books; the line that says it. A diverged run is a
+        failed one, also in `diverged` with what happened in a few words."""
         if isinstance(outcome, dict):
             self.trained[name] = outcome
             return (
                 f"grid: {name} done: val acc {outcome['val_acc']:.4f} (best {outcome['best_val_acc']:.4f} at epoch "
                 f"{outcome['best_epoch']}), {outcome['images_per_second']:.0f} img/s on {outcome['node']}"
             )
-        if outcome.startswith(STOPPED):
+        if isinstance(outcome, Diverged):
+            self.diverged[name] = outcome.what
+            outcome = outcome.why
+        elif outcome.startswith(STOPPED):
             self.stopped[name] = outcome.removeprefix(STOPPED)
             return f"grid: {name} {outcome}"
-        if outcome.startswith(DIVERGED):
-            outcome = outcome.removeprefix(DIVERGED)
-            self.diverged.add(name)
         self.failed[name] = outcome
         return f"grid: {name} FAILED: {outcome}"
 

@@ -9,6 +9,7 @@ import os
 import tempfile
 import time
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 from vggdepth.config import Params
@@ -102,7 +103,7 @@ def train_group(
     call,
     node_id: str,
     deadline: float | None = None,
-) -> list[tuple[str, dict | str]]:
+) -> list[tuple[str, dict | str | Diverged]]:
     """One group on a worker: each run's checkpoints (`starts`, by run name) into a temporary folder, then the
     runs trained as one group: fused when several, or one on CUDA with CUDA graphs (its step a graph); else the run
     alone (`throughput.training_loop`'s rule too). Every epoch is relayed through `call`. For each run, its
@@ -136,16 +137,26 @@ def train_group(
     return [(name, told(outcome)) for name, outcome in zip(names, outcomes, strict=True)]
 
 
-STOPPED, DIVERGED = "stopped: ", "diverged: "  # how an outcome line says the run stopped for time, or diverged
+STOPPED = "stopped: "  # how an outcome line says a deadline stopped the run
 
 
-def told(outcome: dict | BaseException) -> dict | str:
-    """A run's outcome as the driver takes it: its summary, or why it ended in one line, marked when a deadline
-    stopped it (it resumes when re-run) or its loss diverged (it diverges again: a result of its settings)."""
+@dataclass(frozen=True)
+class Diverged:
+    """The outcome of a run whose loss became NaN or infinite (it diverges again when re-run: a result of its
+    settings): `what` happened in a few words (the sweep's reason), `why` the whole line (the settings to suspect)."""
+
+    what: str
+    why: str
+
+
+def told(outcome: dict | BaseException) -> dict | str | Diverged:
+    """A run's outcome as the driver takes it: its summary; `Diverged` when its loss diverged; else why it ended in
+    one line, marked `STOPPED` when a deadline stopped it (it resumes when re-run)."""
     if isinstance(outcome, dict):
         return outcome
-    mark = STOPPED if isinstance(outcome, TimeUp) else DIVERGED if isinstance(outcome, NonFiniteLossError) else ""
-    return mark + reason(outcome)
+    if isinstance(outcome, NonFiniteLossError):
+        return Diverged(outcome.what, reason(outcome))
+    return (STOPPED if isinstance(outcome, TimeUp) else "") + reason(outcome)
 
 
 class Recorder:
