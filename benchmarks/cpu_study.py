@@ -107,8 +107,8 @@ class Study:
         return [f"{v}-s{s}" for s in p.seeds for v in p.variants if self.only is None or v in self.only]
 
     def states(self) -> dict[str, dict]:
-        """Each run's epochs and state (finished: every epoch trained and the run tested): from the checkout where
-        there is one, else as last collected (on a fresh machine)."""
+        """Each run's epochs and state (finished: every epoch trained and the run tested; part-trained; not
+        started): from the checkout where there is one, else as last collected (on a fresh machine)."""
         if not self.here:
             return dict(self.record.get("runs") or {})
         epochs, states = self.params.train.epochs, {}
@@ -116,10 +116,13 @@ class Study:
             files = RunFiles(self.checkout / "runs" / name)
             done = len(read_epochs(files.epochs_csv)) if files.epochs_csv.exists() else 0
             if not done and (resume := _resume_point(files)):  # put in place, not yet resumed: its table follows
-                states[name] = {"epochs": resume[1], "state": "waiting"}
-                continue
-            finished = done == epochs and files.test_json.exists()
-            states[name] = {"epochs": done, "state": "finished" if finished else "training" if done else "waiting"}
+                done = resume[1]
+            # part-trained, not "training": whether it trains now is the job's line (status), not the run's
+            if done < epochs:
+                state = "part-trained" if done else "not started"
+            else:
+                state = "finished" if files.test_json.exists() else "trained, not tested"
+            states[name] = {"epochs": done, "state": state}
         return states
 
     def runs_left(self) -> int | None:

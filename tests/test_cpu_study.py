@@ -109,7 +109,7 @@ def test_the_study_survives_a_stop_and_a_fresh_machine_and_comes_home(tmp_path, 
     assert record["params"]["train"]["epochs"] == EPOCHS and record["params"]["seeds"] == [0]
     assert record["runs"]["VGG-08-s0"] == {"epochs": EPOCHS, "state": "finished"}
     stopped_at = record["runs"]["VGG-38-s0"]["epochs"]
-    assert 0 < stopped_at < EPOCHS and record["runs"]["VGG-38-s0"]["state"] == "training"
+    assert 0 < stopped_at < EPOCHS and record["runs"]["VGG-38-s0"]["state"] == "part-trained"
     assert 0 < kept <= stopped_at
     assert sorted(p.name for p in (results / "runs" / "VGG-08-s0").iterdir()) == sorted(
         [
@@ -138,7 +138,7 @@ def test_the_study_survives_a_stop_and_a_fresh_machine_and_comes_home(tmp_path, 
     subprocess.run(["rm", "-rf", str(repo / ".study")], check=True)
     study(repo, "start", "--commit", commit, "--poll-s", "1")
     # Put in place, not resumed yet (the job probes first): status counts the resume point's epochs, not 0.
-    shown = re.search(r"VGG-38-s0: (\d+) epochs, waiting", study(repo, "status", "--commit", commit))
+    shown = re.search(r"VGG-38-s0: (\d+) epochs, part-trained", study(repo, "status", "--commit", commit))
     assert shown and int(shown[1]) >= kept
     wait_for(lambda: "not running" in study(repo, "status", "--commit", commit), 900, "the study to end")
     log = next((repo / ".study").glob("*.log")).read_text()
