@@ -25,6 +25,7 @@ from vggdepth.batches import DeviceDataset
 from vggdepth.checkpoints import load_checkpoint, load_network
 from vggdepth.engine import Trainer
 from vggdepth.evaluation import evaluate_run
+from vggdepth.figures import save_figure
 from vggdepth.report import ReportError, build_report, collect
 from vggdepth.report_figures import build_figures
 from vggdepth.runs import RunFiles
@@ -198,7 +199,7 @@ def test_every_figure_is_written(built, study):
     assert all((built["out"] / "figures" / name).stat().st_size > 10_000 for name in figures)
 
 
-def test_figures_carry_the_expected_series(study):
+def test_figures_carry_the_expected_series(study, tmp_path):
     p = study["params"]
     figures = build_figures(p, collect(p, study["runs"]), ROOT)
 
@@ -249,6 +250,17 @@ def test_figures_carry_the_expected_series(study):
     assert figures["fig4-lr-7.5e-3-vs-1e-3"].axes[0].get_title() == (
         "Figure 4: learning rate 7.5e-3 vs 1e-3 (HIGHLR-BN-38 vs BN-VGG-38), seed 0"
     )
+    # A title longer than the figure is wide wraps (whole words, names unbroken) rather than widen the image.
+    title = figures["fig5-warm-restart-vs-none"].axes[0].get_title()
+    assert title.splitlines() == [
+        "Figure 5: learning rate 7.5e-3 vs 1e-3; warm restarts every 50 epochs vs cosine",
+        "over 100 epochs (WR50-HIGHLR-BN-38 vs BN-VGG-38), seed 0",
+    ]
+    widths = {}
+    for name in ("fig4-lr-7.5e-3-vs-1e-3", "fig5-warm-restart-vs-none"):
+        save_figure(figures[name], tmp_path / f"{name}.png")
+        widths[name] = plt.imread(tmp_path / f"{name}.png").shape[1]
+    assert widths["fig5-warm-restart-vs-none"] < 1.1 * widths["fig4-lr-7.5e-3-vs-1e-3"], widths
 
     (bn,) = figures["fig6-gradient-flow-bn-vgg38"].axes
     assert len(bn.get_xticklabels()) == 75

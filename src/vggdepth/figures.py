@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import textwrap
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -118,11 +119,14 @@ def _chance(ax: Axes, classes: int) -> None:
     ax.axhline(1 / classes, color="grey", linestyle=":", linewidth=1, label=f"chance ({1 / classes:.0%})")
 
 
+TITLE_CHARACTERS = 80  # an accuracy figure's title wraps at this width rather than widen the figure
+
+
 def _accuracy_axes(ax: Axes, title: str, classes: int) -> None:
     _chance(ax, classes)
     _epoch_axis(ax)
     ax.set_ylabel("accuracy")
-    ax.set_title(title)
+    ax.set_title("\n".join(textwrap.wrap(title, TITLE_CHARACTERS, break_on_hyphens=False)))
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)
 
