@@ -75,7 +75,7 @@ def draw_gradient_flow(ax: Axes, rows: Sequence[GradientRow], title: str, statis
     if len(epochs) > 1:
         # A legend of 100 epochs is noise: name the first and the last shade only.
         handles, labels = ax.get_legend_handles_labels()
-        ax.legend([handles[0], handles[-1]], [labels[0], labels[-1]], fontsize=8, loc="lower left")
+        ax.legend([handles[0], handles[-1]], [labels[0], labels[-1]], fontsize=8, loc="best")  # where fewest lines are
 
 
 def save_figure(fig: Figure, path: str | Path) -> Path:
