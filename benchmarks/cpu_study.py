@@ -3,7 +3,7 @@
     python benchmarks/cpu_study.py start --commit REV     # begin (or restart) the study of REV, in the background
     python benchmarks/cpu_study.py start                  # (re)start every study not complete, lowest CPU priority
     python benchmarks/cpu_study.py status                 # each run's epochs, and whether the jobs run
-    python benchmarks/cpu_study.py collect                # finished runs and resume points into results/
+    python benchmarks/cpu_study.py collect                # finished runs, resume points and report into results/
     python benchmarks/cpu_study.py stop                   # end them (they resume from their checkpoints at `start`)
 
 Without --commit, a command applies to every study under results/, oldest first.
@@ -14,8 +14,10 @@ local archive and its md5, seed 0, one thread per run, tracking off: `python -m 
 into MLflow from their tables). It runs `dvc repro` there: first `--first` (VGG-08 through its own train stage:
 the fidelity check, minutes), then the whole pipeline, whose grid stage trains the other runs at once. While the
 grid trains, every run it finishes is evaluated at once (pipeline/evaluate.py), so its row can be committed without
-waiting for the others. Tests get the CPU first (nice 19); a session's end stops the job, and `start` resumes it
-from its checkpoints, on a fresh machine from the resume points committed under results/.
+waiting for the others; at every poll the job brings its progress home (what `collect` brings, the report aside),
+so that a session cut off before it could `collect` leaves the study's progress in the working tree. Tests get
+the CPU first (nice 19); a session's end stops the job, and `start` resumes it from its checkpoints, on a fresh
+machine from the resume points committed under results/.
 
 A study can be narrowed to some rows (`--variants V`, repeated), for rows a later commit adds: its job trains
 only their runs (`pipeline/grid.py --only`), then has DVC evaluate them, and its report says the other rows are
@@ -56,8 +58,7 @@ from vggdepth.errors import VggdepthError  # noqa: E402
 from vggdepth.files import atomic_dir, atomic_path, write_json  # noqa: E402
 from vggdepth.outputs import read_epochs  # noqa: E402
 from vggdepth.report import build_report  # noqa: E402
-from vggdepth.runs import TABLES as RUN_TABLES  # noqa: E402
-from vggdepth.runs import RunFiles  # noqa: E402
+from vggdepth.runs import EVALUATION_TABLES, TEST, TRAINING_TABLES, RunFiles  # noqa: E402
 from vggdepth.schemas import StudyRecord, TrainRecord, read_record  # noqa: E402
 
 STUDY = ROOT / ".study"
@@ -73,6 +74,9 @@ OVERRIDES = {
 }
 FIRST = "evaluate@VGG-08-0"  # the fidelity check: against reference/pipeline-cpu-vgg08-s0 (float32)
 AFTER_LEFT = 1  # a study begun --after another begins when that one has at most this many runs left (docstring)
+# A finished run's tables in the order they come home: test.json, which says the run is home, last (a stop between
+# two copies leaves a run that comes home again, never one half home)
+HOME_ORDER = (*TRAINING_TABLES, *EVALUATION_TABLES, TEST)
 STUDY_GRID = "runs/study-grid.json"  # a narrowed study's grid record (runs/grid.json is the DVC stage's)
 
 
@@ -223,6 +227,7 @@ class Study:
             p = self.params
             stages = [f"evaluate@{v}-{seed}" for seed in p.seeds for v in p.variants if v in self.only]
             subprocess.run(["dvc", "repro", *stages], cwd=self.checkout, env=self.env(), check=True)
+        self._bring_home_now()
         print("the study is complete: `python benchmarks/cpu_study.py collect`, then commit results/", flush=True)
 
     def _train(self, command: list[str], grid_done: Path, poll_s: float) -> None:
@@ -233,6 +238,7 @@ class Study:
             time.sleep(poll_s)
             if not grid_done.exists():  # after the grid, the evaluate stages test every run themselves
                 self._evaluate_finished()
+            self._bring_home_now()
         if job.returncode:
             raise SystemExit(f"{' '.join(command[:2])} failed with status {job.returncode}")
 
@@ -257,29 +263,21 @@ class Study:
                 cmd = [sys.executable, "pipeline/evaluate.py", "--run", f"runs/{name}"]
                 subprocess.run(cmd, cwd=self.checkout, env=self.env(), check=False)
 
+    def _bring_home_now(self) -> None:
+        """`bring_home` from the job: a failure is the log's to tell, not the training's end."""
+        try:
+            self.bring_home()
+        except Exception as exc:  # e.g. a disk full: the runs train on, `collect` tries again
+            print(f"could not bring the study's progress home: {type(exc).__name__}: {exc}", flush=True)
+
     # ---- what comes home ----------------------------------------------------------------------------------------
 
     def collect(self) -> None:
-        """Finished runs' tables and every run's last checkpoint into results/, the record, and the report of the
-        variants finished so far."""
+        """What `bring_home` brings, and the report of the variants finished so far."""
         if not self.here:  # e.g. a complete study, not started on this machine
             print(f"{self.results.name}: not started on this machine, nothing to collect")
             return
-        params, states = self.params, self.states()
-        for name, state in states.items():
-            files = RunFiles(self.checkout / "runs" / name)
-            home = self.results / "runs" / name
-            # A finished run comes home once: on a fresh machine its evaluation runs again (DVC has no record of it
-            # there), and bfloat16 on other threads may move a few test images; the numbers first committed stay.
-            if state["state"] == "finished" and not (home / "test.json").exists():
-                for table in RUN_TABLES:
-                    _copy_if_changed(files.root / table, home / table)
-            if resume := _resume_point(files):
-                _copy_if_changed(resume[0], self.results / "resume" / f"{name}.pt")
-        self.record["params"] = params.model_dump(mode="json")  # as the runs train, whatever params.yaml says now
-        self.record["runs"] = states
-        self.record["collected_at"] = _now()
-        write_json(self.results / "study.json", self.record)
+        params, states = self.params, self.bring_home()
         print(f"{self.results.name}:")
         for name, state in states.items():
             print(f"  {name}: {state['epochs']}/{params.train.epochs} epochs, {state['state']}")
@@ -287,6 +285,28 @@ class Study:
             report = self.results / "report"
             build_report(params, self.results / "runs", report, ROOT, partial=True, only=self.only)
             print((report / "table1.md").read_text())
+
+    def bring_home(self) -> dict[str, dict]:
+        """Finished runs' tables, every run's last checkpoint and the record into results/; the runs' states. The
+        job does it at every poll as well, so that a session cut off before its `collect` leaves the study's
+        progress in the working tree, not only in the git-ignored checkout."""
+        params, states = self.params, self.states()
+        for name, state in states.items():
+            files = RunFiles(self.checkout / "runs" / name)
+            home = self.results / "runs" / name
+            # A finished run comes home once: on a fresh machine its evaluation runs again (DVC has no record of it
+            # there), and bfloat16 on other threads may move a few test images; the numbers first committed stay.
+            if state["state"] == "finished" and not (home / "test.json").exists():
+                for table in HOME_ORDER:
+                    _copy_if_changed(files.root / table, home / table)
+            if resume := _resume_point(files):
+                _copy_if_changed(resume[0], self.results / "resume" / f"{name}.pt")
+        # the params as the runs train, whatever params.yaml says now; written only when something changed
+        recorded = {"params": params.model_dump(mode="json"), "runs": states}
+        if any(self.record.get(key) != value for key, value in recorded.items()):
+            self.record.update(recorded, collected_at=_now())
+            write_json(self.results / "study.json", self.record)
+        return states
 
 
 def _lowest_priority(pid: int) -> None:

@@ -90,6 +90,19 @@ def test_the_study_survives_a_stop_and_a_fresh_machine_and_comes_home(tmp_path, 
     assert not autogroup.exists() or autogroup.read_text().strip().endswith("nice 19")
     wait_for(lambda: (runs / "VGG-08-s0" / "test.json").exists(), 600, "VGG-08 evaluated while the grid trains")
     assert not (runs / "VGG-38-s0" / "train.json").exists()  # evaluated mid-grid, not after it
+    # The job brings its progress home as it goes, before any `collect`: a session cut off keeps it in the tree.
+    results = next((repo / "results").glob(f"*{name}"))
+    home = results / "runs" / "VGG-08-s0"
+
+    def recorded_finished() -> bool:  # the record is written after the tables
+        return (
+            json.loads((results / "study.json").read_text()).get("runs", {}).get("VGG-08-s0", {}).get("state")
+            == "finished"
+        )
+
+    wait_for(recorded_finished, 60, "the job to bring VGG-08 home")
+    assert (home / "test.json").exists() and (home / "predictions.npz").exists()
+    assert (results / "resume" / "VGG-38-s0.pt").exists()
     assert "stopped" in study(repo, "stop", "--commit", commit)
     ps = subprocess.run(["pgrep", "-f", str(checkout)], capture_output=True, text=True)
     assert ps.stdout == "", "a process of the study outlived `stop`"
@@ -101,7 +114,6 @@ def test_the_study_survives_a_stop_and_a_fresh_machine_and_comes_home(tmp_path, 
     if (checkpoints / "last.pt").exists():
         os.replace(checkpoints / "last.pt", checkpoints / "previous.pt")
     study(repo, "collect", "--commit", commit)
-    results = next((repo / "results").glob(f"*{name}"))
     assert (results / "resume" / "VGG-38-s0.pt").read_bytes() == (checkpoints / "previous.pt").read_bytes()
     kept = torch.load(checkpoints / "previous.pt", map_location="cpu", weights_only=True)["epoch"]
     record = json.loads((results / "study.json").read_text())
