@@ -14,10 +14,10 @@ local archive and its md5, seed 0, one thread per run, tracking off: `python -m 
 into MLflow from their tables). It runs `dvc repro` there: first `--first` (VGG-08 through its own train stage:
 the fidelity check, minutes), then the whole pipeline, whose grid stage trains the other runs at once. While the
 grid trains, every run it finishes is evaluated at once (pipeline/evaluate.py), so its row can be committed without
-waiting for the others; at every poll the job brings its progress home (what `collect` brings, the report aside),
-so that a session cut off before it could `collect` leaves the study's progress in the working tree. Tests get
-the CPU first (nice 19); a session's end stops the job, and `start` resumes it from its checkpoints, on a fresh
-machine from the resume points committed under results/.
+waiting for the others; at every poll while the grid trains the job brings its progress home (what `collect`
+brings; the report when a run has come home), so that a session cut off before it could `collect` leaves the
+study's progress in the working tree. Tests get the CPU first (nice 19); a session's end stops the job, and `start`
+resumes it from its checkpoints, on a fresh machine from the resume points committed under results/.
 
 A study can be narrowed to some rows (`--variants V`, repeated), for rows a later commit adds: its job trains
 only their runs (`pipeline/grid.py --only`), then has DVC evaluate them, and its report says the other rows are
@@ -35,6 +35,7 @@ results/<date>-cpu-<commit>/ is what comes home (committed):
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import os
 import platform
@@ -43,7 +44,9 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 import yaml
@@ -61,6 +64,7 @@ from vggdepth.report import build_report  # noqa: E402
 from vggdepth.runs import EVALUATION_TABLES, TEST, TRAINING_TABLES, RunFiles  # noqa: E402
 from vggdepth.schemas import StudyRecord, TrainRecord, read_record  # noqa: E402
 
+T = TypeVar("T")
 STUDY = ROOT / ".study"
 RESULTS = ROOT / "results"
 ARCHIVE = ROOT.parent / "shared" / "data" / "cifar-100-python.tar.gz"
@@ -125,9 +129,15 @@ class Study:
             if done < epochs:
                 state = "part-trained" if done else "not started"
             else:
-                state = "finished" if files.test_json.exists() else "trained, not tested"
+                tested = files.test_json.exists() or self._home_tested(name)  # home: on a fresh machine
+                state = "finished" if tested else "trained, not tested"
             states[name] = {"epochs": done, "state": state}
         return states
+
+    def _home_tested(self, name: str) -> bool:
+        """Whether `name`'s evaluation has come home (committed, perhaps in another session): it is kept as it
+        came (see `bring_home`), so the run is not evaluated again."""
+        return (self.results / "runs" / name / TEST).exists()
 
     def runs_left(self) -> int | None:
         """How many runs are not finished; None when not known (never collected, no checkout)."""
@@ -227,7 +237,7 @@ class Study:
             p = self.params
             stages = [f"evaluate@{v}-{seed}" for seed in p.seeds for v in p.variants if v in self.only]
             subprocess.run(["dvc", "repro", *stages], cwd=self.checkout, env=self.env(), check=True)
-        self._bring_home_now()
+        self._bring_home_whole()
         print("the study is complete: `python benchmarks/cpu_study.py collect`, then commit results/", flush=True)
 
     def _train(self, command: list[str], grid_done: Path, poll_s: float) -> None:
@@ -237,15 +247,15 @@ class Study:
         while job.poll() is None:
             time.sleep(poll_s)
             if not grid_done.exists():  # after the grid, the evaluate stages test every run themselves
-                self._evaluate_finished()
-            self._bring_home_now()
+                _logged(self._evaluate_finished)
+            self._bring_home_whole()
         if job.returncode:
             raise SystemExit(f"{' '.join(command[:2])} failed with status {job.returncode}")
 
     def _wait_for(self, commit: str, poll_s: float) -> None:
         """Until the study of `commit` has at most AFTER_LEFT runs left (see the module's docstring)."""
         other, said = _current(commit, None), None
-        while (left := other.runs_left()) is None or left > AFTER_LEFT:
+        while (left := _logged(other.runs_left)) is None or left > AFTER_LEFT:
             if left != said:
                 known = "not known yet" if left is None else f"{left} run(s) left"
                 print(f"waiting for the study of {commit[:7]} ({known}): this one begins at {AFTER_LEFT}", flush=True)
@@ -253,22 +263,24 @@ class Study:
             time.sleep(poll_s)
         print(f"the study of {commit[:7]} has {left} run(s) left: this one begins", flush=True)
 
+    def _bring_home_whole(self) -> None:
+        """`bring_home` from the job, with `stop`'s SIGTERM held until it is done (it ends the job then): a copy
+        is never cut short, leaving its temporary file in results/."""
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+        try:
+            _logged(self.bring_home)
+        finally:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
+
     def _evaluate_finished(self) -> None:
         epochs = self.params.train.epochs
         for name in self.run_names():
             files = RunFiles(self.checkout / "runs" / name)
             trained = files.train_json.exists() and read_record(files.train_json, TrainRecord).epochs == epochs
-            if trained and not files.test_json.exists():
+            if trained and not files.test_json.exists() and not self._home_tested(name):
                 print(f"{name} finished: evaluating it now", flush=True)
                 cmd = [sys.executable, "pipeline/evaluate.py", "--run", f"runs/{name}"]
                 subprocess.run(cmd, cwd=self.checkout, env=self.env(), check=False)
-
-    def _bring_home_now(self) -> None:
-        """`bring_home` from the job: a failure is the log's to tell, not the training's end."""
-        try:
-            self.bring_home()
-        except Exception as exc:  # e.g. a disk full: the runs train on, `collect` tries again
-            print(f"could not bring the study's progress home: {type(exc).__name__}: {exc}", flush=True)
 
     # ---- what comes home ----------------------------------------------------------------------------------------
 
@@ -277,35 +289,39 @@ class Study:
         if not self.here:  # e.g. a complete study, not started on this machine
             print(f"{self.results.name}: not started on this machine, nothing to collect")
             return
-        params, states = self.params, self.bring_home()
+        params, states = self.params, self.bring_home(report=True)
         print(f"{self.results.name}:")
         for name, state in states.items():
             print(f"  {name}: {state['epochs']}/{params.train.epochs} epochs, {state['state']}")
-        if any(state["state"] == "finished" for state in states.values()):
-            report = self.results / "report"
-            build_report(params, self.results / "runs", report, ROOT, partial=True, only=self.only)
-            print((report / "table1.md").read_text())
+        if (table := self.results / "report" / "table1.md").exists():
+            print(table.read_text())
 
-    def bring_home(self) -> dict[str, dict]:
-        """Finished runs' tables, every run's last checkpoint and the record into results/; the runs' states. The
-        job does it at every poll as well, so that a session cut off before its `collect` leaves the study's
-        progress in the working tree, not only in the git-ignored checkout."""
+    def bring_home(self, report: bool = False) -> dict[str, dict]:
+        """Finished runs' tables, every run's last checkpoint, the report (when `report`, or when a run has just
+        come home) and, last, the record into results/; the runs' states. The job does it at every poll while
+        the grid trains, so that a session cut off before its `collect` leaves the study's progress in the
+        working tree, not only in the git-ignored checkout."""
         params, states = self.params, self.states()
         for name, state in states.items():
             files = RunFiles(self.checkout / "runs" / name)
             home = self.results / "runs" / name
             # A finished run comes home once: on a fresh machine its evaluation runs again (DVC has no record of it
             # there), and bfloat16 on other threads may move a few test images; the numbers first committed stay.
-            if state["state"] == "finished" and not (home / "test.json").exists():
+            if state["state"] == "finished" and not (home / TEST).exists():
                 for table in HOME_ORDER:
                     _copy_if_changed(files.root / table, home / table)
-            if resume := _resume_point(files):
-                _copy_if_changed(resume[0], self.results / "resume" / f"{name}.pt")
-        # the params as the runs train, whatever params.yaml says now; written only when something changed
+                report = True
+            _copy_resume_point(files, self.results / "resume" / f"{name}.pt")
+        if report and any(state["state"] == "finished" for state in states.values()):
+            build_report(params, self.results / "runs", self.results / "report", ROOT, partial=True, only=self.only)
+        # Read again, not this process's copy: the job runs for hours. The params as the runs train, whatever
+        # params.yaml says now. Written only when something changed.
+        record = read_record(self.results / "study.json", StudyRecord).model_dump(mode="json")
         recorded = {"params": params.model_dump(mode="json"), "runs": states}
-        if any(self.record.get(key) != value for key, value in recorded.items()):
-            self.record.update(recorded, collected_at=_now())
-            write_json(self.results / "study.json", self.record)
+        if any(record.get(key) != value for key, value in recorded.items()):
+            record.update(recorded, collected_at=_now())
+            write_json(self.results / "study.json", record)
+        self.record = record
         return states
 
 
@@ -335,6 +351,30 @@ def _resume_point(files: RunFiles) -> tuple[Path, int] | None:
         except Exception as exc:  # damaged: torch raises what its unpickler or zip reader met
             print(f"{path}: not a checkpoint that loads ({type(exc).__name__}); trying the one before", flush=True)
     return None
+
+
+def _copy_resume_point(files: RunFiles, target: Path) -> None:
+    """The run's resume point to `target`, if it has one; looked for again when the trainer renamed last.pt to
+    previous.pt between the look and the copy."""
+    for _ in range(3):
+        if (resume := _resume_point(files)) is None:
+            return
+        try:
+            _copy_if_changed(resume[0], target)
+            return
+        except FileNotFoundError:
+            continue
+
+
+def _logged(step: Callable[[], T]) -> T | None:
+    """`step()` in the job: a failure (a disk full, a params.yaml mid-edit) is the log's to tell, and the runs
+    train on; None then."""
+    try:
+        return step()
+    except Exception as exc:
+        with contextlib.suppress(OSError):  # the log may be on the full disk
+            print(f"{step.__name__}: {type(exc).__name__}: {exc}", flush=True)
+        return None
 
 
 def _epochs_in(checkpoint: Path) -> int:

@@ -103,6 +103,7 @@ def test_the_study_survives_a_stop_and_a_fresh_machine_and_comes_home(tmp_path, 
     wait_for(recorded_finished, 60, "the job to bring VGG-08 home")
     assert (home / "test.json").exists() and (home / "predictions.npz").exists()
     assert (results / "resume" / "VGG-38-s0.pt").exists()
+    assert "| VGG-08 |" in (results / "report" / "table1.md").read_text()  # the report, before the record
     assert "stopped" in study(repo, "stop", "--commit", commit)
     ps = subprocess.run(["pgrep", "-f", str(checkout)], capture_output=True, text=True)
     assert ps.stdout == "", "a process of the study outlived `stop`"
@@ -150,12 +151,15 @@ def test_the_study_survives_a_stop_and_a_fresh_machine_and_comes_home(tmp_path, 
     subprocess.run(["rm", "-rf", str(repo / ".study")], check=True)
     study(repo, "start", "--commit", commit, "--poll-s", "1")
     # Put in place, not resumed yet (the job probes first): status counts the resume point's epochs, not 0.
-    shown = re.search(r"VGG-38-s0: (\d+) epochs, part-trained", study(repo, "status", "--commit", commit))
+    status = study(repo, "status", "--commit", commit)
+    shown = re.search(r"VGG-38-s0: (\d+) epochs, part-trained", status)
     assert shown and int(shown[1]) >= kept
+    assert f"VGG-08-s0: {EPOCHS} epochs, finished" in status  # tested: its evaluation is home, not run again
     wait_for(lambda: "not running" in study(repo, "status", "--commit", commit), 900, "the study to end")
     log = next((repo / ".study").glob("*.log")).read_text()
     assert "the study is complete" in log, log[-3000:]
     assert "resuming runs/VGG-38-s0/checkpoints/last.pt from epoch" in log
+    assert "VGG-08-s0 finished: evaluating it now" not in log  # home already: only DVC's stage tests it again
 
     study(repo, "collect", "--commit", commit)
     record = json.loads((results / "study.json").read_text())

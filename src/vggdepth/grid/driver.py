@@ -270,8 +270,8 @@ def _launch(
             for group, outcome in pool.wait(timeout=2.0):
                 outcomes = outcome if isinstance(outcome, list) else [(r.name, outcome) for r in group]
                 for name, each in outcomes:
-                    if not isinstance(each, dict):
-                        pool.record("lost", name, each)  # closes its MLflow run, if the run had not
+                    if not isinstance(each, dict):  # close its MLflow run, if the run itself did not
+                        pool.record("lost", name, each.why if isinstance(each, Diverged) else each)
                     progress.say(result.take(name, each))
                 if after_group is not None:
                     after_group(result)
