@@ -54,9 +54,10 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
+from vggdepth.checkpoints import FLOAT32  # noqa: E402
 from vggdepth.config import Params, load_params, recorded_params  # noqa: E402
 from vggdepth.download import md5sum  # noqa: E402
-from vggdepth.engine import cpu_computes_bf16  # noqa: E402
+from vggdepth.engine import BFLOAT16, cpu_computes_bf16  # noqa: E402
 from vggdepth.errors import VggdepthError  # noqa: E402
 from vggdepth.files import atomic_dir, atomic_path, write_json  # noqa: E402
 from vggdepth.outputs import read_epochs  # noqa: E402
@@ -82,6 +83,10 @@ AFTER_LEFT = 1  # a study begun --after another begins when that one has at most
 # two copies leaves a run that comes home again, never one half home)
 HOME_ORDER = (*TRAINING_TABLES, *EVALUATION_TABLES, TEST)
 STUDY_GRID = "runs/study-grid.json"  # a narrowed study's grid record (runs/grid.json is the DVC stage's)
+
+
+class CannotTrainHere(Exception):
+    """A study that this machine cannot take further: `start` refuses it before launching anything."""
 
 
 class Study:
@@ -144,6 +149,41 @@ class Study:
         states = self.states()
         return sum(state["state"] != "finished" for state in states.values()) if states else None
 
+    def trained_in(self) -> dict[str, tuple[str, int]]:
+        """Each part-trained run's precision and epochs (a run never changes precision), from what it resumes
+        from: its checkpoint here, else, on a fresh machine, its resume point as it came home."""
+        found = {}
+        for name, state in self.states().items():
+            if state["state"] != "part-trained":
+                continue
+            point = _resume_point(RunFiles(self.checkout / "runs" / name)) if self.here else None
+            path = point[0] if point else self.results / "resume" / f"{name}.pt"
+            if path.exists():
+                found[name] = (_precision_in(path), state["epochs"])
+        return found
+
+    def cannot_train_here(self) -> str | None:
+        """Why this machine cannot take the study further, or None. A part-trained run resumes only in the
+        precision it was trained in (the trainer refuses the rest, but only after the job has prepared the data:
+        minutes, and then a failed job); a study begun --after one of those would wait for it for ever."""
+        trained = self.trained_in()
+        bf16 = self.params.train.bf16 if self.here else (self.record.get("params") or {}).get("train", {}).get("bf16")
+        here = BFLOAT16 if bf16 and cpu_computes_bf16() else FLOAT32  # as engine.training_precision on the CPU
+        other = {name: point for name, point in trained.items() if point[0] != here}
+        if other:
+            runs = ", ".join(f"{name} ({epochs} epochs)" for name, (_, epochs) in other.items())
+            kinds = " and ".join(sorted({precision for precision, _ in other.values()}))
+            return (
+                f"{runs} trained in {kinds}, and this machine trains in {here} ({_this_cpu()}): a run never "
+                f"changes precision or device midway, so they go on only on a CPU that trains in {kinds}"
+                + (" (AVX512-BF16 or AMX-BF16)" if kinds == BFLOAT16 else "")
+            )
+        if (after := self.record.get("after")) and self.runs_left() != 0:
+            first = _current(after, None)
+            if (first.runs_left() or 0) > AFTER_LEFT and (why := first.cannot_train_here()):
+                return f"it begins after the study of {after[:7]}, which cannot go on here: {why}"
+        return None
+
     # ---- the checkout ------------------------------------------------------------------------------------------
 
     def prepare(self) -> None:
@@ -195,6 +235,8 @@ class Study:
         if pid := self.running():
             raise SystemExit(f"the study already runs (process group {pid}); `stop` it first")
         self.prepare()
+        if why := self.cannot_train_here():
+            raise CannotTrainHere(f"{self.results.name}: not started, this machine cannot take it further: {why}")
         command = [sys.executable, __file__, "run", "--results", str(self.results), "--poll-s", str(poll_s)]
         with open(self.log, "a") as log:
             job = subprocess.Popen(
@@ -381,6 +423,11 @@ def _epochs_in(checkpoint: Path) -> int:
     return int(torch.load(checkpoint, map_location="cpu", weights_only=True)["epoch"])
 
 
+def _precision_in(checkpoint: Path) -> str:
+    """What the run was trained in, as the trainer reads it (vggdepth.checkpoints: float32 where not recorded)."""
+    return str(torch.load(checkpoint, map_location="cpu", weights_only=True).get("precision", FLOAT32))
+
+
 def _copy_if_changed(source: Path, target: Path) -> None:
     if target.exists() and md5sum(target) == md5sum(source):
         return
@@ -485,6 +532,7 @@ def main() -> None:
         studies = [_current(args.commit, begin if args.command == "start" else None)]
     else:
         studies = _every_study()
+    refused = []
     for study in studies:
         if args.command == "start":
             if not args.commit and study.runs_left() == 0:
@@ -492,7 +540,11 @@ def main() -> None:
             elif not args.commit and (pid := study.running()):
                 print(f"{study.results.name}: already running (process group {pid})")
             else:
-                study.start(args.poll_s)
+                try:
+                    study.start(args.poll_s)
+                except CannotTrainHere as exc:  # the others may still start
+                    print(f"error: {exc}", file=sys.stderr)
+                    refused.append(study.results.name)
         elif args.command == "run":
             study.run(args.poll_s)
         elif args.command == "collect":
@@ -504,6 +556,10 @@ def main() -> None:
             print(f"{study.results.name}: {'running, process group ' + str(pid) if pid else 'not running'}")
             for name, state in study.states().items():
                 print(f"  {name}: {state['epochs']} epochs, {state['state']}")
+            if study.runs_left() and (why := study.cannot_train_here()):
+                print(f"  cannot go on on this machine: {why}")
+    if refused:
+        raise SystemExit(f"not started: {', '.join(refused)}")
 
 
 if __name__ == "__main__":

@@ -72,6 +72,58 @@ def test_a_run_resumes_from_the_newest_checkpoint_that_loads(tmp_path):
     assert cpu_study._resume_point(files) == (files.last, 5)
 
 
+def test_a_study_this_machine_cannot_take_further_is_refused_before_anything_starts(
+    tmp_path, archive_path, archive_md5, request
+):
+    """A part-trained run resumes only in the precision it was trained in: `start` says so at once, naming the runs
+    and this CPU, and launches nothing (not a job that prepares the data for minutes and then fails); a study begun
+    --after it would wait for ever, and is refused too. `status` says the same; the others still start."""
+    spec = importlib.util.spec_from_file_location("cpu_study", ROOT / "benchmarks" / "cpu_study.py")
+    cpu_study = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cpu_study)
+    repo = tiny_clone(tmp_path, archive_path, archive_md5, epochs=3, tracking=False, variants=("VGG-08", "VGG-38"))
+    params = (repo / "params.yaml").read_text()
+    assert "bf16: true" in params  # float32 on any machine, whatever its CPU: the crafted checkpoint is bfloat16
+    (repo / "params.yaml").write_text(params.replace("bf16: true", "bf16: false"))
+    subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qam", "fp32"], cwd=repo, check=True)
+    commit = git_head(repo)
+    shutil.rmtree(repo / "results")  # this repository's own studies: only this test's
+    results = repo / "results" / f"2026-01-01-cpu-{commit[:7]}"
+    overrides = {"data.url": str(archive_path), "data.md5": archive_md5, **cpu_study.OVERRIDES}
+    (results / "resume").mkdir(parents=True)
+    (results / "study.json").write_text(json.dumps({"commit": commit, "overrides": overrides, "first": []}))
+    torch.save({"epoch": 2, "precision": "bfloat16"}, results / "resume" / "VGG-38-s0.pt")
+
+    # were a job started after all, `stop` ends it with the test
+    stop = [sys.executable, "benchmarks/cpu_study.py", "stop"]
+    request.addfinalizer(lambda: subprocess.run(stop, cwd=repo, capture_output=True, env=dvc_env(), timeout=120))
+    error = study(repo, "start", "--commit", commit, fails=True)
+    assert f"2026-01-01-cpu-{commit[:7]}: not started" in error
+    assert "VGG-38-s0 (2 epochs) trained in bfloat16, and this machine trains in float32" in error
+    assert "VGG-08-s0" not in error  # not started: it trains in this machine's precision
+    assert not list((repo / ".study").glob("*.pid"))  # no job
+    assert "cannot go on on this machine: VGG-38-s0 (2 epochs) trained in bfloat16" in study(repo, "status")
+
+    # A study begun --after it is recorded (it goes on where the first can) but not started.
+    subprocess.run(
+        ["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "--allow-empty", "-m", "2"],
+        cwd=repo,
+        check=True,
+    )
+    second = git_head(repo)
+    begin = ("--variants", "VGG-08", "--after", commit, "--archive", str(archive_path))
+    error = study(repo, "start", "--commit", second, *begin, fails=True)
+    assert f"begins after the study of {commit[:7]}, which cannot go on here: VGG-38-s0 (2 epochs)" in error
+    assert not list((repo / ".study").glob("*.pid"))
+    error = study(repo, "start", fails=True)  # every study: each refused by name
+    assert f"not started: 2026-01-01-cpu-{commit[:7]}, " in error and f"-cpu-{second[:7]}" in error
+
+    # Trained in this machine's precision, the same run is no obstacle.
+    torch.save({"epoch": 2, "precision": "float32"}, results / "resume" / "VGG-38-s0.pt")
+    shutil.rmtree(repo / ".study" / commit[:7] / "runs")  # the resume point put in place by the refused start
+    assert "cannot go on" not in study(repo, "status")
+
+
 @pytest.mark.slow
 def test_the_study_survives_a_stop_and_a_fresh_machine_and_comes_home(tmp_path, archive_path, archive_md5):
     variants = ("VGG-08", "VGG-38")
