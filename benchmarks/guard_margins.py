@@ -1,10 +1,11 @@
 """How robust is the CI guard? Train the guard's variants on reduced profiles of the real data for several seeds
 and print the margins each claim holds by: entry-layer gradients (the study's mechanism) and validation accuracy.
 
-    python benchmarks/guard_margins.py --profile 30:5:2 --profile 50:10:3 --seeds 0 1 2
+    python benchmarks/guard_margins.py --profile 30:5:2 --profile 50:10:3 --seeds 0 1 2 [--width 16]
 
-A profile is `train:val:epochs`: images per class in the training and validation splits, and epochs. Each run
-trains on the CPU with `--threads` torch threads and tracking off; nothing is written outside a temporary folder.
+A profile is `train:val:epochs`: images per class in the training and validation splits, and epochs. `--width`
+sets the channels of every convolution (`model.width`; default: params.yaml's). Each run trains on the CPU with
+`--threads` torch threads and tracking off; nothing is written outside a temporary folder.
 """
 
 from __future__ import annotations
@@ -39,13 +40,16 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--variants", nargs="+", default=["VGG-08", "VGG-38", "BN-VGG-38"])
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--width", type=int, default=None, help="model.width (default: params.yaml's)")
     args = parser.parse_args()
 
     params = load_params(ROOT / "params.yaml")
+    if args.width is not None:
+        params = params.model_copy(update={"model": params.model.model_copy(update={"width": args.width})})
     runtime = params.runtime.model_copy(update={"device": "cpu", "threads": args.threads, "progress_every": 50})
     tracking = params.tracking.model_copy(update={"enabled": False})
     for train_per_class, val_per_class, epochs in args.profile:
-        name = f"{train_per_class}:{val_per_class}:{epochs}"
+        name = f"{train_per_class}:{val_per_class}:{epochs}, width {params.model.width}"
         with tempfile.TemporaryDirectory() as tmp:
             subset = params.prepare.subset.model_copy(
                 update={"train": train_per_class, "val": val_per_class, "test": 1}
