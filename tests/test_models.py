@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import importlib.util
+import subprocess
+import sys
+
 import pytest
 import torch
 from torch import nn
 
+from tests.conftest import ROOT
 from vggdepth.gradients import weight_tensors
 from vggdepth.models import VGG, count_parameters
 
@@ -126,3 +131,58 @@ def test_a_shortcut_carries_the_gradient_to_the_entry_layer_where_the_plain_netw
         entry[name] = net.entry.conv.weight.grad.abs().mean().item()
     assert entry["VGG-38"] < 1e-8
     assert entry["RC-VGG-38"] > 1e-6 and entry["RC-VGG-38"] > 1000 * entry["VGG-38"]
+
+
+def _signal_script():
+    spec = importlib.util.spec_from_file_location("signal_at_init", ROOT / "benchmarks" / "signal_at_init.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_vgg38_at_initialisation_gives_every_image_the_same_output(params, tiny_data, seed):
+    """Why the gradients vanish, on 100 real training images (benchmarks/signal_at_init.py prints the layers): each
+    plain convolution shrinks the part of its input that differs between images, and the gradient coming back
+    shrinks as fast, so a stage's weight gradients are flat at a tiny level; a reduction block's biases re-fill
+    the signal with a constant, so the next stage's gradients step up while the image still fades. After 37
+    convolutions float32 no longer holds the image at all: every image gets the same logits. VGG-08 (7
+    convolutions), BN-VGG-38 and RC-VGG-38 keep it."""
+    from vggdepth.batches import DeviceDataset
+
+    script = _signal_script()
+    images = DeviceDataset(tiny_data.train, tiny_data.mean, tiny_data.std, torch.device("cpu"))
+    x, y = images.normalise(images.images[:100]), images.labels[:100]
+    outputs = {}
+    for name in ("VGG-08", "VGG-38", "BN-VGG-38", "RC-VGG-38"):
+        torch.manual_seed(seed)
+        rows, logits = script.signal(VGG(params.model, params.variant(name)).train(), x, y)
+        outputs[name] = script.spread(logits) / logits.abs().mean().item()  # relative to the logits
+        if name == "VGG-38":
+            layers = {row["layer"]: row for row in rows}
+            stage0 = [row for row in rows if row["layer"].startswith("stage0.block")]
+            assert len(stage0) == 10
+            assert stage0[0]["spread"] > 1e3 * layers["stage0.reduce.conv0"]["spread"]  # the image fades (2e4-3e4)...
+            weights = [row["dweight"] for row in stage0]
+            assert max(weights) < 10 * min(weights) < 1e-15  # ...as the gradient does: flat within 3x, near 1e-18
+            reduce = layers["stage0.reduce.conv1"]  # after the reduction block's first bias
+            assert reduce["input"] > 100 * reduce["spread"]  # 1,000 to 3,000 times: the bias
+            assert layers["stage1.block0.conv0"]["dweight"] > 10 * max(weights)  # 800 to 2,600 times
+    assert outputs["VGG-38"] < 1e-8  # 0 for seeds 0 and 2 (as float32 rounds), 7e-10 for seed 1
+    for name in ("VGG-08", "BN-VGG-38", "RC-VGG-38"):
+        assert outputs[name] > 1e-3, name  # VGG-08 about 3e-3, RC-VGG-38 6e-3, BN-VGG-38 1
+
+
+@pytest.mark.slow
+def test_the_signal_script_prints_each_layer_and_which_network_loses_the_image(archive_path):
+    """`benchmarks/signal_at_init.py` as a user runs it, on the real archive; a wrong variant is one line."""
+    script = [sys.executable, str(ROOT / "benchmarks" / "signal_at_init.py"), "--archive", str(archive_path)]
+    done = subprocess.run([*script, "--variants", "VGG-08", "VGG-38", "--seeds", "0"], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    out = done.stdout
+    assert out.count("\n  stage0.block4.conv1 ") == 1  # VGG-38's layers; VGG-08 has no processing blocks
+    assert "VGG-38 seed 0: logits' spread over images 0.0e+00" in out
+    assert "VGG-08 seed 0: logits' spread over images 0.0e+00" not in out
+    assert "VGG-08 seed 0: logits' spread over images" in out
+    wrong = subprocess.run([*script, "--variants", "VGG-99"], capture_output=True, text=True)
+    assert wrong.returncode == 2 and "unknown variant 'VGG-99'" in wrong.stderr.splitlines()[-1]
