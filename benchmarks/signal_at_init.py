@@ -1,7 +1,7 @@
 """Where a plain 38-layer network loses its input: the forward signal and the gradient, layer by layer, at
 initialisation, on real training images.
 
-    python benchmarks/signal_at_init.py [--variants VGG-08 VGG-38 BN-VGG-38 RC-VGG-38] [--seeds 0 1 2]
+    python benchmarks/signal_at_init.py [--variants VGG-08 VGG-38 BN-VGG-38 RC-VGG-38] [--seeds 0 1 2] [--float64]
 
 For each variant and seed (`torch.manual_seed(seed)`, then PyTorch's default initialisation, as a run begins), one
 forward and one backward pass (cross-entropy, train mode) over one training image of each class. For every
@@ -11,8 +11,10 @@ convolution and the head's linear layer, in order from input to output, it print
   |input|     the mean absolute value of the input, image-dependent or not;
   |dL/dout|   the mean absolute gradient of the loss with respect to the layer's output;
   |dL/dW|     the mean absolute gradient of its weight (the statistic of the gradient-flow figures);
-and, per seed, the logits' spread over the images against their mean absolute value: 0 means every image gets the
-same output. Only the first seed's layers are printed; each seed gets its summary line. Nothing is written.
+and, per seed, the logits' spread over the images relative to their mean absolute value: 0 means every image gets
+the same output. Only the first seed's layers are printed; each seed gets its summary line. In float32 (as the
+study trains; channels-last, as its trainer lays tensors out) unless `--float64`, which shows what float32 rounds
+away. Nothing is written.
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ from vggdepth.models import VGG  # noqa: E402
 
 def spread(x: torch.Tensor) -> float:
     """Standard deviation over the batch (dimension 0) of each unit, averaged over the units."""
-    return x.detach().float().std(dim=0).mean().item()
+    return x.detach().double().std(dim=0).mean().item()
 
 
 def signal(net: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[list[dict], torch.Tensor]:
@@ -72,6 +74,7 @@ def main() -> None:
     parser.add_argument("--archive", type=Path, default=ROOT.parent / "shared" / "data" / "cifar-100-python.tar.gz")
     parser.add_argument("--variants", nargs="+", default=["VGG-08", "VGG-38", "BN-VGG-38", "RC-VGG-38"])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--float64", action="store_true", help="network and images in float64 instead of float32")
     args = parser.parse_args()
 
     params = load_params(ROOT / "params.yaml")
@@ -88,13 +91,14 @@ def main() -> None:
         prepare(args.archive, Path(tmp) / "data", params.prepare.model_copy(update={"subset": subset}))
         data = load_prepared(Path(tmp) / "data")
     images = DeviceDataset(data.train, data.mean, data.std, torch.device("cpu"))
-    x = images.normalise(images.images)
+    dtype = torch.float64 if args.float64 else torch.float32
+    x = images.normalise(images.images).to(dtype)
     y = torch.as_tensor(data.train.labels).long()
-    print(f"{len(y)} real training images (one per class), normalised; float32, train mode\n")
+    print(f"{len(y)} real training images (one per class), normalised; {str(dtype)[6:]}, train mode\n")
     for variant in args.variants:
         for n, seed in enumerate(args.seeds):
             torch.manual_seed(seed)
-            net = VGG(params.model, params.variant(variant)).train()
+            net = VGG(params.model, params.variant(variant)).to(dtype, memory_format=torch.channels_last).train()
             rows, logits = signal(net, x, y)
             if n == 0:
                 print(f"{variant}, seed {seed}")
@@ -104,9 +108,10 @@ def main() -> None:
                         f"  {row['layer']:<22} {row['spread']:9.1e} {row['input']:9.1e} {row['dout']:9.1e} "
                         f"{row['dweight']:9.1e}"
                     )
+            size = logits.abs().mean().item()
             print(
-                f"  {variant} seed {seed}: logits' spread over images {spread(logits):.1e}, "
-                f"mean |logit| {logits.abs().mean().item():.1e}"
+                f"  {variant} seed {seed}: logits' spread over images {spread(logits):.1e}, mean |logit| {size:.1e}, "
+                f"relative {spread(logits) / size:.1e}"
             )
         print()
 
