@@ -1,7 +1,8 @@
 """Where a plain 38-layer network loses its input: the forward signal and the gradient, layer by layer, at
 initialisation, on real training images.
 
-    python benchmarks/signal_at_init.py [--variants VGG-08 VGG-38 BN-VGG-38 RC-VGG-38] [--seeds 0 1 2] [--float64]
+    python benchmarks/signal_at_init.py [--variants VGG-08 VGG-38 BN-VGG-38 RC-VGG-38] [--seeds 0 1 2]
+                                        [--float64 | --bfloat16]
 
 For each variant and seed (`torch.manual_seed(seed)`, then PyTorch's default initialisation, as a run begins), one
 forward and one backward pass (cross-entropy, train mode) over one training image of each class. For every
@@ -13,8 +14,8 @@ convolution and the head's linear layer, in order from input to output, it print
   |dL/dW|     the mean absolute gradient of its weight (the statistic of the gradient-flow figures);
 and, per seed, the logits' spread over the images relative to their mean absolute value: 0 means every image gets
 the same output. Only the first seed's layers are printed; each seed gets its summary line. In float32 (as the
-study trains; channels-last, as its trainer lays tensors out) unless `--float64`, which shows what float32 rounds
-away. Nothing is written.
+study's float32 runs train; channels-last, as its trainer lays tensors out) unless `--float64`, which shows what
+float32 rounds away, or `--bfloat16`, the CPU study's bfloat16 autocast (`train.bf16`). Nothing is written.
 """
 
 from __future__ import annotations
@@ -74,7 +75,9 @@ def main() -> None:
     parser.add_argument("--archive", type=Path, default=ROOT.parent / "shared" / "data" / "cifar-100-python.tar.gz")
     parser.add_argument("--variants", nargs="+", default=["VGG-08", "VGG-38", "BN-VGG-38", "RC-VGG-38"])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--float64", action="store_true", help="network and images in float64 instead of float32")
+    precision = parser.add_mutually_exclusive_group()
+    precision.add_argument("--float64", action="store_true", help="network and images in float64 instead of float32")
+    precision.add_argument("--bfloat16", action="store_true", help="in bfloat16 autocast, as train.bf16 trains")
     args = parser.parse_args()
 
     params = load_params(ROOT / "params.yaml")
@@ -94,12 +97,15 @@ def main() -> None:
     dtype = torch.float64 if args.float64 else torch.float32
     x = images.normalise(images.images).to(dtype)
     y = torch.as_tensor(data.train.labels).long()
-    print(f"{len(y)} real training images (one per class), normalised; {str(dtype)[6:]}, train mode\n")
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bfloat16)
+    computed = "bfloat16 autocast" if args.bfloat16 else str(dtype)[6:]
+    print(f"{len(y)} real training images (one per class), normalised; {computed}, train mode\n")
     for variant in args.variants:
         for n, seed in enumerate(args.seeds):
             torch.manual_seed(seed)
             net = VGG(params.model, params.variant(variant)).to(dtype, memory_format=torch.channels_last).train()
-            rows, logits = signal(net, x, y)
+            with autocast:
+                rows, logits = signal(net, x, y)
             if n == 0:
                 print(f"{variant}, seed {seed}")
                 print(f"  {'layer':<22} {'spread':>9} {'|input|':>9} {'|dL/dout|':>9} {'|dL/dW|':>9}")

@@ -142,12 +142,13 @@ def _signal_script():
 
 
 def test_vgg38_at_initialisation_gives_every_image_the_same_output(params, tiny_data):
-    """Why the gradients vanish, on one real training image of each class, as `benchmarks/signal_at_init.py` prints
-    it layer by layer: each plain convolution shrinks the part of its input that differs between images, and the
-    gradient coming back shrinks as fast, so a stage's weight gradients are flat at a tiny level; a reduction block's
-    biases re-fill the input with a constant, so the next stage's gradients step up while the image goes on fading.
-    At the end the logits are the same for every image (to float32's rounding; in float64, to 4e-16). VGG-08 (7
-    convolutions), BN-VGG-38 and RC-VGG-38 keep the image. Measured values in the comments (seeds 0 to 2)."""
+    """Why the gradients vanish, on one real training image of each class (images of the kind
+    `benchmarks/signal_at_init.py` prints layer by layer): each plain convolution shrinks the part of its input that
+    differs between images, and the gradient coming back shrinks as fast, so a stage's weight gradients are flat at a
+    tiny level; a reduction block's biases re-fill the input with a constant, so the next stage's gradients step up
+    while the image goes on fading. At the end the logits are the same for every image (to float32's rounding; in
+    float64, to 4e-16). VGG-08 (7 convolutions), BN-VGG-38 and RC-VGG-38 keep the image. Measured values in the
+    comments (seeds 0 to 2; seed 0 where one value is given)."""
     from vggdepth.batches import DeviceDataset
 
     script = _signal_script()
@@ -169,7 +170,7 @@ def test_vgg38_at_initialisation_gives_every_image_the_same_output(params, tiny_
         assert stage0[0]["spread"] > 1e3 * end["spread"], seed  # the image fades (1.9e4 to 3.4e4)...
         assert stage0[0]["dout"] < 1e-3 * end["dout"], seed  # ...as the gradient does going back (1e-4 to 1.6e-4)...
         weights = [row["dweight"] for row in stage0]
-        assert max(weights) < 10 * min(weights) < 1e-15, seed  # ...so the weights' lie flat: within 2.3x, 1e-18
+        assert max(weights) < 10 * min(weights) < 1e-15, seed  # ...so weight gradients lie flat (2.3x, ~1e-18)
         reduce = layers["stage0.reduce.conv1"]  # after the reduction block's first bias
         assert reduce["input"] > 100 * reduce["spread"], seed  # 1,100 to 3,000 times: a constant
         assert layers["stage1.block0.conv0"]["dweight"] > 10 * max(weights), seed  # 86 to 350 times
@@ -199,5 +200,11 @@ def test_the_signal_script_prints_each_layer_and_which_network_loses_the_image(a
     assert exact.returncode == 0, exact.stderr
     assert "float64, train mode" in exact.stdout
     assert float(re.search(r"VGG-38 seed 0: .*, relative (\S+)\n", exact.stdout)[1]) < 1e-12  # not float32's doing
+    bf16 = subprocess.run(
+        [*script, "--variants", "VGG-38", "--seeds", "0", "--bfloat16"], capture_output=True, text=True
+    )
+    assert bf16.returncode == 0, bf16.stderr
+    assert "bfloat16 autocast, train mode" in bf16.stdout
+    assert float(re.search(r"VGG-38 seed 0: .*, relative (\S+)\n", bf16.stdout)[1]) < 1e-6
     wrong = subprocess.run([*script, "--variants", "VGG-99"], capture_output=True, text=True)
     assert wrong.returncode == 2 and "unknown variant 'VGG-99'" in wrong.stderr.splitlines()[-1]
