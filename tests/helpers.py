@@ -1,10 +1,11 @@
-"""What several test modules share: the environment of a stage, waiting for a file with inotify, and comparing two
-runs' outputs."""
+"""What several test modules share: the environment of a stage, waiting for a file with inotify, comparing two
+runs' outputs, and a benchmark script loaded as a module."""
 
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import importlib.util
 import json
 import os
 import select
@@ -21,6 +22,14 @@ import yaml
 from tests.conftest import ROOT, write_yaml
 from vggdepth.checkpoints import load_checkpoint
 from vggdepth.runs import RunFiles
+
+
+def benchmark_script(name: str):
+    """`benchmarks/<name>.py` as a module (the folder is not a package), for tests of what it computes."""
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def project_env(root: Path, **extra: str) -> dict:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import re
 import subprocess
 import sys
@@ -12,6 +11,7 @@ import torch
 from torch import nn
 
 from tests.conftest import ROOT
+from tests.helpers import benchmark_script
 from vggdepth.gradients import weight_tensors
 from vggdepth.models import VGG, count_parameters
 
@@ -134,13 +134,6 @@ def test_a_shortcut_carries_the_gradient_to_the_entry_layer_where_the_plain_netw
     assert entry["RC-VGG-38"] > 1e-6 and entry["RC-VGG-38"] > 1000 * entry["VGG-38"]
 
 
-def _signal_script():
-    spec = importlib.util.spec_from_file_location("signal_at_init", ROOT / "benchmarks" / "signal_at_init.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_vgg38_at_initialisation_gives_every_image_the_same_output(params, tiny_data):
     """Why the gradients vanish, on one real training image of each class (images of the kind
     `benchmarks/signal_at_init.py` prints layer by layer): each plain convolution shrinks the part of its input that
@@ -151,7 +144,7 @@ def test_vgg38_at_initialisation_gives_every_image_the_same_output(params, tiny_
     comments (seeds 0 to 2; seed 0 where one value is given)."""
     from vggdepth.batches import DeviceDataset
 
-    script = _signal_script()
+    script = benchmark_script("signal_at_init")
     images = DeviceDataset(tiny_data.train, tiny_data.mean, tiny_data.std, torch.device("cpu"))
     first = [images.labels.tolist().index(label) for label in range(100)]  # one image of each class
     x, y = images.normalise(images.images[first]), images.labels[first]

@@ -6,11 +6,10 @@ rows all reach `engine.train_step`; validation, fused validation and the test se
 
 from __future__ import annotations
 
-import importlib.util
-
 import pytest
 
 from tests.conftest import ROOT
+from tests.helpers import benchmark_script
 from vggdepth import engine
 from vggdepth.engine import train_run
 from vggdepth.evaluation import evaluate_run
@@ -110,16 +109,9 @@ def test_the_grid_probe_times_the_real_trainers_step(params, steps):
     assert steps == [(1, 100, 3)] * 4  # a warm-up epoch and a timed one, 2 batches each
 
 
-def _lease():
-    spec = importlib.util.spec_from_file_location("gpu_lease", ROOT / "benchmarks" / "gpu_lease.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_the_lease_times_through_the_same_step(params, steps):
     """The lease's throughput rows (its study trains with `train_fused` and `train_run`, above)."""
-    lease = _lease()
+    lease = benchmark_script("gpu_lease")
     p = _params(params)
     data = synthetic_data(p, "VGG-08", 2)
     assert lease.fused_speed(p, "VGG-08", data, 2, 3).speed > 0  # a row of the fast path, 3 runs fused
