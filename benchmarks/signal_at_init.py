@@ -42,6 +42,11 @@ def spread(x: torch.Tensor) -> float:
     return x.detach().double().std(dim=0).mean().item()
 
 
+def relative_spread(logits: torch.Tensor) -> float:
+    """How much the logits differ from image to image, relative to their size: 0 when every image gets the same."""
+    return spread(logits) / logits.detach().abs().mean().item()
+
+
 def signal(net: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[list[dict], torch.Tensor]:
     """One forward and backward pass; per convolution and linear layer, in call order: its name, the input's spread
     and mean |value|, the mean |gradient| of its output and of its weight. Also the logits."""
@@ -96,7 +101,7 @@ def main() -> None:
     images = DeviceDataset(data.train, data.mean, data.std, torch.device("cpu"))
     dtype = torch.float64 if args.float64 else torch.float32
     x = images.normalise(images.images).to(dtype)
-    y = torch.as_tensor(data.train.labels).long()
+    y = images.labels
     autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bfloat16)
     computed = "bfloat16 autocast" if args.bfloat16 else str(dtype)[6:]
     print(f"{len(y)} real training images (one per class), normalised; {computed}, train mode\n")
@@ -114,10 +119,9 @@ def main() -> None:
                         f"  {row['layer']:<22} {row['spread']:9.1e} {row['input']:9.1e} {row['dout']:9.1e} "
                         f"{row['dweight']:9.1e}"
                     )
-            size = logits.abs().mean().item()
             print(
-                f"  {variant} seed {seed}: logits' spread over images {spread(logits):.1e}, mean |logit| {size:.1e}, "
-                f"relative {spread(logits) / size:.1e}"
+                f"  {variant} seed {seed}: logits' spread over images {spread(logits):.1e}, mean |logit| "
+                f"{logits.abs().mean().item():.1e}, relative {relative_spread(logits):.1e}"
             )
         print()
 
