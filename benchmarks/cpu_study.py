@@ -54,6 +54,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
+from vggdepth import bf16_emulation  # noqa: E402
 from vggdepth.checkpoints import FLOAT32  # noqa: E402
 from vggdepth.config import Params, load_params, recorded_params  # noqa: E402
 from vggdepth.download import md5sum  # noqa: E402
@@ -82,6 +83,7 @@ AFTER_LEFT = 1  # a study begun --after another begins when that one has at most
 # A finished run's tables in the order they come home: test.json, which says the run is home, last (a stop between
 # two copies leaves a run that comes home again, never one half home)
 HOME_ORDER = (*TRAINING_TABLES, *EVALUATION_TABLES, TEST)
+EMULATION = STUDY / "bf16_emulation"  # a copy of benchmarks/bf16_emulation/ and the module, on the stages' PYTHONPATH
 STUDY_GRID = "runs/study-grid.json"  # a narrowed study's grid record (runs/grid.json is the DVC stage's)
 
 
@@ -162,21 +164,35 @@ class Study:
                 found[name] = (_precision_in(path), state["epochs"])
         return found
 
+    @property
+    def trains_bf16(self) -> bool:
+        """Whether the study's runs train in bfloat16 (`train.bf16`): on any CPU, emulated where it has no
+        bfloat16 arithmetic (`emulates_bf16`)."""
+        if self.here:
+            return self.params.train.bf16
+        return bool((self.record.get("params") or {}).get("train", {}).get("bf16"))
+
+    @property
+    def emulates_bf16(self) -> bool:
+        """Whether its stages emulate bfloat16 on this machine (`vggdepth.bf16_emulation`): the study trains in
+        it and this CPU has no bfloat16 arithmetic, where PyTorch's own kernels are ten times slower than float32."""
+        return self.trains_bf16 and not cpu_computes_bf16()
+
     def cannot_train_here(self) -> str | None:
         """Why this machine cannot take the study further, or None. A part-trained run resumes only in the
         precision it was trained in (the trainer refuses the rest, but only after the job has prepared the data:
-        minutes, and then a failed job); a study begun --after one of those would wait for it for ever."""
+        minutes, and then a failed job); a study begun --after one of those would wait for it for ever. A study
+        in bfloat16 trains in it on every CPU (`emulates_bf16`), so only a run trained in the precision the study
+        does not train in (its params changed since, say) stops it."""
         trained = self.trained_in()
-        bf16 = self.params.train.bf16 if self.here else (self.record.get("params") or {}).get("train", {}).get("bf16")
-        here = BFLOAT16 if bf16 and cpu_computes_bf16() else FLOAT32  # as engine.training_precision on the CPU
+        here = BFLOAT16 if self.trains_bf16 else FLOAT32
         other = {name: point for name, point in trained.items() if point[0] != here}
         if other:
             runs = ", ".join(f"{name} ({epochs} epochs)" for name, (_, epochs) in other.items())
             kinds = " and ".join(sorted({precision for precision, _ in other.values()}))
             return (
-                f"{runs} trained in {kinds}, and this machine trains in {here} ({_this_cpu()}): a run never "
-                f"changes precision or device midway, so they go on only on a CPU that trains in {kinds}"
-                + (" (AVX512-BF16 or AMX-BF16)" if kinds == BFLOAT16 else "")
+                f"{runs} trained in {kinds}, and this study trains in {here} (train.bf16: "
+                f"{str(self.trains_bf16).lower()}): a run never changes precision or device midway"
             )
         if (after := self.record.get("after")) and self.runs_left() != 0:
             first = _current(after, None)
@@ -216,9 +232,15 @@ class Study:
                 print(f"resume point {point.name}: epoch {epochs}")
 
     def env(self) -> dict:
-        """The stages' environment: this Python's `dvc` and `python`, the checkout's own library."""
+        """The stages' environment: this Python's `dvc` and `python`, the checkout's own library; and where
+        `emulates_bf16`, the emulation, which every process that imports torch installs at once (its
+        sitecustomize.py), leaving the checkout's code as it is."""
         bin_dir = Path(sys.executable).parent
-        return {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "PYTHONPATH": str(self.checkout / "src")}
+        env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "PYTHONPATH": str(self.checkout / "src")}
+        env.pop(bf16_emulation.ENV, None)
+        if self.emulates_bf16:
+            env.update({bf16_emulation.ENV: "1", "PYTHONPATH": f"{EMULATION}{os.pathsep}{env['PYTHONPATH']}"})
+        return env
 
     # ---- the background job -------------------------------------------------------------------------------------
 
@@ -237,6 +259,7 @@ class Study:
         self.prepare()
         if why := self.cannot_train_here():
             raise CannotTrainHere(f"{self.results.name}: not started, this machine cannot take it further: {why}")
+        self._record_session()
         command = [sys.executable, __file__, "run", "--results", str(self.results), "--poll-s", str(poll_s)]
         with open(self.log, "a") as log:
             job = subprocess.Popen(
@@ -248,6 +271,23 @@ class Study:
         self.pid_file.write_text(str(job.pid))
         _lowest_priority(job.pid)
         print(f"started in {self.checkout} (process group {job.pid}), lowest priority; log: {self.log}")
+
+    def _record_session(self) -> None:
+        """study.json's `sessions`: each start's time, CPU, how it computes bfloat16 and every run's epochs then,
+        so that which epochs were trained where (and which in emulated bfloat16) can be told afterwards."""
+        record = read_record(self.results / "study.json", StudyRecord).model_dump(mode="json")
+        bf16 = ("emulated" if self.emulates_bf16 else "native") if self.trains_bf16 else "off"
+        epochs = {name: state["epochs"] for name, state in self.states().items()}
+        session = {"started_at": _now(), "cpu": _this_cpu(), "bf16": bf16, "epochs": epochs}
+        write_json(self.results / "study.json", {**record, "sessions": [*record.get("sessions", []), session]})
+        self.record = read_record(self.results / "study.json", StudyRecord).model_dump(mode="json")
+        if bf16 == "emulated":
+            for source in (ROOT / "benchmarks" / "bf16_emulation" / "sitecustomize.py", Path(bf16_emulation.__file__)):
+                _copy_if_changed(source, EMULATION / source.name)
+            print(
+                f"{self.results.name}: this CPU has no bfloat16 arithmetic: the runs train in bfloat16 emulated in "
+                "float32 kernels (vggdepth.bf16_emulation)"
+            )
 
     def stop(self, wait_s: float = 60) -> bool:
         """End every process of the job (checkpoints are written atomically: a kill loses at most the epoch in
@@ -558,6 +598,8 @@ def main() -> None:
                 print(f"  {name}: {state['epochs']} epochs, {state['state']}")
             if study.runs_left() and (why := study.cannot_train_here()):
                 print(f"  cannot go on on this machine: {why}")
+            elif study.runs_left() and study.emulates_bf16:
+                print("  on this CPU (no bfloat16 arithmetic) it trains in bfloat16 emulated in float32 kernels")
     if refused:
         raise SystemExit(f"not started: {', '.join(refused)}")
 

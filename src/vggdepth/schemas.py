@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import stat
 from pathlib import Path
-from typing import Annotated, TypeVar
+from typing import Annotated, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, RootModel, ValidationError, field_validator, model_validator
 
@@ -251,6 +251,15 @@ class StudyRun(Record):
     state: Text
 
 
+class StudySession(Record):
+    """One `start` of a study: when, on which CPU, how it computed bfloat16, and each run's epochs then."""
+
+    started_at: Annotated[str, Field(max_length=40)]
+    cpu: Annotated[str, Field(max_length=200)]
+    bf16: Literal["native", "emulated", "off"]
+    epochs: Annotated[dict[Annotated[str, Field(pattern=RUN_NAME)], Count], Field(max_length=2000)]
+
+
 class StudyRecord(Record):
     """`study.json`: what a study on this machine's CPU trains, from which commit (benchmarks/cpu_study.py)."""
 
@@ -264,3 +273,4 @@ class StudyRecord(Record):
     after: Annotated[str, Field(pattern=r"^[0-9a-f]{40}$")] | None = (
         None  # begins when this commit's study nears its end
     )
+    sessions: Annotated[list[StudySession], Field(max_length=10_000)] = []  # each start (`_record_session`)
