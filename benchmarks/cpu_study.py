@@ -390,9 +390,14 @@ class Study:
             # A finished run comes home once: on a fresh machine its evaluation runs again (DVC has no record of it
             # there), and bfloat16 on other threads may move a few test images; the numbers first committed stay.
             if state["state"] == "finished" and not (home / TEST).exists():
-                for table in HOME_ORDER:
-                    _copy_if_changed(files.root / table, home / table)
-                report = True
+                # DVC deletes a stage's outputs before it runs it again (the train stage rewrites a finished run's
+                # tables from its checkpoint): a job stopped in between leaves them missing for a while
+                if missing := [t for t in HOME_ORDER if not (files.root / t).exists()]:
+                    print(f"{name}: {', '.join(missing)} not there now (DVC rewrites them): it comes home later")
+                else:
+                    for table in HOME_ORDER:
+                        _copy_if_changed(files.root / table, home / table)
+                    report = True
             _copy_resume_point(files, self.results / "resume" / f"{name}.pt")
         if report and any(state["state"] == "finished" for state in states.values()):
             build_report(params, self.results / "runs", self.results / "report", ROOT, partial=True, only=self.only)
