@@ -18,9 +18,11 @@ from pathlib import Path
 import mlflow
 import pytest
 import torch
+import yaml
 
 from tests.conftest import ROOT
 from tests.helpers import dvc_env, tiny_clone
+from vggdepth.engine import cpu_computes_bf16
 from vggdepth.runs import RunFiles
 
 EPOCHS = 30  # VGG-38 still mid-run (a minute) when VGG-08, four times faster, has finished and been tested
@@ -72,12 +74,46 @@ def test_a_run_resumes_from_the_newest_checkpoint_that_loads(tmp_path):
     assert cpu_study._resume_point(files) == (files.last, 5)
 
 
+def test_a_finished_run_whose_tables_dvc_is_rewriting_comes_home_later(tmp_path, monkeypatch, capsys):
+    """DVC deletes a stage's outputs before it runs it again, and the train stage rewrites a finished run's tables
+    from its checkpoint: a job stopped in between leaves a tested run without its epochs.csv for a while. `collect`
+    then says so and brings the rest home, rather than failing on the missing file (as it once did)."""
+    spec = importlib.util.spec_from_file_location("cpu_study", ROOT / "benchmarks" / "cpu_study.py")
+    cpu_study = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cpu_study)
+    monkeypatch.setattr(cpu_study, "STUDY", tmp_path / ".study")
+    commit = "0" * 40
+    results = tmp_path / "results" / "2026-01-01-cpu-0000000"
+    results.mkdir(parents=True)
+    (results / "study.json").write_text(json.dumps({"commit": commit, "overrides": {}, "first": []}))
+    checkout = tmp_path / ".study" / commit[:7]
+    checkout.mkdir(parents=True)
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    (checkout / "params.yaml").write_text(yaml.safe_dump({**params, "seeds": [0]}, sort_keys=False))
+    study = cpu_study.Study(results)
+    epochs = study.params.train.epochs
+    for name in study.run_names():
+        files = RunFiles(checkout / "runs" / name)
+        files.checkpoints.mkdir(parents=True)
+        torch.save({"epoch": epochs}, files.last)  # trained to the end
+    run = RunFiles(checkout / "runs" / "VGG-08-s0")
+    (run.root / "test.json").write_text("{}")  # tested; its training tables deleted by DVC, not yet rewritten
+
+    states = study.bring_home()
+    assert states["VGG-08-s0"] == {"epochs": epochs, "state": "finished"}
+    assert "VGG-08-s0: epochs.csv, gradients.csv, train.json" in capsys.readouterr().out
+    assert not (results / "runs").exists()  # nothing of it half home
+    assert (results / "resume" / "VGG-08-s0.pt").exists()  # its resume point is
+    assert json.loads((results / "study.json").read_text())["runs"]["VGG-08-s0"]["state"] == "finished"
+
+
 def test_a_study_this_machine_cannot_take_further_is_refused_before_anything_starts(
     tmp_path, archive_path, archive_md5, request
 ):
     """A part-trained run resumes only in the precision it was trained in: `start` says so at once, naming the runs
-    and this CPU, and launches nothing (not a job that prepares the data for minutes and then fails); a study begun
-    --after it would wait for ever, and is refused too. `status` says the same; the others still start."""
+    and the study's precision, and launches nothing (not a job that prepares the data for minutes and then fails);
+    a study begun --after it would wait for ever, and is refused too. `status` says the same; the others still
+    start."""
     spec = importlib.util.spec_from_file_location("cpu_study", ROOT / "benchmarks" / "cpu_study.py")
     cpu_study = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(cpu_study)
@@ -99,7 +135,7 @@ def test_a_study_this_machine_cannot_take_further_is_refused_before_anything_sta
     request.addfinalizer(lambda: subprocess.run(stop, cwd=repo, capture_output=True, env=dvc_env(), timeout=120))
     error = study(repo, "start", "--commit", commit, fails=True)
     assert f"2026-01-01-cpu-{commit[:7]}: not started" in error
-    assert "VGG-38-s0 (2 epochs) trained in bfloat16, and this machine trains in float32" in error
+    assert "VGG-38-s0 (2 epochs) trained in bfloat16, and this study trains in float32 (train.bf16: false)" in error
     assert "VGG-08-s0" not in error  # not started: it trains in this machine's precision
     assert not list((repo / ".study").glob("*.pid"))  # no job
     assert "cannot go on on this machine: VGG-38-s0 (2 epochs) trained in bfloat16" in study(repo, "status")
@@ -134,6 +170,11 @@ def test_the_study_survives_a_stop_and_a_fresh_machine_and_comes_home(tmp_path, 
     # Begun with no first target, so that the grid trains both runs and VGG-08 ends long before VGG-38.
     started = study(repo, "start", "--commit", commit, "--archive", str(archive_path), "--first", "", "--poll-s", "1")
     assert "lowest priority" in started
+    # In bfloat16 (the tiny clone's train.bf16) on any CPU: emulated where it has no bfloat16 arithmetic.
+    how = "native" if cpu_computes_bf16() else "emulated"
+    assert ("emulated in float32 kernels" in started) == (how == "emulated")
+    sessions = json.loads(next((repo / "results").glob(f"*-cpu-{commit[:7]}/study.json")).read_text())["sessions"]
+    assert [(s["bf16"], s["epochs"]) for s in sessions] == [(how, {"VGG-08-s0": 0, "VGG-38-s0": 0})]
     checkout = repo / ".study" / commit[:7]
     runs = checkout / "runs"
     job = int(next((repo / ".study").glob("*.pid")).read_text())
@@ -191,10 +232,7 @@ def test_the_study_survives_a_stop_and_a_fresh_machine_and_comes_home(tmp_path, 
     assert sorted(p.name for p in (results / "resume").iterdir()) == ["VGG-08-s0.pt", "VGG-38-s0.pt"]
     table = (results / "report" / "table1.md").read_text()  # rendered from the finished runs
     assert "| VGG-08 |" in table and "Still training, so not in these tables yet: VGG-38." in table
-    assert json.loads((results / "runs" / "VGG-08-s0" / "train.json").read_text())["precision"] in (
-        "bfloat16",
-        "float32",
-    )
+    assert json.loads((results / "runs" / "VGG-08-s0" / "train.json").read_text())["precision"] == "bfloat16"
     vgg08 = (results / "runs" / "VGG-08-s0" / "epochs.csv").read_text()
     tested = (results / "runs" / "VGG-08-s0" / "test.json").read_text()
     before = rows(runs / "VGG-38-s0" / "epochs.csv")[:kept]
@@ -212,10 +250,14 @@ def test_the_study_survives_a_stop_and_a_fresh_machine_and_comes_home(tmp_path, 
     assert "the study is complete" in log, log[-3000:]
     assert "resuming runs/VGG-38-s0/checkpoints/last.pt from epoch" in log
     assert "VGG-08-s0 finished: evaluating it now" not in log  # home already: only DVC's stage tests it again
+    assert ("bfloat16 emulated in float32 kernels" in log) == (how == "emulated")  # each stage's process says so
 
     study(repo, "collect", "--commit", commit)
     record = json.loads((results / "study.json").read_text())
     assert record["runs"] == {f"{v}-s0": {"epochs": EPOCHS, "state": "finished"} for v in variants}
+    second = record["sessions"][1]  # the fresh machine's start: which epochs it began from, and how
+    assert len(record["sessions"]) == 2 and second["bf16"] == how
+    assert second["epochs"]["VGG-08-s0"] == EPOCHS and second["epochs"]["VGG-38-s0"] >= kept
     assert (results / "runs" / "VGG-08-s0" / "epochs.csv").read_text() == vgg08  # restored, not trained again
     assert (results / "runs" / "VGG-08-s0" / "test.json").read_text() == tested  # evaluated again, kept as it came
     after = rows(results / "runs" / "VGG-38-s0" / "epochs.csv")
