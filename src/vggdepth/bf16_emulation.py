@@ -1,20 +1,23 @@
 """bfloat16 autocast at float32's speed on a CPU without bfloat16 arithmetic, for runs that began in bfloat16.
 
 A run never changes precision midway (`engine.training_precision`), and a run begun in bfloat16 on a CPU with
-AVX512-BF16 or AMX could so far go on only on such a CPU: elsewhere PyTorch emulates bfloat16 convolutions about
-ten times slower than float32 ones (README "The study at full size"). Under CPU autocast a convolution or linear
-layer rounds its operands to bfloat16, multiplies them, accumulates the products in float32 and rounds the result
-to bfloat16. A product of two bfloat16 numbers (8-bit significands) is exact in float32 (24 bits), so float32
-kernels given the same rounded operands compute the same thing; only the order of the float32 accumulation
-differs, as it does between AVX512-BF16 and AMX kernels, or between thread counts.
+AVX512-BF16 or AMX could so far go on only on such a CPU: elsewhere PyTorch's bfloat16 convolutions are about ten
+times slower than float32 ones (README "The study at full size"). Under CPU autocast a convolution or linear layer
+takes bfloat16 operands, and oneDNN's bfloat16 primitives (the kernels of CPUs that have the arithmetic) multiply
+them, accumulate in float32 and round the result to bfloat16. A product of two bfloat16 numbers (8-bit
+significands) is exact in float32 (24 bits), so float32 kernels given the same rounded operands compute the same
+thing; only the order of the float32 sums differs, as it does between AVX512-BF16 and AMX kernels or between
+thread counts.
 
 `install()` makes `torch.nn.functional.conv2d` and `linear` do exactly that whenever CPU autocast is on in
 bfloat16 (round the input, weight and bias to bfloat16, compute in float32, round the output to bfloat16; in
-backward, autograd's casts round the gradients as autocast's do), and makes `torch.cpu.get_capabilities()` say
+backward, autograd's casts round the gradients to bfloat16 once), and makes `torch.cpu.get_capabilities()` say
 that this CPU trains in bfloat16 (`avx512_bf16`, with `bf16_emulated` beside it), so that a trainer that asks
 (`engine.cpu_computes_bf16`) trains in bfloat16. Everything else under autocast (batch norm, activations, pooling,
-the loss) runs as before. It stands alone (only torch), so that a study's checkout of an older commit can use it
-through `benchmarks/bf16_emulation/sitecustomize.py` without its own code changing.
+the loss) runs as before. PyTorch's own fallback on such a CPU rounds more often (its weight gradients accumulate
+image by image in bfloat16), so the emulation is nearer to the arithmetic's definition than that fallback is
+(tests/test_bf16_emulation.py). It stands alone (only torch), so that a study's checkout of an older commit can
+use it through `benchmarks/bf16_emulation/sitecustomize.py` without its own code changing.
 """
 
 from __future__ import annotations
