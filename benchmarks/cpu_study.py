@@ -17,7 +17,10 @@ grid trains, every run it finishes is evaluated at once (pipeline/evaluate.py), 
 waiting for the others; at every poll while the grid trains the job brings its progress home (what `collect`
 brings; the report when a run has come home), so that a session cut off before it could `collect` leaves the
 study's progress in the working tree. Tests get the CPU first (nice 19); a session's end stops the job, and `start`
-resumes it from its checkpoints, on a fresh machine from the resume points committed under results/.
+resumes it from its checkpoints, on a fresh machine from the resume points committed under results/. A study in
+bfloat16 trains in it on every CPU: where the CPU has no bfloat16 arithmetic, its stages emulate it in float32
+kernels (vggdepth.bf16_emulation, put into them by benchmarks/bf16_emulation/sitecustomize.py); study.json's
+`sessions` records every start's CPU and how it computed bfloat16.
 
 A study can be narrowed to some rows (`--variants V`, repeated), for rows a later commit adds: its job trains
 only their runs (`pipeline/grid.py --only`), then has DVC evaluate them, and its report says the other rows are
