@@ -61,7 +61,7 @@ from vggdepth import bf16_emulation  # noqa: E402
 from vggdepth.checkpoints import FLOAT32  # noqa: E402
 from vggdepth.config import Params, load_params, recorded_params  # noqa: E402
 from vggdepth.download import md5sum  # noqa: E402
-from vggdepth.engine import BFLOAT16, cpu_computes_bf16  # noqa: E402
+from vggdepth.engine import BFLOAT16  # noqa: E402
 from vggdepth.errors import VggdepthError  # noqa: E402
 from vggdepth.files import atomic_dir, atomic_path, write_json  # noqa: E402
 from vggdepth.outputs import read_epochs  # noqa: E402
@@ -86,7 +86,6 @@ AFTER_LEFT = 1  # a study begun --after another begins when that one has at most
 # A finished run's tables in the order they come home: test.json, which says the run is home, last (a stop between
 # two copies leaves a run that comes home again, never one half home)
 HOME_ORDER = (*TRAINING_TABLES, *EVALUATION_TABLES, TEST)
-EMULATION = STUDY / "bf16_emulation"  # a copy of benchmarks/bf16_emulation/ and the module, on the stages' PYTHONPATH
 STUDY_GRID = "runs/study-grid.json"  # a narrowed study's grid record (runs/grid.json is the DVC stage's)
 
 
@@ -103,6 +102,9 @@ class Study:
         self.checkout = STUDY / self.record["commit"][:7]
         self.pid_file = STUDY / f"{results.name}.pid"
         self.log = STUDY / f"{results.name}.log"
+        # where `emulates_bf16`: the study's own copy of benchmarks/bf16_emulation/ and the module, made at `start`
+        # (a job that runs keeps the version it began with), on its stages' PYTHONPATH
+        self.emulation = STUDY / f"{results.name}.bf16_emulation"
 
     @property
     def params(self) -> Params:
@@ -179,7 +181,7 @@ class Study:
     def emulates_bf16(self) -> bool:
         """Whether its stages emulate bfloat16 on this machine (`vggdepth.bf16_emulation`): the study trains in
         it and this CPU has no bfloat16 arithmetic, where PyTorch's own kernels are ten times slower than float32."""
-        return self.trains_bf16 and not cpu_computes_bf16()
+        return self.trains_bf16 and not bf16_emulation.native()
 
     def cannot_train_here(self) -> str | None:
         """Why this machine cannot take the study further, or None. A part-trained run resumes only in the
@@ -197,11 +199,44 @@ class Study:
                 f"{runs} trained in {kinds}, and this study trains in {here} (train.bf16: "
                 f"{str(self.trains_bf16).lower()}): a run never changes precision or device midway"
             )
+        if self.emulates_bf16 and (why := self._cannot_emulate()):
+            return why
         if (after := self.record.get("after")) and self.runs_left() != 0:
             first = _current(after, None)
             if (first.runs_left() or 0) > AFTER_LEFT and (why := first.cannot_train_here()):
                 return f"it begins after the study of {after[:7]}, which cannot go on here: {why}"
         return None
+
+    def _cannot_emulate(self) -> str | None:
+        """Why the emulation would not reach every run's trainer, or None: on a Ray cluster the workers are
+        another machine's processes, and fused runs compute with `baddbmm`, which it does not emulate."""
+        # as the commit's code reads it: its own params.yaml (`params` takes this version's grid section)
+        raw = yaml.safe_load((self.checkout / "params.yaml").read_text()) if self.here else self.record.get("params")
+        grid = (raw or {}).get("grid") or {}
+        address, fused = grid.get("address"), grid.get("runs_per_group")
+        lacking = "this CPU has no bfloat16 arithmetic, and its emulation"
+        if address not in (None, "local") or os.environ.get("RAY_ADDRESS"):
+            where = os.environ.get("RAY_ADDRESS") or address
+            return f"{lacking} cannot reach the workers of a Ray cluster ({where}): train on this machine alone"
+        if fused not in (None, "auto", 1):
+            return f"{lacking} does not cover fused runs (grid.runs_per_group {fused}): set it to 1"
+        return None
+
+    def _put_emulation(self) -> None:
+        """The study's copy of the emulation, and proof that it reaches a trainer: a process in the stages'
+        environment trains in bfloat16 (else the job would fail after preparing the data, or start new runs in
+        float32)."""
+        for source in (ROOT / "benchmarks" / "bf16_emulation" / "sitecustomize.py", Path(bf16_emulation.__file__)):
+            _copy_if_changed(source, self.emulation / source.name)
+        code = "import torch; from vggdepth.engine import training_precision as p; print(p(torch.device('cpu'), True))"
+        done = subprocess.run(
+            [sys.executable, "-c", code], cwd=self.checkout, env=self.env(), capture_output=True, text=True
+        )
+        if done.returncode or done.stdout.strip() != BFLOAT16:
+            raise CannotTrainHere(
+                f"{self.results.name}: not started, bfloat16 emulation did not reach a trainer in {self.emulation} "
+                f"(it trains in {done.stdout.strip() or '?'}): {done.stderr.strip()[-2000:]}"
+            )
 
     # ---- the checkout ------------------------------------------------------------------------------------------
 
@@ -242,7 +277,7 @@ class Study:
         env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "PYTHONPATH": str(self.checkout / "src")}
         env.pop(bf16_emulation.ENV, None)
         if self.emulates_bf16:
-            env.update({bf16_emulation.ENV: "1", "PYTHONPATH": f"{EMULATION}{os.pathsep}{env['PYTHONPATH']}"})
+            env.update({bf16_emulation.ENV: "1", "PYTHONPATH": f"{self.emulation}{os.pathsep}{env['PYTHONPATH']}"})
         return env
 
     # ---- the background job -------------------------------------------------------------------------------------
@@ -262,6 +297,8 @@ class Study:
         self.prepare()
         if why := self.cannot_train_here():
             raise CannotTrainHere(f"{self.results.name}: not started, this machine cannot take it further: {why}")
+        if self.emulates_bf16:
+            self._put_emulation()
         self._record_session()
         command = [sys.executable, __file__, "run", "--results", str(self.results), "--poll-s", str(poll_s)]
         with open(self.log, "a") as log:
@@ -285,8 +322,6 @@ class Study:
         write_json(self.results / "study.json", {**record, "sessions": [*record.get("sessions", []), session]})
         self.record = read_record(self.results / "study.json", StudyRecord).model_dump(mode="json")
         if bf16 == "emulated":
-            for source in (ROOT / "benchmarks" / "bf16_emulation" / "sitecustomize.py", Path(bf16_emulation.__file__)):
-                _copy_if_changed(source, EMULATION / source.name)
             print(
                 f"{self.results.name}: this CPU has no bfloat16 arithmetic: the runs train in bfloat16 emulated in "
                 "float32 kernels (vggdepth.bf16_emulation)"
@@ -426,7 +461,7 @@ def _lowest_priority(pid: int) -> None:
 def _this_cpu() -> str:
     lines = Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []
     names = [line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")]
-    bf16 = "with" if cpu_computes_bf16() else "without"
+    bf16 = "with" if bf16_emulation.native() else "without"
     return f"cpu: {names[0] if names else platform.machine()}, {os.cpu_count()} cores, {bf16} bfloat16 arithmetic"
 
 

@@ -75,10 +75,11 @@ def layer_inputs(net: torch.nn.Module, x: torch.Tensor) -> dict[str, torch.Tenso
 
 @pytest.mark.usefixtures("emulation")
 def test_an_emulated_convolution_is_autocasts_arithmetic_forward_and_backward(params, images):
-    """On real images through VGG-08's entry convolution and its last: the output and both gradients are the
-    exact products and sums of the bfloat16-rounded operands, rounded to bfloat16 once: bfloat16 operands with
-    float32 accumulation, as oneDNN's bfloat16 primitives define it. (PyTorch's fallback on a CPU without
-    bfloat16 arithmetic rounds more often: its weight gradient accumulates image by image in bfloat16.)"""
+    """On real images through VGG-08's entry convolution and its last, called as the network calls them (the
+    modules): the output and both gradients are the exact products and sums of the bfloat16-rounded operands,
+    rounded to bfloat16 once: bfloat16 operands with float32 accumulation, as oneDNN's bfloat16 primitives define
+    it. (PyTorch's fallback on a CPU without bfloat16 arithmetic rounds more often, and fails this: its weight
+    gradient accumulates image by image in bfloat16.)"""
     net = vgg08(params)
     inputs = layer_inputs(net, images[0])
     convs = dict(net.named_modules())
@@ -86,7 +87,7 @@ def test_an_emulated_convolution_is_autocasts_arithmetic_forward_and_backward(pa
         conv, x = convs[name], inputs[name].clone().requires_grad_()
         args = (conv.stride, conv.padding)
         with torch.autocast("cpu", dtype=BF16, cache_enabled=False):
-            out = F.conv2d(x, conv.weight, conv.bias, *args)
+            out = conv(x)
         reference = F.conv2d(exact(x), exact(conv.weight), exact(conv.bias), *args)
         bias = None if conv.bias is None else exact(conv.bias).abs()
         check_rounded_from_exact(out, reference, F.conv2d(exact(x).abs(), exact(conv.weight).abs(), bias, *args))
@@ -106,7 +107,7 @@ def test_an_emulated_convolution_is_autocasts_arithmetic_forward_and_backward(pa
         features = torch.nn.Sequential(*list(net)[:-1])(images[0]).mean(dim=(2, 3))
     w, b = net.head.linear.weight, net.head.linear.bias
     with torch.autocast("cpu", dtype=BF16, cache_enabled=False):
-        logits = F.linear(features, w, b)
+        logits = net.head.linear(features)
     size = F.linear(exact(features).abs(), exact(w).abs(), exact(b).abs())
     check_rounded_from_exact(logits, F.linear(exact(features), exact(w), exact(b)), size)
 
@@ -145,32 +146,37 @@ def test_a_training_step_lands_beside_pytorchs_bfloat16_not_beside_float32(param
     finally:
         bf16_emulation.uninstall()
     assert not hasattr(F.conv2d, "bf16_emulated")
+    assert distance(emulated, pytorch) > 0  # it computed, not PyTorch's kernels
     assert distance(emulated, pytorch) < distance(float32, pytorch) / 2, (
         distance(emulated, pytorch),
         distance(float32, pytorch),
     )
 
 
-def test_the_stages_processes_install_it_through_sitecustomize_where_the_cpu_has_no_bfloat16():
+def test_the_stages_processes_install_it_through_sitecustomize_where_the_cpu_has_no_bfloat16(tmp_path):
     """What the CPU study's stages get (benchmarks/cpu_study.py `env`): with the variable set and the folder on
     PYTHONPATH, a process that imports torch trains in bfloat16 here (the trainer's own question answered yes), by
-    emulation where this CPU has no bfloat16 arithmetic and natively where it has; without the variable, as
-    before."""
+    emulation where this CPU has no bfloat16 arithmetic and natively where it has; `force` installs it on any CPU;
+    without the variable, as before. A `sitecustomize` further down the path still runs."""
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "sitecustomize.py").write_text("import sys; print('the other sitecustomize', file=sys.stderr)")
 
     def precision(**env: str) -> list[str]:
         code = (
-            "import torch, torch.nn.functional as F; from vggdepth.engine import training_precision; "
+            "import torch.nn.functional as F, torch; from vggdepth.engine import training_precision; "
             "print(training_precision(torch.device('cpu'), True), hasattr(F.conv2d, 'bf16_emulated'))"
         )
-        path = os.pathsep.join([str(ROOT / "benchmarks" / "bf16_emulation"), str(ROOT / "src")])
+        path = os.pathsep.join([str(ROOT / "benchmarks" / "bf16_emulation"), str(ROOT / "src"), str(other)])
         clean = {k: v for k, v in os.environ.items() if k != bf16_emulation.ENV}
         done = subprocess.run(
             [sys.executable, "-c", code], env={**clean, "PYTHONPATH": path, **env}, capture_output=True, text=True
         )
         assert done.returncode == 0, done.stderr
+        assert "the other sitecustomize" in done.stderr
         return done.stdout.split()
 
     native = bf16_emulation.native()
-    with_it = precision(**{bf16_emulation.ENV: "1"})
-    assert with_it == ["bfloat16", str(not native)]
+    assert precision(**{bf16_emulation.ENV: "1"}) == ["bfloat16", str(not native)]
+    assert precision(**{bf16_emulation.ENV: "force"}) == ["bfloat16", "True"]
     assert precision() == ["bfloat16" if native else "float32", "False"]

@@ -107,6 +107,54 @@ def test_a_finished_run_whose_tables_dvc_is_rewriting_comes_home_later(tmp_path,
     assert json.loads((results / "study.json").read_text())["runs"]["VGG-08-s0"]["state"] == "finished"
 
 
+def test_a_bfloat16_study_is_emulated_on_a_cpu_without_it_where_the_emulation_reaches(tmp_path, monkeypatch):
+    """On a CPU without bfloat16 arithmetic (made so here, whatever this one has) a study in bfloat16 goes on: its
+    stages' environment carries the emulation, from the study's own copy, and `start` proves that it reaches a
+    trainer before anything starts. Where it could not reach every trainer (a Ray cluster's workers, fused runs)
+    the study is refused, saying why."""
+    spec = importlib.util.spec_from_file_location("cpu_study", ROOT / "benchmarks" / "cpu_study.py")
+    cpu_study = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cpu_study)
+    monkeypatch.setattr(cpu_study, "STUDY", tmp_path / ".study")
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    commit = "0" * 40
+    results = tmp_path / "results" / "2026-01-01-cpu-0000000"
+    results.mkdir(parents=True)
+    (results / "study.json").write_text(json.dumps({"commit": commit, "overrides": {}, "first": []}))
+    checkout = tmp_path / ".study" / commit[:7]
+    checkout.mkdir(parents=True)
+    (checkout / "src").symlink_to(ROOT / "src")  # the commit's library: this one
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    assert params["train"]["bf16"] is True
+    (checkout / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    study = cpu_study.Study(results)
+    native = cpu_study.bf16_emulation.native()
+
+    monkeypatch.setattr(cpu_study.bf16_emulation, "native", lambda: False)
+    assert study.emulates_bf16 and study.cannot_train_here() is None
+    env = study.env()
+    assert env["VGGDEPTH_BF16_EMULATION"] == "1"
+    assert env["PYTHONPATH"].split(os.pathsep) == [str(study.emulation), str(checkout / "src")]
+    study._put_emulation()  # a real process in that environment trains in bfloat16 (natively, where it can)
+    assert sorted(p.name for p in study.emulation.iterdir()) == ["bf16_emulation.py", "sitecustomize.py"]
+    if not native:  # the emulation is what makes it so here: without it, start refuses, saying what it saw
+        with monkeypatch.context() as m:
+            m.setattr(cpu_study.bf16_emulation, "ENV", "NOT_THE_EMULATION")  # the stages would not get it
+            with pytest.raises(cpu_study.CannotTrainHere, match=r"did not reach a trainer .* trains in float32"):
+                study._put_emulation()
+
+    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:6379")
+    assert "cannot reach the workers of a Ray cluster (127.0.0.1:6379)" in study.cannot_train_here()
+    monkeypatch.delenv("RAY_ADDRESS")
+    params["grid"]["runs_per_group"] = 2
+    (checkout / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    assert "does not cover fused runs (grid.runs_per_group 2)" in study.cannot_train_here()
+    params["train"]["bf16"] = False  # a float32 study: nothing to emulate, fused or not
+    (checkout / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    assert not study.emulates_bf16 and study.cannot_train_here() is None
+    assert "VGGDEPTH_BF16_EMULATION" not in study.env()
+
+
 def test_a_study_this_machine_cannot_take_further_is_refused_before_anything_starts(
     tmp_path, archive_path, archive_md5, request
 ):
@@ -319,6 +367,8 @@ def test_a_study_narrowed_to_some_rows_waits_for_the_other_and_trains_only_its_r
     other = repo / ".study" / later[:7]
     log = repo / ".study" / f"{next((repo / 'results').glob(f'*-cpu-{later[:7]}')).name}.log"
     wait_for(lambda: log.exists() and "the study is complete" in log.read_text(), 600, "the narrowed study to end")
+    # its last line comes a moment before its process has gone
+    wait_for(lambda: f"-cpu-{later[:7]}: not running" in study(repo, "status"), 60, "the narrowed job to exit")
     text = log.read_text()
     assert f"waiting for the study of {first[:7]} (2 run(s) left): this one begins at 1" in text, text[-3000:]
     begins = re.search(rf"the study of {first[:7]} has (\d) run\(s\) left: this one begins\n", text)

@@ -14,10 +14,13 @@ bfloat16 (round the input, weight and bias to bfloat16, compute in float32, roun
 backward, autograd's casts round the gradients to bfloat16 once), and makes `torch.cpu.get_capabilities()` say
 that this CPU trains in bfloat16 (`avx512_bf16`, with `bf16_emulated` beside it), so that a trainer that asks
 (`engine.cpu_computes_bf16`) trains in bfloat16. Everything else under autocast (batch norm, activations, pooling,
-the loss) runs as before. PyTorch's own fallback on such a CPU rounds more often (its weight gradients accumulate
-image by image in bfloat16), so the emulation is nearer to the arithmetic's definition than that fallback is
-(tests/test_bf16_emulation.py). It stands alone (only torch), so that a study's checkout of an older commit can
-use it through `benchmarks/bf16_emulation/sitecustomize.py` without its own code changing.
+the loss) runs as before. Only these two functions are emulated (what the study's networks compute with, through
+`nn.Conv2d` and `nn.Linear`); `torch.conv2d` called directly, other convolutions, matmul and the GPU path's
+`fused.FusedLinear` (`torch.baddbmm`) keep PyTorch's kernels. PyTorch's own fallback on such a CPU rounds more
+often (its weight gradients accumulate image by image in bfloat16), so the emulation is nearer to the arithmetic's
+definition than that fallback is (tests/test_bf16_emulation.py). It stands alone (only torch), so that a study's
+checkout of an older commit can use it through `benchmarks/bf16_emulation/sitecustomize.py` without its own code
+changing.
 """
 
 from __future__ import annotations
@@ -28,7 +31,8 @@ import logging
 import torch
 import torch.nn.functional as F
 
-ENV = "VGGDEPTH_BF16_EMULATION"  # set to 1 for the processes that should train this way (see sitecustomize.py)
+ENV = "VGGDEPTH_BF16_EMULATION"  # 1: the processes that should train this way (sitecustomize.py); force: even
+# where the CPU has bfloat16 arithmetic (for tests of the mechanism on any machine)
 EMULATED = "bf16_emulated"  # the key `get_capabilities()` carries once installed
 
 log = logging.getLogger(__name__)
@@ -41,8 +45,12 @@ def native() -> bool:
 
 
 def _in_bf16_autocast(tensor: torch.Tensor) -> bool:
+    """Whether autocast would cast `tensor` to bfloat16 here: on the CPU, in bfloat16 autocast, a floating-point
+    tensor that is not float64 (which autocast leaves alone)."""
     return (
         tensor.device.type == "cpu"
+        and tensor.is_floating_point()
+        and tensor.dtype != torch.float64
         and torch.is_autocast_enabled("cpu")
         and torch.get_autocast_dtype("cpu") == torch.bfloat16
     )
