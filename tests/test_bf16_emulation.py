@@ -113,11 +113,17 @@ def test_an_emulated_convolution_is_autocasts_arithmetic_forward_and_backward(pa
 
 
 def test_outside_bfloat16_autocast_nothing_changes(params, images, emulation):
-    """float32 and float64 compute as before, bit for bit; the mark says it is installed, and only once."""
+    """float32 and float64 compute as before, bit for bit (float64 under bfloat16 autocast too); the mark says it
+    is installed, and only once."""
     net = vgg08(params)
     conv, x = net.entry.conv, images[0]
     original = F.conv2d.bf16_emulated
     assert torch.equal(F.conv2d(x, conv.weight, conv.bias, 1, 1), original(x, conv.weight, conv.bias, 1, 1))
+    with torch.autocast("cpu", dtype=BF16):  # float64, which autocast leaves alone, is left alone
+        assert torch.equal(
+            F.conv2d(x.double(), conv.weight.double(), None, 1, 1),
+            original(x.double(), conv.weight.double(), None, 1, 1),
+        )
     with torch.autocast("cpu", dtype=torch.float16):  # another autocast dtype: not this module's business
         assert F.conv2d(x, conv.weight, conv.bias, 1, 1).dtype == original(x, conv.weight, conv.bias, 1, 1).dtype
     assert torch.cpu.get_capabilities()[bf16_emulation.EMULATED] and not bf16_emulation.native()
