@@ -21,7 +21,7 @@ import torch
 import yaml
 
 from tests.conftest import ROOT
-from tests.helpers import dvc_env, tiny_clone
+from tests.helpers import benchmark_script, dvc_env, tiny_clone
 from vggdepth.engine import cpu_computes_bf16
 from vggdepth.runs import RunFiles
 
@@ -74,13 +74,11 @@ def test_a_run_resumes_from_the_newest_checkpoint_that_loads(tmp_path):
     assert cpu_study._resume_point(files) == (files.last, 5)
 
 
-def test_a_finished_run_whose_tables_dvc_is_rewriting_comes_home_later(tmp_path, monkeypatch, capsys):
-    """DVC deletes a stage's outputs before it runs it again, and the train stage rewrites a finished run's tables
-    from its checkpoint: a job stopped in between leaves a tested run without its epochs.csv for a while. `collect`
-    then says so and brings the rest home, rather than failing on the missing file (as it once did)."""
-    spec = importlib.util.spec_from_file_location("cpu_study", ROOT / "benchmarks" / "cpu_study.py")
-    cpu_study = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(cpu_study)
+def study_on_disk(tmp_path: Path, monkeypatch, params: dict):
+    """benchmarks/cpu_study.py with its .study/ under tmp_path, and a study of commit 0000000 there: its record, and
+    a checkout holding `params` and this library (what the study's methods read); the module, the study and the
+    checkout."""
+    cpu_study = benchmark_script("cpu_study")
     monkeypatch.setattr(cpu_study, "STUDY", tmp_path / ".study")
     commit = "0" * 40
     results = tmp_path / "results" / "2026-01-01-cpu-0000000"
@@ -88,9 +86,18 @@ def test_a_finished_run_whose_tables_dvc_is_rewriting_comes_home_later(tmp_path,
     (results / "study.json").write_text(json.dumps({"commit": commit, "overrides": {}, "first": []}))
     checkout = tmp_path / ".study" / commit[:7]
     checkout.mkdir(parents=True)
+    (checkout / "src").symlink_to(ROOT / "src")  # the commit's library: this one
+    (checkout / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    return cpu_study, cpu_study.Study(results), checkout
+
+
+def test_a_finished_run_whose_tables_dvc_is_rewriting_comes_home_later(tmp_path, monkeypatch, capsys):
+    """DVC deletes a stage's outputs before it runs it again, and the train stage rewrites a finished run's tables
+    from its checkpoint: a job stopped in between leaves a tested run without its epochs.csv for a while. `collect`
+    then says so and brings the rest home, rather than failing on the missing file (as it once did)."""
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
-    (checkout / "params.yaml").write_text(yaml.safe_dump({**params, "seeds": [0]}, sort_keys=False))
-    study = cpu_study.Study(results)
+    _, study, checkout = study_on_disk(tmp_path, monkeypatch, {**params, "seeds": [0]})
+    results = study.results
     epochs = study.params.train.epochs
     for name in study.run_names():
         files = RunFiles(checkout / "runs" / name)
@@ -112,22 +119,10 @@ def test_a_bfloat16_study_is_emulated_on_a_cpu_without_it_where_the_emulation_re
     stages' environment carries the emulation, from the study's own copy, and `start` proves that it reaches a
     trainer before anything starts. Where it could not reach every trainer (a Ray cluster's workers, fused runs)
     the study is refused, saying why."""
-    spec = importlib.util.spec_from_file_location("cpu_study", ROOT / "benchmarks" / "cpu_study.py")
-    cpu_study = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(cpu_study)
-    monkeypatch.setattr(cpu_study, "STUDY", tmp_path / ".study")
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
-    commit = "0" * 40
-    results = tmp_path / "results" / "2026-01-01-cpu-0000000"
-    results.mkdir(parents=True)
-    (results / "study.json").write_text(json.dumps({"commit": commit, "overrides": {}, "first": []}))
-    checkout = tmp_path / ".study" / commit[:7]
-    checkout.mkdir(parents=True)
-    (checkout / "src").symlink_to(ROOT / "src")  # the commit's library: this one
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     assert params["train"]["bf16"] is True
-    (checkout / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    study = cpu_study.Study(results)
+    cpu_study, study, checkout = study_on_disk(tmp_path, monkeypatch, params)
     native = cpu_study.bf16_emulation.native()
 
     monkeypatch.setattr(cpu_study.bf16_emulation, "native", lambda: False)
