@@ -26,6 +26,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -33,6 +34,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
 from vggdepth import bf16_emulation  # noqa: E402
+from vggdepth.batches import DeviceDataset  # noqa: E402
 from vggdepth.config import ModelConfig, Variant  # noqa: E402
 from vggdepth.data import read_archive  # noqa: E402
 from vggdepth.errors import VggdepthError  # noqa: E402
@@ -49,11 +51,10 @@ def network(state: dict) -> torch.nn.Module:
 
 
 def images(archive: Path, count: int, state: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first `count` official training images, normalised with the run's statistics as its trainer does."""
     train, _, _ = read_archive(archive)
-    x = torch.from_numpy(train.images[:count]).float() / 255  # (N, 3, 32, 32)
-    mean, std = torch.tensor(state["mean"]).view(1, 3, 1, 1), torch.tensor(state["std"]).view(1, 3, 1, 1)
-    x = ((x - mean) / std).contiguous(memory_format=torch.channels_last)
-    return x, torch.from_numpy(train.labels[:count]).long()
+    data = DeviceDataset(train.take(np.arange(count)), state["mean"], state["std"], torch.device("cpu"))
+    return data.normalise(data.images), data.labels
 
 
 def one_pass(state: dict, x: torch.Tensor, y: torch.Tensor, way: str, threads: int) -> tuple[torch.Tensor, dict]:

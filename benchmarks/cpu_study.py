@@ -319,8 +319,9 @@ class Study:
         bf16 = ("emulated" if self.emulates_bf16 else "native") if self.trains_bf16 else "off"
         epochs = {name: state["epochs"] for name, state in self.states().items()}
         session = {"started_at": _now(), "cpu": _this_cpu(), "bf16": bf16, "epochs": epochs}
-        write_json(self.results / "study.json", {**record, "sessions": [*record.get("sessions", []), session]})
-        self.record = read_record(self.results / "study.json", StudyRecord).model_dump(mode="json")
+        record = {**record, "sessions": [*record.get("sessions", []), session]}
+        write_json(self.results / "study.json", record)
+        self.record = record
         if bf16 == "emulated":
             print(
                 f"{self.results.name}: this CPU has no bfloat16 arithmetic: the runs train in bfloat16 emulated in "
@@ -639,9 +640,10 @@ def main() -> None:
             print(f"{study.results.name}: {'running, process group ' + str(pid) if pid else 'not running'}")
             for name, state in study.states().items():
                 print(f"  {name}: {state['epochs']} epochs, {state['state']}")
-            if study.runs_left() and (why := study.cannot_train_here()):
+            left = study.runs_left()
+            if left and (why := study.cannot_train_here()):
                 print(f"  cannot go on on this machine: {why}")
-            elif study.runs_left() and study.emulates_bf16:
+            elif left and study.emulates_bf16:
                 print("  on this CPU (no bfloat16 arithmetic) it trains in bfloat16 emulated in float32 kernels")
     if refused:
         raise SystemExit(f"not started: {', '.join(refused)}")

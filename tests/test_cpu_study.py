@@ -5,7 +5,6 @@ renders Table 1 and imports into MLflow as a CPU study."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import re
@@ -60,9 +59,7 @@ def rows(path: Path) -> list[str]:
 def test_a_run_resumes_from_the_newest_checkpoint_that_loads(tmp_path):
     """As the trainer does: last.pt, else previous.pt (a stop between a checkpoint's two writes, or a damaged
     last.pt); what `status` counts and `collect` brings home."""
-    spec = importlib.util.spec_from_file_location("cpu_study", ROOT / "benchmarks" / "cpu_study.py")
-    cpu_study = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(cpu_study)
+    cpu_study = benchmark_script("cpu_study")
     files = RunFiles(tmp_path / "VGG-38-s0")
     files.checkpoints.mkdir(parents=True)
     assert cpu_study._resume_point(files) is None  # never trained
@@ -157,9 +154,7 @@ def test_a_study_this_machine_cannot_take_further_is_refused_before_anything_sta
     and the study's precision, and launches nothing (not a job that prepares the data for minutes and then fails);
     a study begun --after it would wait for ever, and is refused too. `status` says the same; the others still
     start."""
-    spec = importlib.util.spec_from_file_location("cpu_study", ROOT / "benchmarks" / "cpu_study.py")
-    cpu_study = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(cpu_study)
+    cpu_study = benchmark_script("cpu_study")
     repo = tiny_clone(tmp_path, archive_path, archive_md5, epochs=3, tracking=False, variants=("VGG-08", "VGG-38"))
     params = (repo / "params.yaml").read_text()
     assert "bf16: true" in params  # float32 on any machine, whatever its CPU: the crafted checkpoint is bfloat16
