@@ -1,14 +1,18 @@
 #!/usr/bin/env bash
-# A GPU lease, on the rented machine, from the repository's root. The archive (161 MiB) comes in three parts over
-# three back-to-back calls, each carrying one part of .lease/ (benchmarks/lease_prepare.sh made them here):
+# A GPU lease, on the rented machine, from the repository's root. The archive (161 MiB) comes in parts over
+# back-to-back calls, each carrying one part of .lease/ beside the working tree (benchmarks/lease_prepare.sh made
+# them here, as many as the tree leaves room for, and printed the calls):
 #
-#   bash benchmarks/gpu_lease.sh stash            calls 1 and 2: keep this call's part outside the working tree
+#   bash benchmarks/gpu_lease.sh stash            every call but the last: keep this call's part outside the tree
 #   bash benchmarks/gpu_lease.sh run [BUDGET_S] [gpu_lease.py options...]
-#                                                 call 3: keep its part, check every part and the whole archive
-#                                                 against .lease/MD5SUMS, install the carried wheels (.whl/), and
-#                                                 run benchmarks/gpu_lease.py into $OUT within BUDGET_S (480)
+#                                                 the last call: keep its part, check every part and the whole
+#                                                 archive against .lease/MD5SUMS, install the carried wheels
+#                                                 (.whl/), and run benchmarks/gpu_lease.py into $OUT within
+#                                                 BUDGET_S (480)
 #
-# LEASE_STASH (default /tmp/vggdepth-parts) is where the parts wait between calls; OUT is where results go.
+# Make the calls in one batch: the machine is given back 30 s after a call, and a fresh one has lost the parts
+# (the run call then names the missing ones). LEASE_STASH (default /tmp/vggdepth-parts) is where the parts wait
+# between calls; OUT is where results go.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 started=$(date +%s)

@@ -1,5 +1,5 @@
-"""The GPU lease, rehearsed on the CPU: the archive split into three parts and sent as three calls would send them,
-reassembled and checked; a missing or damaged part refused; the whole lease end to end (real archive, tiny
+"""The GPU lease, rehearsed on the CPU: the archive split into as many parts as the working tree leaves room for
+in a call and sent as the calls would send them, reassembled and checked; a missing or damaged part refused; the whole lease end to end (real archive, tiny
 configuration) into results.tar.gz, and back here into results/ with Table 1 rendered from it."""
 
 from __future__ import annotations
@@ -41,41 +41,59 @@ def sh(root: Path, *args: str, env: dict | None = None) -> subprocess.CompletedP
     )
 
 
-def send_in_three_calls(root: Path, stash: Path, last: list[str], env: dict) -> subprocess.CompletedProcess:
-    """Calls 1 and 2 carry one part each and stash it; call 3 carries the last part and runs. Each call's tree holds
-    only the part it carried (and MD5SUMS), as a fresh carry would."""
+def send_in_calls(root: Path, stash: Path, last: list[str], env: dict) -> subprocess.CompletedProcess:
+    """Every call but the last carries one part and stashes it; the last carries the last part and runs. Each
+    call's tree holds only the part it carried (and MD5SUMS), as a fresh carry would."""
     parts = sorted((root / ".lease").glob("part-*"))
-    assert len(parts) == 3
     held = root / "held"
     held.mkdir()
     for part in parts:
         part.rename(held / part.name)
     env = {**env, "LEASE_STASH": str(stash)}
-    for part in sorted(held.iterdir())[:2]:
-        (held / part.name).rename(root / ".lease" / part.name)
+    for part in parts[:-1]:
+        (held / part.name).rename(part)
         done = sh(root, "benchmarks/gpu_lease.sh", "stash", env=env)
         assert done.returncode == 0, done.stderr
         assert f"kept {part.name}" in done.stdout
-        (root / ".lease" / part.name).unlink()
-    third = next(held.iterdir())
-    third.rename(root / ".lease" / third.name)
+        part.unlink()
+    (held / parts[-1].name).rename(parts[-1])
     return sh(root, "benchmarks/gpu_lease.sh", "run", *last, env=env)
+
+
+def travelling_bytes(root: Path) -> int:
+    """What a call carries of a copy without git besides the lease's own files (lease_prepare.sh's count)."""
+    files = (p for p in root.rglob("*") if p.is_file() and not {".lease", ".whl", ".git"} & set(p.relative_to(root).parts))
+    return sum(p.stat().st_size for p in files)
 
 
 def test_parts_are_reassembled_exactly_and_a_missing_or_damaged_part_is_refused(tmp_path):
     root = checkout(tmp_path / "repo")
     archive = tmp_path / "archive.bin"
     archive.write_bytes(os.urandom(3 * 1024 * 1024 + 7))  # not divisible by 3: the parts differ in size
-    made = sh(root, "benchmarks/lease_prepare.sh", str(archive), env={"LEASE_WHEELS": "0"})
+    room = 800_000  # what a call leaves for a part once the tree and MD5SUMS are in: 4 parts of this archive
+    limit = travelling_bytes(root) + 65536 + room
+    made = sh(
+        root,
+        "benchmarks/lease_prepare.sh",
+        str(archive),
+        env={"LEASE_WHEELS": "0", "LEASE_CALL_BYTES": str(limit), "LEASE_MARGIN_BYTES": "0"},
+    )
     assert made.returncode == 0, made.stderr
     sums = (root / ".lease" / "MD5SUMS").read_text().splitlines()
-    assert [line.split()[1] for line in sums] == ["part-aa", "part-ab", "part-ac", "cifar-100-python.tar.gz"]
+    names = ["part-aa", "part-ab", "part-ac", "part-ad"]
+    assert [line.split()[1] for line in sums] == [*names, "cifar-100-python.tar.gz"]
     assert sum(p.stat().st_size for p in (root / ".lease").glob("part-*")) == archive.stat().st_size
+    assert all(p.stat().st_size <= room for p in (root / ".lease").glob("part-*"))
+    # the calls to make, printed: a stash for every part but the last, which runs and carries the wheels
+    calls = [line.strip() for line in made.stdout.splitlines() if line.startswith("  run carry=")]
+    assert [c.split('"')[1] for c in calls] == [f".lease/{n}" for n in names]
+    assert all("gpu_lease.sh stash" in c for c in calls[:-1]) and "gpu_lease.sh run" in calls[-1]
+    assert '".whl"' in calls[-1] and not any('".whl"' in c for c in calls[:-1])
     pristine = {p.name: p.read_bytes() for p in (root / ".lease").glob("part-*")}
 
-    # all three parts: reassembled byte for byte, then handed to Python (here `true`, which does nothing)
+    # all four parts: reassembled byte for byte, then handed to Python (here `true`, which does nothing)
     stash = tmp_path / "stash"
-    done = send_in_three_calls(root, stash, [], {"PYTHON": "true", "OUT": str(tmp_path / "out")})
+    done = send_in_calls(root, stash, [], {"PYTHON": "true", "OUT": str(tmp_path / "out")})
     assert done.returncode == 0, done.stderr
     assert (stash / "cifar-100-python.tar.gz").read_bytes() == archive.read_bytes()
     assert "archive reassembled and checked" in done.stdout
@@ -98,6 +116,44 @@ def test_parts_are_reassembled_exactly_and_a_missing_or_damaged_part_is_refused(
     (stash / "part-ab").write_bytes(pristine["part-ab"][:-1] + bytes([pristine["part-ab"][-1] ^ 1]))
     refused = sh(root, "benchmarks/gpu_lease.sh", "run", env={"LEASE_STASH": str(stash), "PYTHON": "true"})
     assert refused.returncode == 1 and "a part is missing or damaged" in refused.stderr
+
+
+def test_the_parts_leave_room_for_the_tree_every_call_carries_and_no_room_is_refused(tmp_path):
+    """In a git checkout the tree that travels is what git tracks or does not ignore (results/ holds the CPU
+    study's resume points, megabytes each): the parts shrink as it grows, and when nothing is left for them the
+    script names the largest files and leaves the parts it made before."""
+    root = checkout(tmp_path / "repo")
+    (root / ".gitignore").write_text("/.lease/\n/.whl/\n/ignored.bin\n")
+    (root / "results").mkdir()
+    (root / "results" / "resume.pt").write_bytes(os.urandom(1_500_000))  # tracked
+    (root / "untracked.bin").write_bytes(os.urandom(500_000))  # not ignored: it travels too
+    (root / "ignored.bin").write_bytes(os.urandom(4_000_000))  # stays here
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t", "-c", "commit.gpgsign=false"]
+    subprocess.run(["git", "init", "-q"], cwd=root, check=True)
+    subprocess.run(["git", "add", "src", "benchmarks", "params.yaml", "reference", "results", ".gitignore"], cwd=root)
+    subprocess.run([*git, "commit", "-qm", "checkout"], cwd=root, check=True)
+    tree = sum(
+        p.stat().st_size
+        for p in root.rglob("*")
+        if p.is_file() and not {".git", ".lease", ".whl"} & set(p.relative_to(root).parts) and p.name != "ignored.bin"
+    )
+    archive = tmp_path / "archive.bin"
+    archive.write_bytes(os.urandom(2_000_000))
+    limit = tree + 65536 + 700_000
+    env = {"LEASE_WHEELS": "0", "LEASE_CALL_BYTES": str(limit), "LEASE_MARGIN_BYTES": "0"}
+    made = sh(root, "benchmarks/lease_prepare.sh", str(archive), env=env)
+    assert made.returncode == 0, made.stderr
+    parts = sorted((root / ".lease").glob("part-*"))
+    assert len(parts) == 3 and all(p.stat().st_size <= 700_000 for p in parts)  # the ignored 4 MB not counted
+    assert f"({tree // 1048576} MiB)" in made.stdout and "3 parts" in made.stdout
+    before = {p.name: p.read_bytes() for p in (root / ".lease").iterdir()}
+
+    # the resume point grows past what a call carries: refused, naming it; the parts made before are kept
+    (root / "results" / "resume.pt").write_bytes(os.urandom(2_500_000))
+    refused = sh(root, "benchmarks/lease_prepare.sh", str(archive), env=env)
+    assert refused.returncode == 1
+    assert "no room for the archive's parts" in refused.stderr and "results/resume.pt" in refused.stderr
+    assert {p.name: p.read_bytes() for p in (root / ".lease").iterdir()} == before
 
 
 def test_deadline_stops_a_run_only_when_its_next_epoch_would_overrun():
@@ -130,7 +186,7 @@ def test_the_lease_end_to_end_on_the_cpu_and_its_results_rendered_here(archive_p
     tiny = ["900", "--device", "cpu", "--per-class", "2", "--epochs", "2", "--bench-steps", "1"]
     table = ["--networks", "VGG-08", "--fuse-network", "VGG-08", "--fuse", "2", "--processes", "2"]
     study = ["--profile-steps", "1", "--study-fuse", "3", "--study-processes", "2"]
-    done = send_in_three_calls(
+    done = send_in_calls(
         root,
         tmp_path / "stash",
         [*tiny, *table, *study, "--work", str(tmp_path / "work")],
