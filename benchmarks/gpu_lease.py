@@ -18,7 +18,8 @@ that fits, and the profile gets at most a quarter of what is left.
    group. Every run writes the usual run folder (epochs.csv, gradients.csv, train.json, checkpoints) and, once
    finished, its evaluation (test.json, predictions.npz, per_class.csv, superclass_confusion.csv; the superclasses
    read from the archive into labels.json beside the prepared data). If no row of the fast path could be measured,
-   each run trains alone, eagerly.
+   each run trains alone, eagerly. A lease can take a share of the study (`--seeds`, `--variants`) when the whole
+   does not fit its time, and an earlier lease's table on the same device (`--table-from`) instead of measuring.
 4. Into `--out`, after the table and again after every group (so a lease cut short still brings its finished
    runs home): `lease.json` (device, torch, commit, command, the throughput table and its errors, the plan, each
    run's state), `profile.txt` and `results.tar.gz` (those two and every run folder's tables and test.json, no
@@ -36,6 +37,7 @@ Back on a machine with the project, `benchmarks/gpu_results.py` unpacks it under
 from __future__ import annotations
 
 import argparse
+import json
 import multiprocessing
 import os
 import platform
@@ -87,9 +89,63 @@ def lease_params(path: Path, device: str, epochs: int | None, per_class: int | N
     )
 
 
-def study_order(params: Params) -> list[tuple[str, int]]:
-    """Seed 0 of every variant first, then the next seed of every variant, and so on."""
-    return [(variant, seed) for seed in params.seeds for variant in params.variants]
+def study_order(params: Params, only: list[str] | None = None) -> list[tuple[str, int]]:
+    """Seed 0 of every variant first, then the next seed of every variant, and so on (`only`: these variants)."""
+    return [(variant, seed) for seed in params.seeds for variant in params.variants if only is None or variant in only]
+
+
+def narrow(params: Params, seeds: str | None, variants: str | None) -> tuple[Params, list[str] | None]:
+    """The lease's share of the study: `seeds` and `variants` (comma-separated; None: all of params.yaml's). The
+    params keep every variant (the report's figures and guard name them) and train `only` the chosen; they keep
+    the chosen seeds, the report's seed moved to the first of them if it is not one. Unknown names are refused."""
+
+    def chosen(given: str | None, known: list, kind, what: str) -> list | None:
+        if given is None:
+            return None
+        try:
+            picked = [kind(x.strip()) for x in given.split(",") if x.strip()]
+        except ValueError:
+            raise SystemExit(f"error: --{what} {given!r}: not a comma-separated list of {what}") from None
+        if not picked or (unknown := [x for x in picked if x not in known]):
+            named = f"{', '.join(map(str, unknown))} not among them" if picked else "none given"
+            raise SystemExit(
+                f"error: --{what} {given!r}: params.yaml's {what} are {', '.join(map(str, known))} ({named})"
+            )
+        return [x for x in known if x in picked]  # in params.yaml's order
+
+    kept = chosen(seeds, params.seeds, int, "seeds")
+    only = chosen(variants, list(params.variants), str, "variants")
+    if kept is not None:
+        report = params.report
+        if report.seed not in kept:
+            report = report.model_copy(update={"seed": kept[0]})
+        params = Params.model_validate({**params.model_dump(mode="json"), "seeds": kept, "report": report.model_dump()})
+    return params, only
+
+
+def earlier_table(path: Path, device: str) -> list[dict] | None:
+    """The throughput rows of an earlier lease's `lease.json` (a file from another machine, checked as such),
+    if that lease ran on this kind of device; None when it ran on another (the table is measured again)."""
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise SystemExit(f"error: --table-from {path}: not a lease.json that reads ({exc})") from None
+    rows = record.get("throughput") if isinstance(record, dict) else None
+    fields = {"network": str, "path": str, "fused": int, "processes": int, "per_run": float, "aggregate": float}
+
+    def typed(value, kind) -> bool:  # a float may have been written as an integer; a bool is no number here
+        kinds = (int, float) if kind is float else kind
+        return isinstance(value, kinds) and not isinstance(value, bool)
+
+    if (
+        not isinstance(rows, list)
+        or not rows
+        or not all(isinstance(r, dict) and all(typed(r.get(k), t) for k, t in fields.items()) for r in rows)
+    ):
+        raise SystemExit(f"error: --table-from {path}: no throughput table in it (rows of {', '.join(fields)})")
+    if record.get("device") != device:
+        return None
+    return rows
 
 
 # ---- throughput ---------------------------------------------------------------------------------------------
@@ -306,9 +362,9 @@ def study_params(params: Params, fuse: int, processes: int) -> Params:
     return params.model_copy(update=update)
 
 
-def study_groups(params: Params, runs: Path, data: PreparedData) -> list[list[str]]:
+def study_groups(params: Params, runs: Path, data: PreparedData, only: list[str] | None) -> list[list[str]]:
     """The groups the grid will train, by run name (`grid.group_runs` of the runs not yet finished)."""
-    planned = [r for r in plan_runs(params, runs, data.stats, arrange=False) if r.stale and not r.problem]
+    planned = [r for r in plan_runs(params, runs, data.stats, arrange=False, only=only) if r.stale and not r.problem]
     packing = choose_packing(params, *local_resources(), len(planned))
     return [[r.name for r in g] for g in group_runs(params, planned, packing.group)]
 
@@ -323,12 +379,13 @@ def train_study(
     margin: float,
     say,
     progress,
+    only: list[str] | None = None,
 ) -> list[dict]:
     """The study through the pipeline's own grid (vggdepth.grid, `backend: processes`) under the deadline: no group
     starts with less than `margin` seconds left, a run stops after its last epoch that fits. Every run that
     finishes is tested at once (vggdepth.evaluation), and `progress(states)` runs after each group, so what is
-    done goes home even if the lease is cut short."""
-    groups = study_groups(params, runs, data)
+    done goes home even if the lease is cut short. `only`: the runs of these variants."""
+    groups = study_groups(params, runs, data, only)
     say("groups: " + "; ".join(" + ".join(g) for g in groups))
     fused_with = {name: len(g) for g in groups for name in g}
     started = time.time()
@@ -336,7 +393,7 @@ def train_study(
 
     def after_group(result: GridResult) -> None:
         """Each run that has ended since the last call: tested when it finished, its state said and kept."""
-        for variant, seed in study_order(params):
+        for variant, seed in study_order(params, only):
             name = run_name(variant, seed)
             files = RunFiles.of(runs, variant, seed)
             if name in ended:
@@ -368,10 +425,18 @@ def train_study(
         progress(states())
 
     def states() -> list[dict]:
-        return [ended[name] for name in (run_name(v, s) for v, s in study_order(params)) if name in ended]
+        return [ended[name] for name in (run_name(v, s) for v, s in study_order(params, only)) if name in ended]
 
     result, _, _ = run_grid(
-        params, data, data_dir, runs, probe=False, deadline=deadline, start_margin_s=margin, after_group=after_group
+        params,
+        data,
+        data_dir,
+        runs,
+        probe=False,
+        deadline=deadline,
+        start_margin_s=margin,
+        after_group=after_group,
+        only=only,
     )
     after_group(result)  # runs the deadline kept from starting end without a group of their own
     return states()
@@ -443,6 +508,13 @@ def main() -> None:
     )
     parser.add_argument("--profile-steps", type=int, default=20, help="fused steps to profile (0: none)")
     parser.add_argument("--fallback-processes", type=int, default=4, help="runs at once if the fast path fails")
+    parser.add_argument("--seeds", help="train only these of params.yaml's seeds (comma-separated; default: all)")
+    parser.add_argument("--variants", help="train only these variants (comma-separated; default: all)")
+    parser.add_argument(
+        "--table-from",
+        type=Path,
+        help="an earlier lease's lease.json: its throughput table, not measured again, if it ran on this device",
+    )
     parser.add_argument("--epochs", type=int, default=None, help="rehearsal only: fewer epochs than params.yaml")
     parser.add_argument("--per-class", type=int, default=None, help="rehearsal only: training images per class")
     parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "vggdepth-lease")
@@ -456,6 +528,7 @@ def main() -> None:
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         sys.exit("error: --device cuda but torch sees no GPU")
     params = lease_params(args.params, args.device, args.epochs, args.per_class)
+    params, only = narrow(params, args.seeds, args.variants)
     lease = {
         "command": shlex.join([sys.executable, *sys.argv]),
         "commit": _commit(),
@@ -466,7 +539,10 @@ def main() -> None:
         "epochs": params.train.epochs,
         "params": params.model_dump(mode="json"),  # what the runs trained with, for the report and MLflow back home
     }
+    if only is not None:
+        lease["variants"] = only
     say(f"{lease['device']}, torch {lease['torch']}, commit {lease['commit'][:12]}")
+    earlier = earlier_table(args.table_from, lease["device"]) if args.table_from else None
 
     found = md5sum(args.archive)
     if found != args.md5:
@@ -490,7 +566,15 @@ def main() -> None:
         return pack(runs, lease, args.out)
 
     try:
-        rows, errors = throughput_table(params, data, data_dir, args, started + args.table_share * args.budget_s, say)
+        if earlier is not None:
+            rows, errors = earlier, []
+            lease["throughput_from"] = str(args.table_from)
+            say(f"throughput: the table of {args.table_from} ({lease['device']}), not measured again")
+        else:
+            if args.table_from:
+                say(f"throughput: {args.table_from} was measured on another device; measuring this one's")
+            until = started + args.table_share * args.budget_s
+            rows, errors = throughput_table(params, data, data_dir, args, until, say)
         lease.update(throughput=rows, throughput_errors=errors)
         print_table(rows)
         best = choose(rows, args.fuse_network)
@@ -506,7 +590,7 @@ def main() -> None:
                 params = params.model_copy(update={"runtime": params.runtime.model_copy(update={"cuda_graphs": False})})
         fuse, processes = args.study_fuse or fuse, args.study_processes or processes
         if not args.study_processes:  # every group at once, at least, when the machine allows
-            groups = len(study_groups(study_params(params, fuse, processes), runs, data))
+            groups = len(study_groups(study_params(params, fuse, processes), runs, data, only))
             processes = max(processes, min(groups, args.max_processes))
         params = study_params(params, fuse, processes)
         plan = {"fuse": fuse, "processes": processes, "start_margin_s": args.start_margin_s}
@@ -523,9 +607,10 @@ def main() -> None:
                 lease["profile_error"] = f"{type(exc).__name__}: {exc}"
                 say(f"no profile: {lease['profile_error']}")
         how = f"{fuse} fused per network" if fuse else "alone"
-        say(f"study: {len(study_order(params))} runs x {params.train.epochs} epochs, {how}, {processes} process(es)")
+        count = len(study_order(params, only))
+        say(f"study: {count} runs x {params.train.epochs} epochs, {how}, {processes} process(es)")
         labels = load_labels(args.work / LABELS, data.stats)
-        train_study(params, data, data_dir, labels, runs, deadline, args.start_margin_s, say, progress)
+        train_study(params, data, data_dir, labels, runs, deadline, args.start_margin_s, say, progress, only)
     finally:
         target = progress()
     finished = sum(r["state"] == "finished" for r in lease.get("runs", []))

@@ -1,11 +1,13 @@
 """The GPU lease, rehearsed on the CPU: the archive split into as many parts as the working tree leaves room for
-in a call and sent as the calls would send them, reassembled and checked; a missing or damaged part refused; the whole lease end to end (real archive, tiny
-configuration) into results.tar.gz, and back here into results/ with Table 1 rendered from it."""
+in a call and sent as the calls would send them, reassembled and checked; a missing or damaged part refused; the
+whole lease end to end (real archive, tiny configuration) into results.tar.gz, and back here into results/ with
+Table 1 rendered from it; a lease narrowed to some runs, with an earlier lease's throughput table."""
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -17,7 +19,7 @@ import pytest
 import yaml
 
 from tests.conftest import ROOT
-from tests.helpers import narrow, project_env
+from tests.helpers import benchmark_script, narrow, project_env
 from vggdepth.runs import EVALUATION_TABLES
 
 LEASE_FILES = ("benchmarks", "src", "params.yaml", "reference")
@@ -62,7 +64,9 @@ def send_in_calls(root: Path, stash: Path, last: list[str], env: dict) -> subpro
 
 def travelling_bytes(root: Path) -> int:
     """What a call carries of a copy without git besides the lease's own files (lease_prepare.sh's count)."""
-    files = (p for p in root.rglob("*") if p.is_file() and not {".lease", ".whl", ".git"} & set(p.relative_to(root).parts))
+    files = (
+        p for p in root.rglob("*") if p.is_file() and not {".lease", ".whl", ".git"} & set(p.relative_to(root).parts)
+    )
     return sum(p.stat().st_size for p in files)
 
 
@@ -165,6 +169,55 @@ def test_deadline_stops_a_run_only_when_its_next_epoch_would_overrun():
     deadline.on_epoch_end(run, EpochRecord(3, 1.0, 0.5, 1.0, 0.5, 1e-3, 10.0), [])  # 10 s more fits
     with pytest.raises(TimeUp, match="VGG-08 seed 0: stopped after epoch 3, the time is spent"):
         deadline.on_epoch_end(run, EpochRecord(3, 1.0, 0.5, 1.0, 0.5, 1e-3, 90.0), [])
+
+
+def test_a_lease_narrowed_to_some_seeds_and_variants_keeps_valid_params_and_refuses_unknown_names():
+    lease = benchmark_script("gpu_lease")
+    params = lease.lease_params(ROOT / "params.yaml", "cpu", None, None)
+    assert params.seeds == [0, 1, 2] and params.report.seed == 0
+
+    kept, only = lease.narrow(params, "2, 1", "RC-VGG-38,VGG-08")
+    assert kept.seeds == [1, 2] and kept.report.seed == 1  # params.yaml's order; the report's seed one of them
+    assert only == ["VGG-08", "RC-VGG-38"] and list(kept.variants) == list(params.variants)
+    assert lease.study_order(kept, only) == [("VGG-08", 1), ("RC-VGG-38", 1), ("VGG-08", 2), ("RC-VGG-38", 2)]
+    assert kept.model_dump(exclude={"seeds", "report"}) == params.model_dump(exclude={"seeds", "report"})
+    same, everything = lease.narrow(params, None, None)
+    assert same == params and everything is None
+    assert lease.narrow(params, "0", None)[0].report.seed == 0
+
+    for seeds, variants, said in (
+        ("1,7", None, "params.yaml's seeds are 0, 1, 2 (7 not among them)"),
+        ("one", None, "not a comma-separated list of seeds"),
+        (",", None, "(none given)"),
+        (None, "VGG-08,VGG-83", "(VGG-83 not among them)"),
+    ):
+        with pytest.raises(SystemExit, match=re.escape(said)):
+            lease.narrow(params, seeds, variants)
+
+
+def test_an_earlier_table_is_taken_only_from_a_lease_on_the_same_device_and_checked_as_foreign_input(tmp_path):
+    lease = benchmark_script("gpu_lease")
+    record = json.loads((ROOT / "results" / "2026-12-04-h200-abf9652" / "lease.json").read_text())
+    path = tmp_path / "lease.json"
+    path.write_text(json.dumps(record))
+    rows = lease.earlier_table(path, "NVIDIA H200")
+    assert rows == record["throughput"] and max(r["aggregate"] for r in rows) > 50_000
+    assert lease.choose(rows, "BN-VGG-38") == (9, 1)  # the plan the first lease trained with
+    assert lease.earlier_table(path, "NVIDIA H100 80GB HBM3") is None  # another device: measured again
+
+    for damage, said in (
+        (lambda r: r.pop("throughput"), "no throughput table in it"),
+        (lambda r: r["throughput"][0].update(aggregate="fast"), "no throughput table in it"),
+        (lambda r: r["throughput"][0].update(fused=True), "no throughput table in it"),
+    ):
+        broken = json.loads(json.dumps(record))
+        damage(broken)
+        path.write_text(json.dumps(broken))
+        with pytest.raises(SystemExit, match=said):
+            lease.earlier_table(path, "NVIDIA H200")
+    path.write_text("{not json")
+    with pytest.raises(SystemExit, match=r"not a lease\.json that reads"):
+        lease.earlier_table(path, "NVIDIA H200")
 
 
 VARIANTS = ("VGG-08", "VGG-38", "BN-VGG-38", "HIGHLR-BN-38")  # two of one shape, to fuse
@@ -278,3 +331,65 @@ def test_the_lease_end_to_end_on_the_cpu_and_its_results_rendered_here(archive_p
     assert again.returncode == 0 and again.stdout.count("MLflow already has everything") == len(lease["runs"]), (
         again.stdout
     )
+
+
+@pytest.mark.slow
+def test_a_narrowed_lease_trains_only_its_runs_with_an_earlier_table_and_comes_home_without_a_report(
+    archive_path, tmp_path
+):
+    """The next lease's shape: seed 1 of two variants, the table taken from an earlier lease on this device (not
+    measured again), groups as given; back here its runs come home, and no report (no seed has every row)."""
+    root = checkout(tmp_path / "repo")
+    lease = benchmark_script("gpu_lease")
+    earlier = tmp_path / "earlier.json"
+    row = {"network": "BN-VGG-38", "path": "fused, eager", "fused": 2, "processes": 1, "runs_at_once": 2}
+    earlier.write_text(
+        json.dumps(
+            {
+                "device": lease.device_name(lease.torch.device("cpu")),
+                "throughput": [{**row, "per_run": 40.0, "aggregate": 80.0}],
+            }
+        )
+    )
+    made = sh(root, "benchmarks/lease_prepare.sh", str(archive_path), env={"LEASE_WHEELS": "0"})
+    assert made.returncode == 0, made.stderr
+    out = tmp_path / "out"
+    tiny = ["900", "--device", "cpu", "--per-class", "2", "--epochs", "2", "--profile-steps", "0"]
+    share = ["--seeds", "1", "--variants", "BN-VGG-38,VGG-08", "--table-from", str(earlier), "--study-processes", "2"]
+    done = send_in_calls(
+        root,
+        tmp_path / "stash",
+        [*tiny, *share, "--work", str(tmp_path / "work")],
+        {"PYTHON": sys.executable, "OUT": str(out)},
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "not measured again" in done.stdout and "throughput VGG-08" not in done.stdout
+    record = json.loads((out / "lease.json").read_text())
+    assert record["throughput"] == json.loads(earlier.read_text())["throughput"]
+    assert record["throughput_from"] == str(earlier) and record["variants"] == ["VGG-08", "BN-VGG-38"]
+    assert record["plan"] == {"fuse": 2, "processes": 2, "start_margin_s": 45.0}  # the earlier table's best row
+    assert record["params"]["seeds"] == [1] and record["params"]["report"]["seed"] == 1
+    assert [(r["run"], r["state"], r["epochs"]) for r in record["runs"]] == [
+        ("VGG-08-s1", "finished", 2),
+        ("BN-VGG-38-s1", "finished", 2),
+    ]
+    assert sorted(p.name for p in (tmp_path / "work" / "runs").iterdir()) == ["BN-VGG-38-s1", "VGG-08-s1"]
+
+    results = tmp_path / "results"
+    back = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "benchmarks" / "gpu_results.py"),
+            str(out / "results.tar.gz"),
+            "--results",
+            str(results),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert back.returncode == 0, back.stderr
+    (folder,) = results.iterdir()
+    assert sorted(p.name for p in (folder / "runs").iterdir()) == ["BN-VGG-38-s1", "VGG-08-s1"]
+    assert "no seed has every variant finished: no report rendered" in back.stdout
+    assert all((folder / "runs" / name / "test.json").exists() for name in ("BN-VGG-38-s1", "VGG-08-s1"))
