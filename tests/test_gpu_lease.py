@@ -5,6 +5,7 @@ Table 1 rendered from it; a lease narrowed to some runs, with an earlier lease's
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import re
@@ -393,3 +394,56 @@ def test_a_narrowed_lease_trains_only_its_runs_with_an_earlier_table_and_comes_h
     assert sorted(p.name for p in (folder / "runs").iterdir()) == ["BN-VGG-38-s1", "VGG-08-s1"]
     assert "no seed has every variant finished: no report rendered" in back.stdout
     assert all((folder / "runs" / name / "test.json").exists() for name in ("BN-VGG-38-s1", "VGG-08-s1"))
+
+
+def test_runs_a_lease_stopped_part_way_are_imported_as_killed_runs_with_every_epoch_they_trained(tmp_path):
+    """The first lease's own runs (results/2026-12-04-h200-abf9652): none finished, so none has a train.json. Each
+    becomes a KILLED MLflow run under the lease's parent, with every epoch it trained and the lease's words for why
+    it ended; a second sync sends nothing, and a folder the record does not name is refused."""
+    from mlflow import MlflowClient
+
+    lease_dir = ROOT / "results" / "2026-12-04-h200-abf9652"
+    home = tmp_path / "results" / "lease"
+    for name in ("VGG-38-s0", "RC-VGG-38-s0"):
+        shutil.copytree(lease_dir / "runs" / name, home / "runs" / name)
+    shutil.copy(lease_dir / "lease.json", home / "lease.json")
+    record = json.loads((home / "lease.json").read_text())
+    said = {r["run"]: r["state"] for r in record["runs"]}
+
+    def sync(*names: str) -> subprocess.CompletedProcess:
+        command = [sys.executable, "-m", "vggdepth", "sync", *(str(home / "runs" / n) for n in names)]
+        command += ["--params", str(ROOT / "params.yaml")]
+        return subprocess.run(command, cwd=tmp_path, env=project_env(tmp_path), capture_output=True, text=True)
+
+    first = sync("VGG-38-s0", "RC-VGG-38-s0")
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert f"status KILLED ({said['VGG-38-s0']})" in first.stdout
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}")
+    found = client.search_runs([client.get_experiment_by_name("vggdepth").experiment_id])
+    (parent,) = [r for r in found if r.data.tags.get("vggdepth.kind") == "pipeline"]
+    assert parent.data.tags["device"] == "NVIDIA H200"
+    for name in ("VGG-38-s0", "RC-VGG-38-s0"):
+        (run,) = [r for r in found if r.info.run_name == name]
+        assert run.info.status == "KILLED" and run.data.tags["vggdepth.state"] == said[name]
+        assert run.data.tags["mlflow.parentRunId"] == parent.info.run_id
+        with open(home / "runs" / name / "epochs.csv") as table:
+            epochs = list(csv.DictReader(table))
+        history = client.get_metric_history(run.info.run_id, "curves/val_acc")
+        assert [m.step for m in history] == list(range(len(epochs))) and len(epochs) >= 27
+        assert [m.value for m in history] == pytest.approx([float(e["val_acc"]) for e in epochs])
+        logged = {a.path for a in client.list_artifacts(run.info.run_id)}
+        assert {"epochs.csv", "gradients.csv"} <= logged and "train.json" not in logged
+    # the claim the lease's numbers make in the README: VGG-38 at chance, RC-VGG-38 learning
+    finals = {r.info.run_name: r.data.metrics for r in found if r.info.run_name in said}
+    assert (
+        finals["VGG-38-s0"]["curves/val_acc"] == pytest.approx(0.01) and finals["RC-VGG-38-s0"]["curves/val_acc"] > 0.4
+    )
+    entry = "log10_grad_last_mean_abs/entry.conv"
+    assert finals["VGG-38-s0"][entry] < -15 and finals["RC-VGG-38-s0"][entry] > -3
+
+    again = sync("VGG-38-s0")
+    assert again.returncode == 0 and "MLflow already has everything" in again.stdout
+
+    shutil.copytree(lease_dir / "runs" / "VGG-08-s0", home / "runs" / "VGG-08-s9")  # a run the lease never had
+    refused = sync("VGG-08-s9")
+    assert refused.returncode != 0 and "records no state of a run of that name" in refused.stderr

@@ -31,7 +31,7 @@ def sync_run(params: Params, files: RunFiles) -> list[str]:
     """Send what a run's MLflow run lacks (epochs, artefacts, test metrics) from its outputs; say what was sent.
     A run folder with tables but no checkpoints (a GPU lease's, see `import_run`) is imported from its tables. A
     checkpoint of another run than its folder names sends nothing."""
-    if not files.last.exists() and files.train_json.exists():
+    if not files.last.exists() and (files.train_json.exists() or files.epochs_csv.exists()):
         return import_run(params, files)
     state = load_checkpoint(files.last)
     if why := foreign(state, files):
@@ -68,12 +68,18 @@ def _sync(store: Store, files: RunFiles, state: dict, run_id: str) -> list[str]:
 RECORDS = {"lease.json": ("GPU lease", LeaseRecord), "study.json": ("CPU study", StudyRecord)}
 
 
+STATE_TAG = "vggdepth.state"  # why an imported run that did not finish ended (its record's words)
+
+
 def import_run(params: Params, files: RunFiles) -> list[str]:
     """A run trained without tracking and brought back as tables (results/<name>/runs/<run>/: a GPU lease's or a
     CPU study's) becomes a finished MLflow run from them: every epoch with its gradient statistics, the test
     metrics, the tables and the gradient-flow figure (no checkpoints or model: none come back). Its parent run
     stands for the lease or study, tagged with its device, torch version and commit. Importing again sends only
-    what is missing. The record and `train.json` are read through their schemas before the store is opened."""
+    what is missing. The record and `train.json` are read through their schemas before the store is opened.
+    A run the lease stopped before its last epoch (no `train.json`, its epochs and the record's state of it)
+    becomes a KILLED run with the epochs it trained, its `vggdepth.state` tag the record's words, so that its
+    curves compare with the others' in the UI."""
     folder = files.root.parent.parent
     found = [(folder / name, *kind) for name, kind in RECORDS.items() if (folder / name).exists()]
     if not found:
@@ -83,12 +89,18 @@ def import_run(params: Params, files: RunFiles) -> list[str]:
         )
     record_path, kind, schema = found[0]
     record = read_record(record_path, schema).model_dump()
-    summary = read_record(files.train_json, TrainRecord)
-    variant, seed, epochs = summary.variant, summary.seed, summary.epochs
+    summary = read_record(files.train_json, TrainRecord) if files.train_json.exists() else None
+    stopped = None if summary is not None else _recorded_state(record, files.root.name)
+    if summary is None and (stopped is None or files.run is None):
+        raise TrackingError(
+            f"{files.root} has no train.json, so it did not finish, and {record_path} records no state of a run of "
+            f"that name: nothing to import"
+        )
+    variant, seed = (summary.variant, summary.seed) if summary is not None else files.run
     if record["params"] is not None:  # what the runs trained with, whatever params.yaml says now
         params = recorded_params(record["params"], params, str(record_path))
-    else:
-        params = params.model_copy(update={"train": params.train.model_copy(update={"epochs": epochs})})
+    elif summary is not None:
+        params = params.model_copy(update={"train": params.train.model_copy(update={"epochs": summary.epochs})})
     if (variant, seed) != files.run:
         raise TrackingError(f"{files.train_json} is the summary of {variant} seed {seed}, not of its folder's run")
     history = [EpochRecord(**row) for row in read_epochs(files.epochs_csv)]
@@ -119,17 +131,15 @@ def import_run(params: Params, files: RunFiles) -> list[str]:
                 "variant": params.variant(variant, field="variant").model_dump(),
                 "seed": seed,
             }
+            ran = (
+                {NODE_TAG: summary.node, "device": summary.device, PRECISION_TAG: summary.precision}
+                if summary is not None
+                else {"device": record["device"], STATE_TAG: stopped}
+            )
             run_id = store.client.create_run(
                 store.experiment_id,
                 run_name=f"{variant}-s{seed}",
-                tags={
-                    **training_tags(parent, variant, seed),
-                    NODE_TAG: summary.node,
-                    "device": summary.device,
-                    PRECISION_TAG: summary.precision,
-                    "vggdepth.source": source,
-                    **context.tags,
-                },
+                tags={**training_tags(parent, variant, seed), **ran, "vggdepth.source": source, **context.tags},
             ).info.run_id
             store.client.log_batch(run_id, params=config_params(config))
             sent.append("run")
@@ -141,12 +151,26 @@ def import_run(params: Params, files: RunFiles) -> list[str]:
         if epochs_sent:
             sent.append(f"epochs {epochs_sent[0][0]}-{epochs_sent[-1][0]}")
         if not store.client.list_artifacts(run_id):
-            log_tables(store, run_id, files)
+            if summary is not None:
+                log_tables(store, run_id, files)
+            else:  # stopped: its epochs and gradients, no summary
+                for path in (files.epochs_csv, files.gradients_csv):
+                    store.client.log_artifact(run_id, str(path))
             log_gradient_flow(store, run_id, gradients, f"{variant} seed {seed}")
             sent.append("tables")
         if tested is not None and not store.client.get_metric_history(run_id, "test_acc_best"):
             send_evaluation(store, run_id, files, tested, files.root)
             sent.append("test metrics")
-        if store.client.get_run(run_id).info.status != "FINISHED":
-            store.client.set_terminated(run_id, "FINISHED")
+        status = "FINISHED" if summary is not None else "KILLED"
+        if store.client.get_run(run_id).info.status != status:
+            store.client.set_terminated(run_id, status)
+            if summary is None:
+                sent.append(f"status KILLED ({stopped})")
     return sent
+
+
+def _recorded_state(record: dict, name: str) -> str | None:
+    """What a lease's or study's record says of run `name` (a lease lists its runs, a study maps them)."""
+    runs = record.get("runs") or []
+    found = runs.get(name) if isinstance(runs, dict) else next((r for r in runs if r.get("run") == name), None)
+    return found["state"] if found else None
