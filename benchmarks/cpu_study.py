@@ -31,7 +31,8 @@ while its last run ends (the three runs share the two cores until it has).
 results/<date>-cpu-<commit>/ is what comes home (committed):
   study.json         the commit, the overrides, the machine, each run's epochs and state
   runs/<run>/        each finished run's tables as the stages wrote them (no checkpoints)
-  resume/<run>.pt    each run's last checkpoint: a session on a fresh machine resumes the study from these, exactly
+  resume/<run>.pt    each run's last checkpoint: a session on a fresh machine resumes the study from these,
+                     exactly; removed once every run has finished and come home (git history keeps them)
   report/            Table 1, summary, curves and figures, rendered from the finished runs (the rest named)
 """
 
@@ -437,7 +438,15 @@ class Study:
                     for table in HOME_ORDER:
                         _copy_if_changed(files.root / table, home / table)
                     report = True
-            _copy_resume_point(files, self.results / "resume" / f"{name}.pt")
+        if states and all(s["state"] == "finished" and self._home_tested(name) for name, s in states.items()):
+            # Complete and home: nothing resumes from them again, and each is megabytes of the tree that every
+            # GPU lease call carries (lease_prepare.sh). Git history keeps them.
+            if (resume := self.results / "resume").exists():
+                shutil.rmtree(resume)
+                print(f"{self.results.name}: complete, its resume points removed (git history keeps them)")
+        else:
+            for name in states:
+                _copy_resume_point(RunFiles(self.checkout / "runs" / name), self.results / "resume" / f"{name}.pt")
         if report and any(state["state"] == "finished" for state in states.values()):
             build_report(params, self.results / "runs", self.results / "report", ROOT, partial=True, only=self.only)
         # Read again, not this process's copy: the job runs for hours. The params as the runs train, whatever

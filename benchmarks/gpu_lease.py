@@ -123,9 +123,10 @@ def narrow(params: Params, seeds: str | None, variants: str | None) -> tuple[Par
     return params, only
 
 
-def earlier_table(path: Path, device: str) -> list[dict] | None:
-    """The throughput rows of an earlier lease's `lease.json` (a file from another machine, checked as such),
-    if that lease ran on this kind of device; None when it ran on another (the table is measured again)."""
+def earlier_table(path: Path, device: str) -> dict | None:
+    """The throughput table of an earlier lease's `lease.json` (a file from another machine, checked as such), if
+    that lease ran on this kind of device: its rows, their errors, and the commit and torch they were measured
+    with; None when it ran on another (the table is measured again)."""
     try:
         record = json.loads(path.read_text())
     except (OSError, ValueError) as exc:
@@ -145,7 +146,16 @@ def earlier_table(path: Path, device: str) -> list[dict] | None:
         raise SystemExit(f"error: --table-from {path}: no throughput table in it (rows of {', '.join(fields)})")
     if record.get("device") != device:
         return None
-    return rows
+    errors = record.get("throughput_errors")
+    return {
+        "throughput": rows,
+        "throughput_errors": [str(e)[:500] for e in errors[:100]] if isinstance(errors, list) else [],
+        "from": {
+            "path": str(path),
+            "commit": str(record.get("commit", ""))[:100],
+            "torch": str(record.get("torch", ""))[:100],
+        },
+    }
 
 
 # ---- throughput ---------------------------------------------------------------------------------------------
@@ -567,9 +577,10 @@ def main() -> None:
 
     try:
         if earlier is not None:
-            rows, errors = earlier, []
-            lease["throughput_from"] = str(args.table_from)
-            say(f"throughput: the table of {args.table_from} ({lease['device']}), not measured again")
+            rows, errors = earlier["throughput"], earlier["throughput_errors"]
+            lease["throughput_from"] = earlier["from"]
+            measured = f"commit {earlier['from']['commit'][:12]}, torch {earlier['from']['torch']}"
+            say(f"throughput: the table of {args.table_from} ({lease['device']}, {measured}), not measured again")
         else:
             if args.table_from:
                 say(f"throughput: {args.table_from} was measured on another device; measuring this one's")

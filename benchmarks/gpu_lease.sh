@@ -43,7 +43,7 @@ run)
     shift
     budget=${1:-480}
     [ $# -gt 0 ] && shift
-    keep_parts optional  # a re-run of call 3 finds the parts already kept
+    keep_parts optional  # a re-run of the last call finds the parts already kept
     (cd "$stash" && grep ' part-' MD5SUMS | md5sum --check --quiet) || {
         echo "lease: a part is missing or damaged in $stash (see above); re-send it" >&2
         exit 1

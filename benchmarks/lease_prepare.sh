@@ -7,8 +7,8 @@
 #   bash benchmarks/lease_prepare.sh [ARCHIVE]      (default ../shared/data/cifar-100-python.tar.gz)
 #
 # The working tree travels with every call (tracked files and untracked ones git does not ignore; results/ holds
-# the CPU study's resume points), so the parts get what is left: with a 40 MiB tree, about 9 parts. Then, in ONE
-# batch, back to back (the machine is given back 30 s after a call, and a fresh one has lost the parts):
+# the CPU study's resume points), so the parts get what is left: with a 40 MiB tree, about 10 parts. Run it right
+# before the calls (the tree grows as a CPU study commits). Then, in ONE batch, back to back (the machine is given back 30 s after a call, and a fresh one has lost the parts):
 #   run carry=[".lease/part-aa", ".lease/MD5SUMS"]  command="bash benchmarks/gpu_lease.sh stash"
 #   ...                                             (one stash call for every part but the last)
 #   run carry=[".lease/<last part>", ".lease/MD5SUMS", ".whl"]  timeout_s=600
@@ -32,26 +32,29 @@ if [ "${LEASE_WHEELS:-1}" = 1 ]; then
         -d .whl pydantic==2.14.4 pydantic-core==2.50.5 annotated-types==0.8.0 typing-inspection==0.4.5
 fi
 
-# what every call carries besides its part: the tree as the device tool sends it, and the wheels (the last call's)
+# what every call carries besides its part, a "size<TAB>path" line each: the tree as the device tool sends it, and
+# the wheels (the last call's). A tracked file deleted from the tree is not there to send, and not counted.
 travelling() {
     if git rev-parse --is-inside-work-tree >/dev/null 2>&1; then
-        git ls-files -z --cached --others --exclude-standard | xargs -0 -r stat -c '%s %n' -- 2>/dev/null
-        [ -d shared ] && find shared -type f -printf '%s %p\n'
+        git ls-files -z --cached --others --exclude-standard | xargs -0 -r stat -c $'%s\t%n' -- 2>/dev/null || true
+        if [ -d shared ] && ! git ls-files --error-unmatch shared >/dev/null 2>&1; then
+            find -L shared -type f -printf '%s\t%p\n'
+        fi
     else  # a copy without git (the tests' rehearsal): every file but the lease's own
-        find . \( -path ./.lease -o -path ./.whl -o -path ./.git \) -prune -o -type f -printf '%s %p\n'
+        find . \( -path ./.lease -o -path ./.whl -o -path ./.git \) -prune -o -type f -printf '%s\t%p\n'
     fi
-    [ -d .whl ] && find .whl -type f -printf '%s %p\n'
-    return 0
+    if [ -d .whl ]; then find .whl -type f -printf '%s\t%p\n'; fi
 }
-tree=$(travelling | awk '{s += $1} END {print s + 0}')
+listing=$(travelling)
+tree=$(printf '%s\n' "$listing" | awk -F'\t' '{s += $1} END {print s + 0}')
 room=$(( limit - tree - margin - 65536 ))  # 64 KiB for MD5SUMS
 size=$(stat -c %s "$archive")
 parts=$(( room > 0 ? (size + room - 1) / room : 0 ))
 if [ "$parts" -lt 1 ] || [ "$parts" -gt "$max_parts" ]; then
     echo "lease: the working tree and wheels take $(( tree / 1048576 )) MiB of the $(( limit / 1048576 )) MiB a call" \
         "carries (with $(( margin / 1048576 )) MiB kept free): no room for the archive's parts in $max_parts calls." \
-        "Largest:" >&2
-    travelling | sort -rn | head -5 | awk '{printf "  %6.1f MiB  %s\n", $1 / 1048576, $2}' >&2
+        "Largest (parts made before, if any, are left in .lease/ as they were):" >&2
+    printf '%s\n' "$listing" | sort -t$'\t' -k1,1rn | awk -F'\t' 'NR <= 5 {printf "  %6.1f MiB  %s\n", $1 / 1048576, $2}' >&2
     exit 1
 fi
 rm -rf .lease && mkdir .lease

@@ -290,9 +290,14 @@ def test_the_study_survives_a_stop_and_a_fresh_machine_and_comes_home(tmp_path, 
     assert "VGG-08-s0 finished: evaluating it now" not in log  # home already: only DVC's stage tests it again
     assert ("bfloat16 emulated in float32 kernels" in log) == (how == "emulated")  # each stage's process says so
 
-    study(repo, "collect", "--commit", commit)
+    collected = study(repo, "collect", "--commit", commit)
     record = json.loads((results / "study.json").read_text())
     assert record["runs"] == {f"{v}-s0": {"epochs": EPOCHS, "state": "finished"} for v in variants}
+    # complete and home: the resume points leave the tree (megabytes each, in every GPU lease call)
+    said = collected + next((repo / ".study").glob("*.log")).read_text()  # the job's last look, or collect's
+    assert not (results / "resume").exists() and "complete, its resume points removed" in said
+    assert "its resume points removed" not in study(repo, "collect", "--commit", commit)  # and stay gone
+    assert not (results / "resume").exists()
     second = record["sessions"][1]  # the fresh machine's start: which epochs it began from, and how
     assert len(record["sessions"]) == 2 and second["bf16"] == how
     assert second["epochs"]["VGG-08-s0"] == EPOCHS and second["epochs"]["VGG-38-s0"] >= kept

@@ -63,6 +63,12 @@ def send_in_calls(root: Path, stash: Path, last: list[str], env: dict) -> subpro
     return sh(root, "benchmarks/gpu_lease.sh", "run", *last, env=env)
 
 
+def bring_home(archive: Path, results: Path) -> subprocess.CompletedProcess:
+    """`benchmarks/gpu_results.py` on a lease's results.tar.gz, into `results`."""
+    command = [sys.executable, str(ROOT / "benchmarks" / "gpu_results.py"), str(archive), "--results", str(results)]
+    return subprocess.run(command, capture_output=True, text=True, timeout=600)
+
+
 def travelling_bytes(root: Path) -> int:
     """What a call carries of a copy without git besides the lease's own files (lease_prepare.sh's count)."""
     files = (
@@ -74,7 +80,7 @@ def travelling_bytes(root: Path) -> int:
 def test_parts_are_reassembled_exactly_and_a_missing_or_damaged_part_is_refused(tmp_path):
     root = checkout(tmp_path / "repo")
     archive = tmp_path / "archive.bin"
-    archive.write_bytes(os.urandom(3 * 1024 * 1024 + 7))  # not divisible by 3: the parts differ in size
+    archive.write_bytes(os.urandom(3 * 1024 * 1024 + 7))  # not divisible by 4: the parts differ in size
     room = 800_000  # what a call leaves for a part once the tree and MD5SUMS are in: 4 parts of this archive
     limit = travelling_bytes(root) + 65536 + room
     made = sh(
@@ -131,11 +137,13 @@ def test_the_parts_leave_room_for_the_tree_every_call_carries_and_no_room_is_ref
     (root / ".gitignore").write_text("/.lease/\n/.whl/\n/ignored.bin\n")
     (root / "results").mkdir()
     (root / "results" / "resume.pt").write_bytes(os.urandom(1_500_000))  # tracked
-    (root / "untracked.bin").write_bytes(os.urandom(500_000))  # not ignored: it travels too
+    (root / "untracked file.bin").write_bytes(os.urandom(500_000))  # not ignored: it travels too
     (root / "ignored.bin").write_bytes(os.urandom(4_000_000))  # stays here
     git = ["git", "-c", "user.name=t", "-c", "user.email=t@t", "-c", "commit.gpgsign=false"]
     subprocess.run(["git", "init", "-q"], cwd=root, check=True)
-    subprocess.run(["git", "add", "src", "benchmarks", "params.yaml", "reference", "results", ".gitignore"], cwd=root)
+    subprocess.run(
+        ["git", "add", "src", "benchmarks", "params.yaml", "reference", "results", ".gitignore"], cwd=root, check=True
+    )
     subprocess.run([*git, "commit", "-qm", "checkout"], cwd=root, check=True)
     tree = sum(
         p.stat().st_size
@@ -158,6 +166,7 @@ def test_the_parts_leave_room_for_the_tree_every_call_carries_and_no_room_is_ref
     refused = sh(root, "benchmarks/lease_prepare.sh", str(archive), env=env)
     assert refused.returncode == 1
     assert "no room for the archive's parts" in refused.stderr and "results/resume.pt" in refused.stderr
+    assert "untracked file.bin" in refused.stderr  # named whole, spaces and all
     assert {p.name: p.read_bytes() for p in (root / ".lease").iterdir()} == before
 
 
@@ -201,8 +210,14 @@ def test_an_earlier_table_is_taken_only_from_a_lease_on_the_same_device_and_chec
     record = json.loads((ROOT / "results" / "2026-12-04-h200-abf9652" / "lease.json").read_text())
     path = tmp_path / "lease.json"
     path.write_text(json.dumps(record))
-    rows = lease.earlier_table(path, "NVIDIA H200")
+    earlier = lease.earlier_table(path, "NVIDIA H200")
+    rows = earlier["throughput"]
     assert rows == record["throughput"] and max(r["aggregate"] for r in rows) > 50_000
+    assert earlier["throughput_errors"] == [] and earlier["from"] == {
+        "path": str(path),
+        "commit": record["commit"],
+        "torch": "2.11.0+cu130",
+    }
     assert lease.choose(rows, "BN-VGG-38") == (9, 1)  # the plan the first lease trained with
     assert lease.earlier_table(path, "NVIDIA H100 80GB HBM3") is None  # another device: measured again
 
@@ -284,18 +299,7 @@ def test_the_lease_end_to_end_on_the_cpu_and_its_results_rendered_here(archive_p
     assert (out / "results.tar.gz").stat().st_size < 5_000_000
 
     results = tmp_path / "results"
-    back = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "benchmarks" / "gpu_results.py"),
-            str(out / "results.tar.gz"),
-            "--results",
-            str(results),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    back = bring_home(out / "results.tar.gz", results)
     assert back.returncode == 0, back.stderr
     (folder,) = results.iterdir()
     assert folder.name.startswith(lease["finished_at"][:10] + "-cpu")
@@ -367,7 +371,8 @@ def test_a_narrowed_lease_trains_only_its_runs_with_an_earlier_table_and_comes_h
     assert "not measured again" in done.stdout and "throughput VGG-08" not in done.stdout
     record = json.loads((out / "lease.json").read_text())
     assert record["throughput"] == json.loads(earlier.read_text())["throughput"]
-    assert record["throughput_from"] == str(earlier) and record["variants"] == ["VGG-08", "BN-VGG-38"]
+    assert record["throughput_from"] == {"path": str(earlier), "commit": "", "torch": ""}
+    assert record["variants"] == ["VGG-08", "BN-VGG-38"]
     assert record["plan"] == {"fuse": 2, "processes": 2, "start_margin_s": 45.0}  # the earlier table's best row
     assert record["params"]["seeds"] == [1] and record["params"]["report"]["seed"] == 1
     assert [(r["run"], r["state"], r["epochs"]) for r in record["runs"]] == [
@@ -377,18 +382,7 @@ def test_a_narrowed_lease_trains_only_its_runs_with_an_earlier_table_and_comes_h
     assert sorted(p.name for p in (tmp_path / "work" / "runs").iterdir()) == ["BN-VGG-38-s1", "VGG-08-s1"]
 
     results = tmp_path / "results"
-    back = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "benchmarks" / "gpu_results.py"),
-            str(out / "results.tar.gz"),
-            "--results",
-            str(results),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    back = bring_home(out / "results.tar.gz", results)
     assert back.returncode == 0, back.stderr
     (folder,) = results.iterdir()
     assert sorted(p.name for p in (folder / "runs").iterdir()) == ["BN-VGG-38-s1", "VGG-08-s1"]
@@ -447,3 +441,12 @@ def test_runs_a_lease_stopped_part_way_are_imported_as_killed_runs_with_every_ep
     shutil.copytree(lease_dir / "runs" / "VGG-08-s0", home / "runs" / "VGG-08-s9")  # a run the lease never had
     refused = sync("VGG-08-s9")
     assert refused.returncode != 0 and "records no state of a run of that name" in refused.stderr
+    shutil.copytree(lease_dir / "runs" / "VGG-08-s0", home / "runs" / "scratch")
+    refused = sync("scratch")
+    assert refused.returncode != 0 and "not a run folder's name" in refused.stderr
+    # a record that says finished where the folder has no train.json: half brought home, not a stopped run
+    for run in record["runs"]:
+        run["state"] = "finished" if run["run"] == "RC-VGG-38-s0" else run["state"]
+    (home / "lease.json").write_text(json.dumps(record))
+    refused = sync("RC-VGG-38-s0")
+    assert refused.returncode != 0 and "as finished, but its train.json is missing" in refused.stderr

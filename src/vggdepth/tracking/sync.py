@@ -85,17 +85,25 @@ def import_run(params: Params, files: RunFiles) -> list[str]:
     if not found:
         raise TrackingError(
             f"{files.root} has no checkpoints, so it can only be imported as the run of a GPU lease or a CPU study, "
-            f"with its train.json and a {' or '.join(RECORDS)} beside its runs/ folder; {folder} has neither"
+            f"with its tables and a {' or '.join(RECORDS)} beside its runs/ folder; {folder} has neither"
         )
     record_path, kind, schema = found[0]
     record = read_record(record_path, schema).model_dump()
     summary = read_record(files.train_json, TrainRecord) if files.train_json.exists() else None
     stopped = None if summary is not None else _recorded_state(record, files.root.name)
-    if summary is None and (stopped is None or files.run is None):
-        raise TrackingError(
-            f"{files.root} has no train.json, so it did not finish, and {record_path} records no state of a run of "
-            f"that name: nothing to import"
-        )
+    if summary is None:
+        if files.run is None:
+            raise TrackingError(f"{files.root}: not a run folder's name (<variant>-s<seed>): nothing to import")
+        if stopped is None:
+            raise TrackingError(
+                f"{files.root} has no train.json, so it did not finish, and {record_path} records no state of a "
+                f"run of that name: nothing to import"
+            )
+        if stopped == "finished":
+            raise TrackingError(
+                f"{record_path} records {files.root.name} as finished, but its train.json is missing: bring the "
+                f"folder home again (benchmarks/gpu_results.py); nothing was imported"
+            )
     variant, seed = (summary.variant, summary.seed) if summary is not None else files.run
     if record["params"] is not None:  # what the runs trained with, whatever params.yaml says now
         params = recorded_params(record["params"], params, str(record_path))
