@@ -8,7 +8,8 @@
 #
 # The working tree travels with every call (tracked files and untracked ones git does not ignore; results/ holds
 # the CPU study's resume points), so the parts get what is left: with a 40 MiB tree, about 10 parts. Run it right
-# before the calls (the tree grows as a CPU study commits). Then, in ONE batch, back to back (the machine is given back 30 s after a call, and a fresh one has lost the parts):
+# before the calls (the tree grows as a CPU study commits). Then, in ONE batch, back to back (the machine is
+# given back 30 s after a call, and a fresh one has lost the parts):
 #   run carry=[".lease/part-aa", ".lease/MD5SUMS"]  command="bash benchmarks/gpu_lease.sh stash"
 #   ...                                             (one stash call for every part but the last)
 #   run carry=[".lease/<last part>", ".lease/MD5SUMS", ".whl"]  timeout_s=600

@@ -142,7 +142,7 @@ def import_run(params: Params, files: RunFiles) -> list[str]:
             ran = (
                 {NODE_TAG: summary.node, "device": summary.device, PRECISION_TAG: summary.precision}
                 if summary is not None
-                else {"device": record["device"], STATE_TAG: stopped}
+                else {STATE_TAG: stopped}  # its device is the record's, as context.tags say
             )
             run_id = store.client.create_run(
                 store.experiment_id,
