@@ -37,7 +37,6 @@ Back on a machine with the project, `benchmarks/gpu_results.py` unpacks it under
 from __future__ import annotations
 
 import argparse
-import json
 import multiprocessing
 import os
 import platform
@@ -62,6 +61,7 @@ from vggdepth.labels import Labels, load_labels, write_labels
 from vggdepth.outputs import read_epochs
 from vggdepth.runs import TABLES as RUN_TABLES
 from vggdepth.runs import RunFiles, run_name
+from vggdepth.schemas import LeaseRecord, RecordError, read_record
 from vggdepth.throughput import Timing, first_batches, speed_of, time_epoch, training_loop
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -124,37 +124,21 @@ def narrow(params: Params, seeds: str | None, variants: str | None) -> tuple[Par
 
 
 def earlier_table(path: Path, device: str) -> dict | None:
-    """The throughput table of an earlier lease's `lease.json` (a file from another machine, checked as such), if
-    that lease ran on this kind of device: its rows, their errors, and the commit and torch they were measured
-    with; None when it ran on another (the table is measured again)."""
+    """The throughput table of an earlier lease's `lease.json` (a file from another machine, read through its
+    schema as such), if that lease ran on this kind of device: its rows, their errors, and the commit and torch
+    they were measured with; None when it ran on another (the table is measured again)."""
     try:
-        record = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise SystemExit(f"error: --table-from {path}: not a lease.json that reads ({exc})") from None
-    rows = record.get("throughput") if isinstance(record, dict) else None
-    fields = {"network": str, "path": str, "fused": int, "processes": int, "per_run": float, "aggregate": float}
-
-    def typed(value, kind) -> bool:  # a float may have been written as an integer; a bool is no number here
-        kinds = (int, float) if kind is float else kind
-        return isinstance(value, kinds) and not isinstance(value, bool)
-
-    if (
-        not isinstance(rows, list)
-        or not rows
-        or not all(isinstance(r, dict) and all(typed(r.get(k), t) for k, t in fields.items()) for r in rows)
-    ):
-        raise SystemExit(f"error: --table-from {path}: no throughput table in it (rows of {', '.join(fields)})")
-    if record.get("device") != device:
+        record = read_record(path, LeaseRecord, "--table-from takes the lease.json an earlier lease brought home")
+    except RecordError as exc:
+        raise SystemExit(f"error: --table-from: {exc}") from None
+    if not record.throughput:
+        raise SystemExit(f"error: --table-from: {path}: no throughput table in it (its lease measured none)")
+    if record.device != device:
         return None
-    errors = record.get("throughput_errors")
     return {
-        "throughput": rows,
-        "throughput_errors": [str(e)[:500] for e in errors[:100]] if isinstance(errors, list) else [],
-        "from": {
-            "path": str(path),
-            "commit": str(record.get("commit", ""))[:100],
-            "torch": str(record.get("torch", ""))[:100],
-        },
+        "throughput": [row.model_dump() for row in record.throughput],
+        "throughput_errors": list(record.throughput_errors),
+        "from": {"path": str(path), "commit": record.commit, "torch": record.torch},
     }
 
 

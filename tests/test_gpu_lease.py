@@ -223,16 +223,22 @@ def test_an_earlier_table_is_taken_only_from_a_lease_on_the_same_device_and_chec
 
     for damage, said in (
         (lambda r: r.pop("throughput"), "no throughput table in it"),
-        (lambda r: r["throughput"][0].update(aggregate="fast"), "no throughput table in it"),
-        (lambda r: r["throughput"][0].update(fused=True), "no throughput table in it"),
+        (lambda r: r["throughput"][0].update(aggregate="fast"), "throughput.0.aggregate: .*found 'fast'"),
+        (lambda r: r["throughput"][3].update(fused=True), "throughput.3.fused: .*found True"),
+        (lambda r: r["throughput"][1].pop("per_run"), "throughput.1.per_run: field required"),
+        (lambda r: r["throughput"][2].update(aggregate=-1.0), "throughput.2.aggregate: .*greater than or equal to 0"),
+        (lambda r: r.update(device=""), "device: "),
     ):
         broken = json.loads(json.dumps(record))
         damage(broken)
         path.write_text(json.dumps(broken))
-        with pytest.raises(SystemExit, match=said):
+        with pytest.raises(SystemExit, match=f"error: --table-from: {re.escape(str(path))}: {said}"):
             lease.earlier_table(path, "NVIDIA H200")
     path.write_text("{not json")
-    with pytest.raises(SystemExit, match=r"not a lease\.json that reads"):
+    with pytest.raises(SystemExit, match=r"lease\.json: not JSON .*an earlier lease brought home"):
+        lease.earlier_table(path, "NVIDIA H200")
+    path.unlink()
+    with pytest.raises(SystemExit, match=r"lease\.json is missing"):
         lease.earlier_table(path, "NVIDIA H200")
 
 
@@ -348,14 +354,12 @@ def test_a_narrowed_lease_trains_only_its_runs_with_an_earlier_table_and_comes_h
     lease = benchmark_script("gpu_lease")
     earlier = tmp_path / "earlier.json"
     row = {"network": "BN-VGG-38", "path": "fused, eager", "fused": 2, "processes": 1, "runs_at_once": 2}
-    earlier.write_text(
-        json.dumps(
-            {
-                "device": lease.device_name(lease.torch.device("cpu")),
-                "throughput": [{**row, "per_run": 40.0, "aggregate": 80.0}],
-            }
-        )
+    first = json.loads((ROOT / "results" / "2026-12-04-h200-abf9652" / "lease.json").read_text())
+    first.update(  # a whole lease.json, as an earlier lease on this device would have brought home
+        device=lease.device_name(lease.torch.device("cpu")),
+        throughput=[{**row, "per_run": 40.0, "aggregate": 80.0}],
     )
+    earlier.write_text(json.dumps(first))
     made = sh(root, "benchmarks/lease_prepare.sh", str(archive_path), env={"LEASE_WHEELS": "0"})
     assert made.returncode == 0, made.stderr
     out = tmp_path / "out"
@@ -371,7 +375,7 @@ def test_a_narrowed_lease_trains_only_its_runs_with_an_earlier_table_and_comes_h
     assert "not measured again" in done.stdout and "throughput VGG-08" not in done.stdout
     record = json.loads((out / "lease.json").read_text())
     assert record["throughput"] == json.loads(earlier.read_text())["throughput"]
-    assert record["throughput_from"] == {"path": str(earlier), "commit": "", "torch": ""}
+    assert record["throughput_from"] == {"path": str(earlier), "commit": first["commit"], "torch": first["torch"]}
     assert record["variants"] == ["VGG-08", "BN-VGG-38"]
     assert record["plan"] == {"fuse": 2, "processes": 2, "start_margin_s": 45.0}  # the earlier table's best row
     assert record["params"]["seeds"] == [1] and record["params"]["report"]["seed"] == 1

@@ -150,6 +150,22 @@ BAD: dict[str, tuple[Callable, str]] = {
         ),
         "runs.0.seed",
     ),
+    "throughput-row-a-word": (
+        lambda p, d: archive(
+            d,
+            [
+                json_member(
+                    lease_record(
+                        p,
+                        throughput=[
+                            {"network": "VGG-08", "path": "eager", "fused": 1, "processes": 1, "per_run": "fast"}
+                        ],
+                    )
+                )
+            ],
+        ),
+        "throughput.0.per_run: input should be a valid number (found 'fast')",
+    ),
     "params-invalid": (
         lambda p, d: archive(
             d, [json_member({**lease_record(p), "params": {**p.model_dump(mode="json"), "seeds": []}})]

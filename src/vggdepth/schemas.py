@@ -234,8 +234,21 @@ class RunState(Record):
     state: Text
 
 
+class ThroughputRow(Record):
+    """One row of a lease's throughput table: training images per second of `network` on `path` (eager, or the
+    fast path), `fused` runs per process in `processes` processes at once, per run and in all."""
+
+    network: Annotated[str, Field(min_length=1, max_length=64)]
+    path: Annotated[str, Field(min_length=1, max_length=100)]
+    fused: Annotated[int, Field(ge=1, le=10_000)]
+    processes: Annotated[int, Field(ge=1, le=10_000)]
+    per_run: Annotated[float, Field(ge=0, le=1e12)]
+    aggregate: Annotated[float, Field(ge=0, le=1e12)]
+
+
 class LeaseRecord(Record):
-    """`lease.json`: what a GPU lease ran, where, and each run's state (benchmarks/gpu_lease.py)."""
+    """`lease.json`: what a GPU lease ran, where, each run's state, and the throughput table its plan came from
+    (benchmarks/gpu_lease.py); a later lease on the same device may take that table (`--table-from`)."""
 
     device: Annotated[str, Field(min_length=1, max_length=200)]
     torch: Annotated[str, Field(max_length=100)]
@@ -244,6 +257,8 @@ class LeaseRecord(Record):
     params: dict
     command: Annotated[str, Field(max_length=5000)] = ""
     runs: Annotated[list[RunState], Field(max_length=2000)] = []
+    throughput: Annotated[list[ThroughputRow], Field(max_length=1000)] = []
+    throughput_errors: Annotated[list[Text], Field(max_length=1000)] = []
 
 
 class StudyRun(Record):
