@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import pickle
 import tarfile
 from dataclasses import dataclass
@@ -132,16 +133,19 @@ def take_per_class(split: Split, per_class: int, seed: int, *, field: str) -> Sp
 
 
 def channel_stats(images: np.ndarray) -> tuple[list[float], list[float]]:
-    """Exact per-channel mean and (population) std of uint8 images (N, C, H, W), scaled to [0, 1]."""
-    values = np.arange(256, dtype=np.float64) / 255.0
+    """Exact per-channel mean and (population) std of uint8 images (N, C, H, W), scaled to [0, 1]: the same to the
+    last bit on every machine. A 256-bin histogram's moments are summed in integers (exact), then each statistic is
+    one correctly rounded division (and square root). A float dot product would not do: its order of summation is
+    the CPU's BLAS kernel's, so its last bit differs between an AVX2 and an AVX-512 machine, and with it every run's
+    fingerprint (engine.run_fingerprint), which would set a study's checkpoints aside on the next machine."""
+    levels = np.arange(256, dtype=np.int64)
     means, stds = [], []
     for channel in range(images.shape[1]):
-        # A 256-bin histogram gives exact moments without a float copy of the whole data set.
-        counts = np.bincount(images[:, channel].ravel(), minlength=256).astype(np.float64)
-        total = counts.sum()
-        mean = float(counts @ values / total)
-        means.append(mean)
-        stds.append(float(np.sqrt(counts @ values**2 / total - mean**2)))
+        counts = np.bincount(images[:, channel].ravel(), minlength=256).astype(np.int64)
+        n, total, squares = int(counts.sum()), int(counts @ levels), int(counts @ levels**2)
+        means.append(total / (255 * n))  # Python's int / int: the exact quotient, rounded once
+        # n^2 * 255^2 * variance = n * sum(x^2) - (sum x)^2, exact in integers
+        stds.append(math.sqrt((n * squares - total * total) / (n * n * 255 * 255)))
     return means, stds
 
 
