@@ -490,15 +490,40 @@ def _resume_point(files: RunFiles) -> tuple[Path, int] | None:
 
 def _copy_resume_point(files: RunFiles, target: Path) -> None:
     """The run's resume point to `target`, if it has one; looked for again when the trainer renamed last.pt to
-    previous.pt between the look and the copy."""
+    previous.pt between the look and the copy. Never one of fewer epochs than the point already there: such a run
+    began again (the trainer set its checkpoints aside as another run's, in checkpoints/superseded/: settings,
+    data or code that differ) or fell back past a damaged last.pt, and what a study has trained must not shrink
+    at home; the log says so, once a run."""
     for _ in range(3):
         if (resume := _resume_point(files)) is None:
             return
+        source, epochs = resume
+        home = _epochs_or_none(target)
+        if home is not None and epochs < home:
+            if target not in _KEPT:
+                _KEPT.add(target)
+                print(
+                    f"{target}: kept ({home} epochs): the run in {files.root} has {epochs}, so it began again or "
+                    f"fell back (a warning of vggdepth.checkpoints above says which); what is home stays",
+                    flush=True,
+                )
+            return
         try:
-            _copy_if_changed(resume[0], target)
+            _copy_if_changed(source, target)
             return
         except FileNotFoundError:
             continue
+
+
+_KEPT: set[Path] = set()  # resume points kept over a run's fewer epochs, said once each
+
+
+def _epochs_or_none(checkpoint: Path) -> int | None:
+    """A checkpoint's epochs; None when it is missing or does not load (then nothing is lost by replacing it)."""
+    try:
+        return _epochs_in(checkpoint)
+    except Exception:  # missing, or damaged: torch raises what its unpickler or zip reader met
+        return None
 
 
 def _logged(step: Callable[[], T]) -> T | None:

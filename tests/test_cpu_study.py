@@ -71,6 +71,30 @@ def test_a_run_resumes_from_the_newest_checkpoint_that_loads(tmp_path):
     assert cpu_study._resume_point(files) == (files.last, 5)
 
 
+def test_a_resume_point_home_is_never_replaced_by_one_of_fewer_epochs(tmp_path, capsys):
+    """A run the trainer began again (its checkpoints set aside as another run's, as a machine whose statistics
+    differed in their last bit once did) or that fell back past a damaged last.pt: the point home keeps its
+    epochs, and the log says so once; a point of more epochs, or one home that does not load, is replaced."""
+    cpu_study = benchmark_script("cpu_study")
+    files, home = RunFiles(tmp_path / "RC-VGG-38-s0"), tmp_path / "resume" / "RC-VGG-38-s0.pt"
+    files.checkpoints.mkdir(parents=True)
+    home.parent.mkdir()
+    torch.save({"epoch": 2}, home)
+    torch.save({"epoch": 1}, files.last)  # began again
+    for _ in range(2):
+        cpu_study._copy_resume_point(files, home)
+    assert torch.load(home)["epoch"] == 2
+    said = capsys.readouterr().out
+    assert said.count(f"{home}: kept (2 epochs): the run in {files.root} has 1") == 1
+    torch.save({"epoch": 3}, files.last)  # past it: progress
+    cpu_study._copy_resume_point(files, home)
+    assert torch.load(home)["epoch"] == 3
+    home.write_bytes(b"PK\x03\x04 cut short")  # damaged home: nothing to keep
+    torch.save({"epoch": 1}, files.last)
+    cpu_study._copy_resume_point(files, home)
+    assert torch.load(home)["epoch"] == 1
+
+
 def study_on_disk(tmp_path: Path, monkeypatch, params: dict):
     """benchmarks/cpu_study.py with its .study/ under tmp_path, and a study of commit 0000000 there: its record, and
     a checkout holding `params` and this library (what the study's methods read); the module, the study and the
