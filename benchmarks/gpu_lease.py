@@ -123,6 +123,9 @@ def narrow(params: Params, seeds: str | None, variants: str | None) -> tuple[Par
     return params, only
 
 
+ERROR_CHARS = 1000  # of each throughput error kept in lease.json (its schema cuts longer ones anyway)
+
+
 def earlier_table(path: Path, device: str) -> dict | None:
     """The throughput table of an earlier lease's `lease.json` (a file from another machine, read through its
     schema as such), if that lease ran on this kind of device: its rows, their errors, and the commit and torch
@@ -290,7 +293,7 @@ def throughput_table(params: Params, data: PreparedData, data_dir: Path, args, u
         try:
             measure()
         except Exception as exc:  # one row's failure is a result; the table goes on
-            errors.append(f"{what}: {type(exc).__name__}: {exc}")
+            errors.append(f"{what}: {type(exc).__name__}: {exc}"[:ERROR_CHARS])  # a CUDA error can be pages long
             say(f"throughput {what} failed: {errors[-1]}")
 
     for variant in args.networks.split(","):

@@ -259,3 +259,17 @@ def test_a_failure_after_unpacking_leaves_nothing_and_a_rerun_says_the_same(para
         assert done.returncode == 1 and done.stderr.startswith("error: "), done.stderr
         assert "epochs.csv" in done.stderr and "exists" not in done.stderr and "Traceback" not in done.stderr
         assert not (tmp_path / "res" / "r").exists() or not list((tmp_path / "res" / "r").iterdir())
+
+
+def test_long_throughput_errors_are_cut_never_a_reason_to_refuse_the_runs(params, tmp_path):
+    """A lease's throughput errors are diagnostics: a CUDA failure's text can be pages long, and the lease's trained
+    runs must still come home. Each error is cut to 2,000 characters and the list to 100; the runs are read."""
+    from vggdepth.records import read_results
+
+    errors = [f"BN-VGG-38 9 fused: RuntimeError: CUDA error {i}: " + "x" * 5000 for i in range(150)]
+    path = archive(tmp_path / "results.tar.gz", [json_member(lease_record(params, throughput_errors=errors))])
+    record, _ = read_results(path)
+    assert len(record.throughput_errors) == 100
+    assert [e[:60] for e in record.throughput_errors] == [e[:60] for e in errors[:100]]
+    assert {len(e) for e in record.throughput_errors} == {2000}
+    assert [r.run for r in record.runs] == ["VGG-08-s0"]

@@ -15,7 +15,16 @@ import stat
 from pathlib import Path
 from typing import Annotated, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, RootModel, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    RootModel,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from vggdepth.config import CLASSES, Family, Seed, VariantName
 from vggdepth.errors import VggdepthError, excerpt
@@ -28,6 +37,7 @@ Finite = Annotated[float, Field(ge=-1e30, le=1e30)]  # with `allow_inf_nan=False
 Share = Annotated[float, Field(ge=0, le=1)]  # an accuracy, a calibration error
 Loss = Annotated[float, Field(ge=0)]  # any finite one: a diverging network's validation loss reaches millions
 Text = Annotated[str, Field(max_length=2000)]
+Note = Annotated[str, BeforeValidator(lambda v: v[:2000] if isinstance(v, str) else v)]  # a Text cut to fit
 Md5 = Annotated[str, Field(pattern=r"^[0-9a-f]{32}$")]
 ClassName = Annotated[str, Field(min_length=1, max_length=100)]
 RUN_NAME = r"^[A-Za-z0-9_-]{1,64}-s[0-9]{1,10}$"  # `<variant>-s<seed>`: config's variant-name rule
@@ -258,7 +268,8 @@ class LeaseRecord(Record):
     command: Annotated[str, Field(max_length=5000)] = ""
     runs: Annotated[list[RunState], Field(max_length=2000)] = []
     throughput: Annotated[list[ThroughputRow], Field(max_length=1000)] = []
-    throughput_errors: Annotated[list[Text], Field(max_length=1000)] = []
+    # diagnostics, not results: a long error (a CUDA failure's text) is cut, never a reason to refuse the runs
+    throughput_errors: Annotated[list[Note], BeforeValidator(lambda v: v[:100] if isinstance(v, list) else v)] = []
 
 
 class StudyRun(Record):
