@@ -106,6 +106,7 @@ class Study:
         # where `emulates_bf16`: the study's own copy of benchmarks/bf16_emulation/ and the module, made at `start`
         # (a job that runs keeps the version it began with), on its stages' PYTHONPATH
         self.emulation = STUDY / f"{results.name}.bf16_emulation"
+        self.began_again: list[str] = []  # runs that began again under another fingerprint (`bring_home`)
 
     @property
     def params(self) -> Params:
@@ -263,8 +264,11 @@ class Study:
                 (staging / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
         for point in sorted((self.results / "resume").glob("*.pt")):
             last = RunFiles(self.checkout / "runs" / point.stem).last
-            epochs = _epochs_in(point)
-            if not last.exists() or _epochs_in(last) < epochs:
+            epochs, fingerprint = _checkpoint_key(point)
+            here = _key_or_none(last)  # None: no checkpoint there, or one that does not load
+            if here is not None and here[1] != fingerprint:
+                raise CannotTrainHere(f"{self.results.name}: not started: {_began_again(point, last, here)}")
+            if here is None or here[0] < epochs:
                 last.parent.mkdir(parents=True, exist_ok=True)
                 with atomic_path(last) as tmp:
                     shutil.copyfile(point, tmp)
@@ -371,6 +375,9 @@ class Study:
             if not grid_done.exists():  # after the grid, the evaluate stages test every run themselves
                 _logged(self._evaluate_finished)
             self._bring_home_whole()
+            if self.began_again:  # training on would only waste the CPU: the job ends, as `stop` ends it
+                print("\n".join(self.began_again), "\nthe study stops", flush=True)
+                os.killpg(os.getpgid(0), signal.SIGTERM)
         if job.returncode:
             raise SystemExit(f"{' '.join(command[:2])} failed with status {job.returncode}")
 
@@ -412,6 +419,8 @@ class Study:
             print(f"{self.results.name}: not started on this machine, nothing to collect")
             return
         params, states = self.params, self.bring_home(report=True)
+        for wrong in self.began_again:
+            print(f"error: {wrong}")
         print(f"{self.results.name}:")
         for name, state in states.items():
             print(f"  {name}: {state['epochs']}/{params.train.epochs} epochs, {state['state']}")
@@ -424,6 +433,7 @@ class Study:
         the grid trains, so that a session cut off before its `collect` leaves the study's progress in the
         working tree, not only in the git-ignored checkout."""
         params, states = self.params, self.states()
+        self.began_again = []
         for name, state in states.items():
             files = RunFiles(self.checkout / "runs" / name)
             home = self.results / "runs" / name
@@ -446,7 +456,9 @@ class Study:
                 print(f"{self.results.name}: complete, its resume points removed (git history keeps them)")
         else:
             for name in states:
-                _copy_resume_point(RunFiles(self.checkout / "runs" / name), self.results / "resume" / f"{name}.pt")
+                target = self.results / "resume" / f"{name}.pt"
+                if wrong := _copy_resume_point(RunFiles(self.checkout / "runs" / name), target):
+                    self.began_again.append(wrong)
         if report and any(state["state"] == "finished" for state in states.values()):
             build_report(params, self.results / "runs", self.results / "report", ROOT, partial=True, only=self.only)
         # Read again, not this process's copy: the job runs for hours. The params as the runs train, whatever
@@ -488,42 +500,63 @@ def _resume_point(files: RunFiles) -> tuple[Path, int] | None:
     return None
 
 
-def _copy_resume_point(files: RunFiles, target: Path) -> None:
+def _copy_resume_point(files: RunFiles, target: Path) -> str | None:
     """The run's resume point to `target`, if it has one; looked for again when the trainer renamed last.pt to
-    previous.pt between the look and the copy. Never one of fewer epochs than the point already there: such a run
-    began again (the trainer set its checkpoints aside as another run's, in checkpoints/superseded/: settings,
-    data or code that differ) or fell back past a damaged last.pt, and what a study has trained must not shrink
-    at home; the log says so, once a run."""
+    previous.pt between the look and the copy. Never over a point of another fingerprint: a study's commit, params
+    and data are fixed, so its run began again under other ones (a defect: the job stops) and what is home must
+    stay; what is wrong is returned. Never over one of more epochs either: the run fell back past a damaged
+    last.pt, and what a study has trained must not shrink at home (said once a run)."""
     for _ in range(3):
         if (resume := _resume_point(files)) is None:
-            return
-        source, epochs = resume
-        home = _epochs_or_none(target)
-        if home is not None and epochs < home:
-            if target not in _KEPT:
-                _KEPT.add(target)
-                print(
-                    f"{target}: kept ({home} epochs): the run in {files.root} has {epochs}, so it began again or "
-                    f"fell back (a warning of vggdepth.checkpoints above says which); what is home stays",
-                    flush=True,
-                )
-            return
+            return None
         try:
-            _copy_if_changed(source, target)
-            return
+            epochs, fingerprint = _checkpoint_key(resume[0])
         except FileNotFoundError:
             continue
+        home = _key_or_none(target)
+        if home is not None and home[1] != fingerprint:
+            return _began_again(target, resume[0], (epochs, fingerprint))
+        if home is not None and epochs < home[0]:
+            if target not in _KEPT:
+                _KEPT.add(target)
+                print(f"{target}: kept ({home[0]} epochs): the run in {files.root} has fallen back to {epochs}")
+            return None
+        try:
+            _copy_if_changed(resume[0], target)
+            return None
+        except FileNotFoundError:
+            continue
+    return None
 
 
 _KEPT: set[Path] = set()  # resume points kept over a run's fewer epochs, said once each
 
 
-def _epochs_or_none(checkpoint: Path) -> int | None:
-    """A checkpoint's epochs; None when it is missing or does not load (then nothing is lost by replacing it)."""
+def _checkpoint_key(checkpoint: Path) -> tuple[int, str | None]:
+    """A checkpoint's epochs and the fingerprint of the run that wrote it (engine.run_fingerprint)."""
+    state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    return int(state["epoch"]), state.get("fingerprint")
+
+
+def _key_or_none(checkpoint: Path) -> tuple[int, str | None] | None:
+    """`_checkpoint_key`; None when the checkpoint is missing or does not load (replacing it loses nothing)."""
     try:
-        return _epochs_in(checkpoint)
+        return _checkpoint_key(checkpoint)
     except Exception:  # missing, or damaged: torch raises what its unpickler or zip reader met
         return None
+
+
+def _began_again(home: Path, here: Path, key: tuple[int, str | None]) -> str:
+    """What it means that the checkout's checkpoint `here` (epochs, fingerprint `key`) is not of the run of its
+    resume point `home`, and what to do."""
+    epochs, fingerprint = _checkpoint_key(home)
+    run = here.parent.parent
+    return (
+        f"{run.name} in {run} is another run than its resume point {home}: fingerprint {key[1]} ({key[0]} epochs) "
+        f"against {fingerprint} ({epochs} epochs). It began again under other params, data or training code (its "
+        f"checkpoints set aside in {run / 'checkpoints' / 'superseded'}), which a study at a fixed commit must "
+        f"not: find out why (its log), then remove {run} to resume from the point home, which is kept"
+    )
 
 
 def _logged(step: Callable[[], T]) -> T | None:

@@ -71,28 +71,60 @@ def test_a_run_resumes_from_the_newest_checkpoint_that_loads(tmp_path):
     assert cpu_study._resume_point(files) == (files.last, 5)
 
 
-def test_a_resume_point_home_is_never_replaced_by_one_of_fewer_epochs(tmp_path, capsys):
-    """A run the trainer began again (its checkpoints set aside as another run's, as a machine whose statistics
-    differed in their last bit once did) or that fell back past a damaged last.pt: the point home keeps its
-    epochs, and the log says so once; a point of more epochs, or one home that does not load, is replaced."""
+def test_a_resume_point_home_is_kept_over_another_run_or_fewer_epochs(tmp_path, capsys):
+    """The checkout's run began again under another fingerprint (as the residual study's did, on a machine whose
+    statistics differed in their last bit): the point home stays and what is wrong is returned, naming both. A run
+    of its own fingerprint that fell back past a damaged last.pt: the point home keeps its epochs, said once. A
+    point of more epochs, or one home that does not load, is replaced."""
     cpu_study = benchmark_script("cpu_study")
     files, home = RunFiles(tmp_path / "RC-VGG-38-s0"), tmp_path / "resume" / "RC-VGG-38-s0.pt"
     files.checkpoints.mkdir(parents=True)
     home.parent.mkdir()
-    torch.save({"epoch": 2}, home)
-    torch.save({"epoch": 1}, files.last)  # began again
+    torch.save({"epoch": 2, "fingerprint": "42af2178cfc24e5a"}, home)
+    torch.save({"epoch": 1, "fingerprint": "09f7669ef0d8eddb"}, files.last)  # began again
+    wrong = cpu_study._copy_resume_point(files, home)
+    assert f"RC-VGG-38-s0 in {files.root} is another run than its resume point {home}" in wrong
+    assert "fingerprint 09f7669ef0d8eddb (1 epochs) against 42af2178cfc24e5a (2 epochs)" in wrong
+    assert f"remove {files.root} to resume from the point home" in wrong
+    torch.save({"epoch": 3, "fingerprint": "09f7669ef0d8eddb"}, files.last)  # more epochs, still another run
+    assert "is another run" in cpu_study._copy_resume_point(files, home)
+    assert torch.load(home) == {"epoch": 2, "fingerprint": "42af2178cfc24e5a"}
+
+    torch.save({"epoch": 1, "fingerprint": "42af2178cfc24e5a"}, files.last)  # its own run, fallen back
     for _ in range(2):
-        cpu_study._copy_resume_point(files, home)
+        assert cpu_study._copy_resume_point(files, home) is None
     assert torch.load(home)["epoch"] == 2
     said = capsys.readouterr().out
-    assert said.count(f"{home}: kept (2 epochs): the run in {files.root} has 1") == 1
-    torch.save({"epoch": 3}, files.last)  # past it: progress
-    cpu_study._copy_resume_point(files, home)
+    assert said.count(f"{home}: kept (2 epochs): the run in {files.root} has fallen back to 1") == 1
+    torch.save({"epoch": 3, "fingerprint": "42af2178cfc24e5a"}, files.last)  # past it: progress
+    assert cpu_study._copy_resume_point(files, home) is None
     assert torch.load(home)["epoch"] == 3
     home.write_bytes(b"PK\x03\x04 cut short")  # damaged home: nothing to keep
-    torch.save({"epoch": 1}, files.last)
-    cpu_study._copy_resume_point(files, home)
+    torch.save({"epoch": 1, "fingerprint": "09f7669ef0d8eddb"}, files.last)
+    assert cpu_study._copy_resume_point(files, home) is None
     assert torch.load(home)["epoch"] == 1
+
+
+def test_start_refuses_a_checkout_run_of_another_fingerprint_than_its_resume_point(tmp_path, monkeypatch):
+    """`start` puts each resume point in place: over a checkout's run of another fingerprint it would mix two
+    runs' checkpoints, so the study is not started, naming both; a run of its own fingerprint with fewer epochs
+    gets the point, and one with more keeps its own."""
+    cpu_study, study, checkout = study_on_disk(tmp_path, monkeypatch, {"seeds": [0]})
+    point = study.results / "resume" / "RC-VGG-38-s0.pt"
+    point.parent.mkdir()
+    torch.save({"epoch": 2, "fingerprint": "42af2178cfc24e5a"}, point)
+    last = RunFiles(checkout / "runs" / "RC-VGG-38-s0").last
+    last.parent.mkdir(parents=True)
+    torch.save({"epoch": 1, "fingerprint": "09f7669ef0d8eddb"}, last)
+    with pytest.raises(cpu_study.CannotTrainHere, match=r"not started: RC-VGG-38-s0 in .* is another run than"):
+        study.prepare()
+    assert torch.load(last)["fingerprint"] == "09f7669ef0d8eddb"  # nothing was mixed
+    torch.save({"epoch": 1, "fingerprint": "42af2178cfc24e5a"}, last)
+    study.prepare()
+    assert torch.load(last)["epoch"] == 2
+    torch.save({"epoch": 5, "fingerprint": "42af2178cfc24e5a"}, last)
+    study.prepare()
+    assert torch.load(last)["epoch"] == 5
 
 
 def study_on_disk(tmp_path: Path, monkeypatch, params: dict):

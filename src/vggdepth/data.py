@@ -134,10 +134,11 @@ def take_per_class(split: Split, per_class: int, seed: int, *, field: str) -> Sp
 
 def channel_stats(images: np.ndarray) -> tuple[list[float], list[float]]:
     """Exact per-channel mean and (population) std of uint8 images (N, C, H, W), scaled to [0, 1]: the same to the
-    last bit on every machine. A 256-bin histogram's moments are summed in integers (exact), then each statistic is
-    one correctly rounded division (and square root). A float dot product would not do: its order of summation is
-    the CPU's BLAS kernel's, so its last bit differs between an AVX2 and an AVX-512 machine, and with it every run's
-    fingerprint (engine.run_fingerprint), which would set a study's checkpoints aside on the next machine."""
+    last bit on every machine. A 256-bin histogram's moments are summed in integers (exact); the mean is their
+    correctly rounded quotient, the std the IEEE square root of the correctly rounded variance (both operations
+    are exactly specified). A float dot product would not do: its order of summation is the CPU's BLAS kernel's,
+    so its last bit differs between an AVX2 and an AVX-512 machine, and with it every run's fingerprint
+    (engine.run_fingerprint), which would set a study's checkpoints aside on the next machine."""
     levels = np.arange(256, dtype=np.int64)
     means, stds = [], []
     for channel in range(images.shape[1]):
