@@ -40,7 +40,16 @@ from vggdepth.data import read_archive  # noqa: E402
 from vggdepth.errors import VggdepthError  # noqa: E402
 from vggdepth.models import VGG  # noqa: E402
 
-CHECKPOINT = ROOT / "results" / "2026-12-01-cpu-0564cca" / "resume" / "HIGHLR-BN-38-s0.pt"
+# A complete study's resume points leave the tree (git history keeps them): the newest study's that has some
+RESUME_POINTS = "results/*-cpu-*/resume/*.pt"
+MEASURED = "git show 1852282^:results/2026-12-01-cpu-0564cca/resume/HIGHLR-BN-38-s0.pt"  # its last point (epoch 98)
+
+
+def default_checkpoint() -> Path | None:
+    points = sorted(ROOT.glob(RESUME_POINTS), key=lambda p: (p.parent.parent.name, p.name), reverse=True)
+    return points[0] if points else None
+
+
 ARCHIVE = ROOT.parent / "shared" / "data" / "cifar-100-python.tar.gz"
 
 
@@ -100,13 +109,20 @@ def speed(state: dict, x: torch.Tensor, y: torch.Tensor, way: str, seconds: floa
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--checkpoint", type=Path, default=CHECKPOINT)
+    parser.add_argument("--checkpoint", type=Path, help=f"default: the newest of {RESUME_POINTS}")
     parser.add_argument("--archive", type=Path, default=ARCHIVE)
     parser.add_argument("--images", type=int, default=100)
     parser.add_argument("--seconds", type=float, default=20.0)
     args = parser.parse_args()
     if hasattr(F.conv2d, "bf16_emulated"):
         raise SystemExit(f"error: the emulation is installed already: unset {bf16_emulation.ENV}")
+    if args.checkpoint is None:
+        args.checkpoint = default_checkpoint()
+    if args.checkpoint is None:
+        raise SystemExit(
+            f"error: no study's resume point under results/ ({RESUME_POINTS}); pass --checkpoint, e.g. one from git "
+            f"history: {MEASURED} > /tmp/highlr.pt"
+        )
     try:
         state = torch.load(args.checkpoint, map_location="cpu", weights_only=True)
         x, y = images(args.archive, args.images, state)
