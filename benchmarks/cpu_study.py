@@ -377,7 +377,10 @@ class Study:
             self._bring_home_whole()
             if self.began_again:  # training on would only waste the CPU: the job ends, as `stop` ends it
                 print("\n".join(self.began_again), "\nthe study stops", flush=True)
-                os.killpg(os.getpgid(0), signal.SIGTERM)
+                if os.getpgid(0) == os.getpid():  # the job `start` began, leading its own group: all of it
+                    os.killpg(os.getpid(), signal.SIGTERM)
+                job.terminate()
+                raise SystemExit("the study stopped: a run began again (above)")
         if job.returncode:
             raise SystemExit(f"{' '.join(command[:2])} failed with status {job.returncode}")
 
