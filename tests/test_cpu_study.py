@@ -127,6 +127,21 @@ def test_start_refuses_a_checkout_run_of_another_fingerprint_than_its_resume_poi
     assert torch.load(last)["epoch"] == 5
 
 
+def test_the_job_stops_when_a_run_began_again(tmp_path, monkeypatch, capsys):
+    """While the grid trains, `bring_home` finds a run of another fingerprint than its point home: training on would
+    only waste the CPU, so the job ends its child and exits, saying why (here not a group leader: pytest's own
+    group is left alone)."""
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    _, study, checkout = study_on_disk(tmp_path, monkeypatch, {**params, "seeds": [0]})
+    wrong = "RC-VGG-38-s0 in runs/RC-VGG-38-s0 is another run than its resume point"
+    monkeypatch.setattr(study, "bring_home", lambda: study.began_again.append(wrong))
+    started = time.monotonic()
+    with pytest.raises(SystemExit, match="a run began again"):
+        study._train([sys.executable, "-c", "import time; time.sleep(60)"], checkout / "grid.json", 0.1)
+    assert time.monotonic() - started < 30  # the child was ended, not waited for
+    assert f"{wrong} \nthe study stops" in capsys.readouterr().out
+
+
 def study_on_disk(tmp_path: Path, monkeypatch, params: dict):
     """benchmarks/cpu_study.py with its .study/ under tmp_path, and a study of commit 0000000 there: its record, and
     a checkout holding `params` and this library (what the study's methods read); the module, the study and the
