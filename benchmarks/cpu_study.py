@@ -264,10 +264,10 @@ class Study:
                 (staging / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
         for point in sorted((self.results / "resume").glob("*.pt")):
             last = RunFiles(self.checkout / "runs" / point.stem).last
-            epochs, fingerprint = _checkpoint_key(point)
+            epochs, fingerprint = key = _checkpoint_key(point)
             here = _key_or_none(last)  # None: no checkpoint there, or one that does not load
             if here is not None and here[1] != fingerprint:
-                raise CannotTrainHere(f"{self.results.name}: not started: {_began_again(point, last, here)}")
+                raise CannotTrainHere(f"{self.results.name}: not started: {_began_again(point, key, last, here)}")
             if here is None or here[0] < epochs:
                 last.parent.mkdir(parents=True, exist_ok=True)
                 with atomic_path(last) as tmp:
@@ -493,9 +493,15 @@ def _this_cpu() -> str:
 def _resume_point(files: RunFiles) -> tuple[Path, int] | None:
     """What the run resumes from, and its epochs: last.pt, else previous.pt (a stop between the two writes of a
     checkpoint, or a last.pt that does not load: the trainer falls back the same way); None when neither loads."""
+    found = _resume_key(files)
+    return None if found is None else found[:2]
+
+
+def _resume_key(files: RunFiles) -> tuple[Path, int, str | None] | None:
+    """`_resume_point`, with the fingerprint of the run that wrote it (each checkpoint loaded once)."""
     for path in (files.last, files.previous):
         try:
-            return path, _epochs_in(path)
+            return path, *_checkpoint_key(path)
         except FileNotFoundError:
             continue
         except Exception as exc:  # damaged: torch raises what its unpickler or zip reader met
@@ -510,22 +516,19 @@ def _copy_resume_point(files: RunFiles, target: Path) -> str | None:
     stay; what is wrong is returned. Never over one of more epochs either: the run fell back past a damaged
     last.pt, and what a study has trained must not shrink at home (said once a run)."""
     for _ in range(3):
-        if (resume := _resume_point(files)) is None:
+        if (resume := _resume_key(files)) is None:
             return None
-        try:
-            epochs, fingerprint = _checkpoint_key(resume[0])
-        except FileNotFoundError:
-            continue
+        source, epochs, fingerprint = resume
         home = _key_or_none(target)
         if home is not None and home[1] != fingerprint:
-            return _began_again(target, resume[0], (epochs, fingerprint))
+            return _began_again(target, home, source, (epochs, fingerprint))
         if home is not None and epochs < home[0]:
             if target not in _KEPT:
                 _KEPT.add(target)
                 print(f"{target}: kept ({home[0]} epochs): the run in {files.root} has fallen back to {epochs}")
             return None
         try:
-            _copy_if_changed(resume[0], target)
+            _copy_if_changed(source, target)
             return None
         except FileNotFoundError:
             continue
@@ -549,14 +552,13 @@ def _key_or_none(checkpoint: Path) -> tuple[int, str | None] | None:
         return None
 
 
-def _began_again(home: Path, here: Path, key: tuple[int, str | None]) -> str:
-    """What it means that the checkout's checkpoint `here` (epochs, fingerprint `key`) is not of the run of its
-    resume point `home`, and what to do."""
-    epochs, fingerprint = _checkpoint_key(home)
+def _began_again(home: Path, home_key: tuple[int, str | None], here: Path, key: tuple[int, str | None]) -> str:
+    """What it means that the checkout's checkpoint `here` (epochs, fingerprint: `key`) is not of the run of its
+    resume point `home` (`home_key`), and what to do."""
     run = here.parent.parent
     return (
         f"{run.name} in {run} is another run than its resume point {home}: fingerprint {key[1]} ({key[0]} epochs) "
-        f"against {fingerprint} ({epochs} epochs). It began again under other params, data or training code (its "
+        f"against {home_key[1]} ({home_key[0]} epochs). It began again under other params, data or training code (its "
         f"checkpoints set aside in {run / 'checkpoints' / 'superseded'}), which a study at a fixed commit must "
         f"not: find out why (its log), then remove {run} to resume from the point home, which is kept"
     )
@@ -571,10 +573,6 @@ def _logged(step: Callable[[], T]) -> T | None:
         with contextlib.suppress(OSError):  # the log may be on the full disk
             print(f"{step.__name__}: {type(exc).__name__}: {exc}", flush=True)
         return None
-
-
-def _epochs_in(checkpoint: Path) -> int:
-    return int(torch.load(checkpoint, map_location="cpu", weights_only=True)["epoch"])
 
 
 def _precision_in(checkpoint: Path) -> str:
